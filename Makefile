@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (main job)  and  `make test` (test suite).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?= -m "not slow and not gpu"
+
+.PHONY: help install demo test test-full bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/dbtr-train: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/dbtr-train  ## create .venv and install dbtr with its dev extras
+
+demo: install  ## main job: generate the demo, train on captions, test on images, print the table
+	$(BIN)/dbtr-demo --out .demo
+	$(BIN)/dbtr-train paths.demo_dir=.demo
+
+test: install  ## the default test suite (what CI runs)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-full: install  ## every test, slow ones included
+	$(BIN)/python -m pytest
+
+bench: install  ## performance ratios (printed)
+	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_cached_training.py
+
+clean:  ## remove runs and generated demo data
+	rm -rf logs .demo

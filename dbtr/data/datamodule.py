@@ -1,0 +1,111 @@
+"""LightningDataModule for text-only training and image evaluation on one label space."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from dbtr.data.captions import CaptionCollate, CaptionDataset, CaptionFeatures, CaptionRecords, read_caption_jsonl
+from dbtr.data.images import CLIP_MEAN, CLIP_STD, ClipImageTransform, ImageDataset, ImageRecords, read_image_jsonl
+from dbtr.data.labels import load_class_names
+
+
+class TextToImageDataModule(L.LightningDataModule):
+    """Captions (JSON lines) for training; labelled image folders for validation and test.
+
+    :param classes: class names, or a text file with one per line (the order defines the label columns).
+    :param train_captions: ``{"text", "labels"}`` JSON-lines file (text-only training).
+    :param val_images / val_labels: held-out labelled images for model selection (never the test set).
+    :param test_images / test_labels: the evaluation set, used only by the final test and ``dbtr-eval``.
+    :param image_size: input resolution; ``None`` = the CLIP model's own (set by ``attach_encoder``).
+    :param batch_size: captions per training step (per device); ``eval_batch_size``: images per step.
+    """
+
+    def __init__(
+        self,
+        classes: str | Sequence[str],
+        train_captions: str | None = None,
+        val_images: str | None = None,
+        val_labels: str | None = None,
+        test_images: str | None = None,
+        test_labels: str | None = None,
+        image_size: int | None = None,
+        batch_size: int = 512,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ):
+        super().__init__()
+        self.class_names = load_class_names(classes if isinstance(classes, (str, os.PathLike)) else list(classes))
+        self.train_captions = train_captions
+        self.val_images, self.val_labels = val_images, val_labels
+        self.test_images, self.test_labels = test_images, test_labels
+        self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
+        self.num_workers, self.mean, self.std = num_workers, tuple(mean), tuple(std)
+        self.captions: CaptionRecords | None = None
+        self.caption_features: CaptionFeatures | None = None
+        self.val_records: ImageRecords | None = None
+        self.test_records: ImageRecords | None = None
+        self.collate = CaptionCollate()
+        for a, b, what in ((val_images, val_labels, "val"), (test_images, test_labels, "test")):
+            if (a is None) != (b is None):
+                raise ValueError(f"data.{what}_images and data.{what}_labels must be given together")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def attach_encoder(self, encoder) -> None:
+        """Take the tokenizer and, unless set, the input resolution from the CLIP encoder."""
+        self.collate = CaptionCollate(encoder.tokenizer, encoder.max_length)
+        if self.image_size is None:
+            self.image_size = encoder.image_size
+
+    def set_caption_features(self, features: CaptionFeatures) -> None:
+        self.caption_features = features
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.captions is None:
+            if self.train_captions is None:
+                raise ValueError("training needs data.train_captions (a JSON-lines caption file)")
+            self.captions = read_caption_jsonl(self.train_captions, self.class_names)
+        if stage in (None, "fit", "validate") and self.val_records is None and self.val_images is not None:
+            self.val_records = read_image_jsonl(self.val_images, self.val_labels, self.class_names)
+        if stage in (None, "test") and self.test_records is None:
+            if self.test_images is None:
+                raise ValueError("testing needs data.test_images and data.test_labels")
+            self.test_records = read_image_jsonl(self.test_images, self.test_labels, self.class_names)
+
+    def _transform(self) -> ClipImageTransform:
+        if self.image_size is None:
+            raise RuntimeError("image_size is unknown: set data.image_size or call attach_encoder(encoder)")
+        return ClipImageTransform(self.image_size, self.mean, self.std)
+
+    def _image_loader(self, records: ImageRecords) -> DataLoader:
+        return DataLoader(
+            ImageDataset(records, self._transform()),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            CaptionDataset(self.captions, self.caption_features),
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self.collate,
+            num_workers=self.num_workers if self.caption_features is None else 0,
+            drop_last=False,
+        )
+
+    def val_dataloader(self):
+        return [] if self.val_records is None else self._image_loader(self.val_records)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._image_loader(self.test_records)

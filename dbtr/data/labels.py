@@ -1,0 +1,72 @@
+"""Label spaces and label records read from JSON-lines files, with errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from dbtr.zeroshot.classifier import validate_class_names
+
+
+class DataFormatError(ValueError):
+    """A data file does not have the expected content; the message names the file and line."""
+
+
+def load_class_names(classes: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Class names from a list, or from a text file with one name per line (blank lines and # comments skipped)."""
+    if isinstance(classes, (str, os.PathLike)):
+        path = Path(classes)
+        if not path.is_file():
+            raise FileNotFoundError(f"class list file not found: {path} (expected one class name per line)")
+        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        return validate_class_names([n for n in names if n and not n.startswith("#")], source=str(path))
+    return validate_class_names(list(classes))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, record)`` for each non-blank line; malformed JSON raises with file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSON-lines file not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def label_row(
+    names: Any, class_index: dict[str, int], where: str, value: int = 1, row: np.ndarray | None = None
+) -> np.ndarray:
+    """Set ``row[class] = value`` for each class name in ``names``; unknown names raise with ``where``."""
+    if row is None:
+        row = np.full(len(class_index), -1, dtype=np.int8)
+    if names is None:
+        return row
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise DataFormatError(f"{where}: labels must be a list of class names, got {names!r}")
+    for name in names:
+        if name not in class_index:
+            known = ", ".join(list(class_index)[:8]) + (", ..." if len(class_index) > 8 else "")
+            raise DataFormatError(f"{where}: unknown class {name!r} (the label space has {len(class_index)} classes: {known})")
+        row[class_index[name]] = value
+    return row
+
+
+def require_text(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: missing or non-string field {key!r} (record keys: {sorted(record)})")
+    if not value.strip():
+        raise DataFormatError(f"{where}: field {key!r} is empty")
+    return value

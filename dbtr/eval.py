@@ -1,0 +1,85 @@
+"""Evaluate a trained checkpoint on a dataset's test split.
+
+    dbtr-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+    dbtr-eval ckpt_path=... data=jsonl data.test_images=... clip.name_or_path=/weights/clip-b16
+
+The checkpoint's class list must equal the data's, and its residual size the CLIP projection size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from dbtr.train import write_metrics
+from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
+
+log = logging.getLogger("dbtr")
+
+
+def check_class_names(checkpoint_names: list[str], data_names: list[str], ckpt_path: str) -> None:
+    from dbtr.models.lit_module import CheckpointMismatchError
+
+    if list(checkpoint_names) == list(data_names):
+        return
+    only_ckpt = [n for n in checkpoint_names if n not in data_names]
+    only_data = [n for n in data_names if n not in checkpoint_names]
+    detail = f"only in checkpoint: {only_ckpt[:10]}; only in data: {only_data[:10]}"
+    if not only_ckpt and not only_data:
+        detail = "same names in a different order (label columns would be misaligned)"
+    raise CheckpointMismatchError(
+        f"{ckpt_path} was trained on {len(checkpoint_names)} classes, the data has {len(data_names)}: {detail}"
+    )
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    from dbtr.models.lit_module import DbtrLitModule
+
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = str(cfg.ckpt_path)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True)["hyper_parameters"]
+    datamodule = instantiate(cfg.data)
+    check_class_names(hparams["class_names"], datamodule.class_names, ckpt_path)
+    overrides: dict[str, Any] = {}
+    clip_over = {k: v for k, v in to_container(cfg.clip).items() if v is not None}
+    if clip_over:
+        overrides["clip"] = {**hparams["clip"], **clip_over}
+    eval_over = {k: v for k, v in to_container(cfg.evaluation).items() if v is not None}
+    if eval_over:
+        overrides["evaluation"] = {**(hparams.get("evaluation") or {}), **eval_over}
+    model = DbtrLitModule.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
+    datamodule.attach_encoder(model.encoder)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False)
+    trainer.test(model, datamodule=datamodule)
+    metrics = model.results.get("test", {})
+    if trainer.is_global_zero:
+        write_metrics(
+            Path(cfg.paths.output_dir),
+            {
+                "task_name": cfg.task_name,
+                "checkpoint": ckpt_path,
+                "class_names": datamodule.class_names,
+                "test": metrics,
+                "config": to_container(cfg),
+            },
+        )
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = task_wrapper(evaluate)(cfg)
+    return metrics.get("test/mAP")
+
+
+if __name__ == "__main__":
+    main()

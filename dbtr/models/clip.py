@@ -1,0 +1,235 @@
+"""Frozen HF CLIP wrapper: text EOT + token embeddings, image global + dense patch embeddings.
+
+Everything the heads consume comes out of this one module, projected into the joint space and
+L2-normalised. Dense image features follow method.md section 6: the last vision block is recomputed
+for the patch tokens (``naive`` = standard block, ``maskclip`` = identity attention, ``clearclip`` =
+q-q attention; the last two drop the residual and the MLP), while the global embedding is the
+untouched CLS path. Running the first L-1 blocks once and splitting only the last block keeps the
+cost of global + dense features at about one ordinary image forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+DenseMode = Literal["naive", "maskclip", "clearclip"]
+DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip")
+
+
+class ClipWeightsNotFound(FileNotFoundError):
+    """Raised when a CLIP checkpoint cannot be loaded from a folder or the (offline) hub cache."""
+
+
+@dataclass
+class TextEmbeddings:
+    """Projected text features: ``text_embeds`` (B, D) at EOT, ``token_embeds`` (B, L, D), ``attention_mask`` (B, L)."""
+
+    text_embeds: Tensor
+    token_embeds: Tensor
+    attention_mask: Tensor
+
+
+@dataclass
+class ImageEmbeddings:
+    """Projected image features: ``image_embeds`` (B, D) and ``patch_embeds`` (B, N, D)."""
+
+    image_embeds: Tensor
+    patch_embeds: Tensor
+
+
+def _missing_weights_message(name_or_path: str, err: Exception) -> str:
+    return (
+        f"Could not load CLIP weights from {name_or_path!r}.\n"
+        f"  Looked for: a local folder with config.json + model.safetensors (or pytorch_model.bin) and tokenizer "
+        f"files, or the hub id {name_or_path!r} in the HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}).\n"
+        f"  To fix: download once on a machine with internet, e.g.\n"
+        f"      python -c \"from transformers import CLIPModel, CLIPTokenizer as T; "
+        f"CLIPModel.from_pretrained('openai/clip-vit-base-patch16').save_pretrained('weights/clip-b16'); "
+        f"T.from_pretrained('openai/clip-vit-base-patch16').save_pretrained('weights/clip-b16')\"\n"
+        f"  then copy the folder here and pass clip.name_or_path=weights/clip-b16 "
+        f"(or set HF_HOME to a populated cache).\n"
+        f"  Underlying error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    )
+
+
+def load_clip(name_or_path: str, torch_dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+    """Load ``(CLIPModel, CLIPTokenizer)`` from a local folder or a hub id, with one clear error when missing."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    path = Path(name_or_path).expanduser()
+    # A string that is not an existing folder is a hub id only if it has the "org/name" shape;
+    # anything else (./x, /abs/x, a bare typo) is a local path that does not exist.
+    is_hub_id = not path.exists() and not name_or_path.startswith((".", "~", "/")) and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is not None
+    if not is_hub_id and not path.is_dir():
+        raise ClipWeightsNotFound(_missing_weights_message(name_or_path, FileNotFoundError(f"no folder at {path.resolve()}")))
+    source = name_or_path if is_hub_id else str(path)
+    kwargs = {}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = CLIPModel.from_pretrained(source, **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:  # HF raises OSError / EnvironmentError subclasses when files are absent
+        raise ClipWeightsNotFound(_missing_weights_message(name_or_path, err)) from None
+    return model, tokenizer
+
+
+class ClipEncoder(nn.Module):
+    """A frozen ``transformers.CLIPModel`` plus tokenizer, exposing the embeddings dbtr needs.
+
+    :param model: a ``CLIPModel`` (its weights are frozen and it is kept in eval mode).
+    :param tokenizer: the matching ``CLIPTokenizer``.
+    :param dense: how patch embeddings are computed from the last block (see module docstring).
+    :param max_length: token length for captions and prompts (CLIP uses 77).
+    """
+
+    def __init__(self, model, tokenizer, dense: DenseMode = "clearclip", max_length: int | None = None):
+        super().__init__()
+        if dense not in DENSE_MODES:
+            raise ValueError(f"clip.dense must be one of {DENSE_MODES}, got {dense!r}")
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.dense = dense
+        pos = model.config.text_config.max_position_embeddings
+        self.max_length = min(max_length or pos, pos)
+        self.eos_token_id = model.config.text_config.eos_token_id
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        dense: DenseMode = "clearclip",
+        max_length: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> "ClipEncoder":
+        model, tokenizer = load_clip(name_or_path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
+        return cls(model, tokenizer, dense=dense, max_length=max_length)
+
+    def train(self, mode: bool = True) -> "ClipEncoder":  # CLIP stays in eval mode whatever the system does
+        super().train(False)
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual_projection.weight.device
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Pad to ``max_length`` and truncate, as CLIP was trained (TaI-DPT feeds 77-token captions)."""
+        out = self.tokenizer(
+            list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def eot_index(self, input_ids: Tensor) -> Tensor:
+        """First EOS position: OpenAI checkpoints pad with the EOS id, so argmax-of-id would be wrong."""
+        is_eos = input_ids == self.eos_token_id
+        if not bool(is_eos.any(-1).all()):
+            raise ValueError("every token sequence must contain the EOS token (was the text tokenized by this CLIP tokenizer?)")
+        return is_eos.int().argmax(-1)
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, normalize: bool = True) -> TextEmbeddings:
+        """EOT ("global") and per-token ("local") projected embeddings of token sequences."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        # CLIP's text transformer is causal, so tokens after EOT cannot alter earlier ones; the mask only
+        # marks which positions are real tokens for the local branch (SOT and EOT included, as TaI-DPT).
+        hidden = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        tokens = self.model.text_projection(hidden)
+        eot = tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_index(input_ids)]
+        if normalize:
+            tokens, eot = F.normalize(tokens, dim=-1), F.normalize(eot, dim=-1)
+        return TextEmbeddings(eot, tokens, attention_mask.bool())
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> Tensor:
+        """Global (EOT) embeddings of raw strings, batched."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tok = self.tokenize(texts[start : start + batch_size])
+            chunks.append(self.encode_text(**tok, normalize=normalize).text_embeds)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim)
+
+    # ----------------------------------------------------------------- image
+    @torch.no_grad()
+    def encode_image(self, pixel_values: Tensor, normalize: bool = True, dense: DenseMode | None = None) -> ImageEmbeddings:
+        """Global CLS embedding (exactly ``get_image_features``) and dense patch embeddings, in one pass."""
+        dense = dense or self.dense
+        if dense not in DENSE_MODES:
+            raise ValueError(f"dense must be one of {DENSE_MODES}, got {dense!r}")
+        vm = self.model.vision_model
+        pixel_values = pixel_values.to(device=self.device, dtype=self.model.visual_projection.weight.dtype)
+        interpolate = tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size)
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values, interpolate_pos_encoding=interpolate))
+        layers = vm.encoder.layers
+        for layer in layers[:-1]:
+            x = _layer_output(layer(x, None))
+        cls_token, patches = _last_block(layers[-1], x, dense)
+        image = self.model.visual_projection(vm.post_layernorm(cls_token))
+        patch = self.model.visual_projection(vm.post_layernorm(patches))
+        if normalize:
+            image, patch = F.normalize(image, dim=-1), F.normalize(patch, dim=-1)
+        return ImageEmbeddings(image, patch)
+
+
+def _layer_output(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _heads(t: Tensor, num_heads: int) -> Tensor:
+    b, n, w = t.shape
+    return t.view(b, n, num_heads, w // num_heads).transpose(1, 2)  # (B, H, N, d)
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _last_block(layer: nn.Module, x: Tensor, dense: str) -> tuple[Tensor, Tensor]:
+    """Return (CLS output of the standard block (B, W), patch outputs under ``dense`` (B, N, W))."""
+    attn = layer.self_attn
+    y = layer.layer_norm1(x)
+    q, k, v = (_heads(proj(y), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    # Standard attention for the CLS query only: the global embedding must equal get_image_features.
+    cls_attn = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) * attn.scale, dim=-1)
+    cls_h = x[:, 0] + attn.out_proj(_merge_heads(cls_attn @ v))[:, 0]
+    cls_out = cls_h + layer.mlp(layer.layer_norm2(cls_h))
+    if dense == "naive":
+        # The untouched block on every token (CALIP's ViT features).
+        full = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        h = x + attn.out_proj(_merge_heads(full))
+        patches = (h + layer.mlp(layer.layer_norm2(h)))[:, 1:]
+    elif dense == "maskclip":
+        # Identity attention: each patch keeps its own value; no residual, no MLP (MaskCLIP).
+        patches = attn.out_proj(_merge_heads(v))[:, 1:]
+    else:
+        # q-q attention, no residual, no MLP (ClearCLIP).
+        qq = F.scaled_dot_product_attention(q, q, v, scale=attn.scale)
+        patches = attn.out_proj(_merge_heads(qq))[:, 1:]
+    return cls_out, patches

@@ -1,0 +1,216 @@
+"""Dual-branch task-residual head with parameter-free attention (pure torch, method.md section 5).
+
+Inputs are L2-normalised CLIP features: a global vector per sample (image CLS embedding, or a caption's
+EOT embedding) and a set of local vectors (image patches, or caption tokens with a padding mask).
+
+    global branch:  T_g = norm(T0 + a_g X_g);   z_g = s * f_g T_g^T
+    local branch:   T_l = norm(T0 + a_l X_l);   A = F T_l^T;   z_l = sum_N s * A * softmax_N(tau * A)
+    PFA (per branch b, no weights):  W_sp = softmax_N(A_b / t),  W_cl = softmax_C(A_b / t)
+                    T_a = W_sp^T F  (class-wise visual text),  F_a = W_cl T_b  (text-aware locals)
+                    z_b += beta2 * s * <q_b, T_a>  +  beta3 * s * (mean_N F_a + max_N F_a) T_b^T
+    score = w * z_g + (1 - w) * z_l
+
+Every baseline of the paper is a setting of this one module (see ``conf/model/``), not a code fork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PFA_MODES = ("none", "global", "local", "both")
+
+
+@dataclass
+class HeadOutput:
+    """``logits`` is the merged score; branch logits are kept for per-branch metrics and losses."""
+
+    logits: Tensor
+    logits_global: Tensor
+    logits_local: Tensor | None
+    local_attention: Tensor | None  # (B, N, C) spatial softmax of the local branch: the heatmaps
+
+
+def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int) -> Tensor:
+    """Softmax over ``dim`` ignoring positions where ``mask`` is False (a fully masked row gives zeros)."""
+    if mask is None:
+        return torch.softmax(scores, dim=dim)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=dim).nan_to_num(0.0)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None, dim: int) -> Tensor:
+    if mask is None:
+        return x.mean(dim)
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def masked_max(x: Tensor, mask: Tensor | None, dim: int) -> Tensor:
+    if mask is None:
+        return x.amax(dim)
+    return x.masked_fill(~mask, float("-inf")).amax(dim).nan_to_num(0.0, neginf=0.0)
+
+
+def spatial_aggregation(sim: Tensor, mask: Tensor | None, tau: float, scale: float) -> tuple[Tensor, Tensor]:
+    """TaI-DPT local score: ``sum_N s * A * softmax_N(tau * A)``. ``sim`` (B, N, C), ``mask`` (B, N).
+
+    Returns the logits (B, C) and the spatial weights (B, N, C).
+    """
+    m = None if mask is None else mask[..., None]
+    weights = masked_softmax(tau * sim, m, dim=1)
+    return scale * (sim * weights).sum(1), weights
+
+
+def parameter_free_attention(
+    local: Tensor, classes: Tensor, mask: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """CALIP's bidirectional attention between locals (B, N, D) and class embeddings (C, D).
+
+    Returns ``text_attended`` (B, C, D): each class embedding replaced by its attention-weighted mix of
+    locals, and ``pooled_locals`` (B, D): mean + max over valid positions of the class-attended locals.
+    Neither is renormalised (as in CALIP), so the beta weights keep their published meaning.
+    """
+    sim = local @ classes.t() / temperature  # (B, N, C)
+    m = None if mask is None else mask[..., None]
+    over_space = masked_softmax(sim, m, dim=1)  # per class, over positions
+    over_classes = torch.softmax(sim, dim=2)  # per position, over classes
+    text_attended = over_space.transpose(1, 2) @ local  # (B, C, D)
+    local_attended = over_classes @ classes  # (B, N, D)
+    pooled = masked_mean(local_attended, m, dim=1) + masked_max(local_attended, m, dim=1)
+    return text_attended, pooled
+
+
+class TaskResidual(nn.Module):
+    """TaskRes classifier ``T = norm(T0 + alpha * X)`` with ``X`` zero-initialised (or off: ``T = T0``)."""
+
+    def __init__(self, num_classes: int, embed_dim: int, alpha: float = 0.5, enabled: bool = True):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.residual = nn.Parameter(torch.zeros(num_classes, embed_dim)) if enabled else None
+
+    def forward(self, base: Tensor) -> Tensor:
+        if self.residual is None:
+            return base
+        return F.normalize(base + self.alpha * self.residual.to(base.dtype), dim=-1)
+
+
+class DualBranchHead(nn.Module):
+    """Global and local task-residual branches with optional parameter-free attention.
+
+    :param num_classes: C; :param embed_dim: D (CLIP projection dim).
+    :param global_residual / local_residual: learn a residual in that branch (False = fixed T0).
+    :param alpha_global / alpha_local: residual scales (TaskRes uses 0.5).
+    :param use_local: compute the local branch at all (False = global-only models).
+    :param pfa: which branches get parameter-free attention: none | global | local | both.
+    :param pfa_temperature: softmax temperature of the PFA (CALIP's code uses 0.5, i.e. x2).
+    :param beta2 / beta3: weights of the attended-text and attended-local PFA terms.
+    :param pfa_local_query: what the local branch compares with the attended text: mean of locals, or the global.
+    :param logit_scale: s (TaI-DPT fixes 4; the ranking margin 1 is then a cosine gap of 0.25).
+    :param tau_text / tau_image: spatial softmax temperatures for caption tokens / image patches.
+    :param merge_weight: w in ``w * z_g + (1 - w) * z_l``.
+    :param feature_noise_std: Gaussian noise added to normalised caption features in training, then renormalised.
+    :param center_scores: subtract each sample's mean over classes from the merged score (a training-free baseline).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        global_residual: bool = True,
+        local_residual: bool = True,
+        alpha_global: float = 0.5,
+        alpha_local: float = 0.5,
+        use_local: bool = True,
+        pfa: Literal["none", "global", "local", "both"] = "both",
+        pfa_temperature: float = 0.5,
+        beta2: float = 1.0,
+        beta3: float = 0.1,
+        pfa_local_query: Literal["mean", "global"] = "mean",
+        logit_scale: float = 4.0,
+        tau_text: float = 50.0,
+        tau_image: float = 40.0,
+        merge_weight: float = 0.5,
+        feature_noise_std: float = 0.0,
+        center_scores: bool = False,
+    ):
+        super().__init__()
+        if pfa not in PFA_MODES:
+            raise ValueError(f"pfa must be one of {PFA_MODES}, got {pfa!r}")
+        if pfa in ("local", "both") and not use_local:
+            raise ValueError(f"pfa={pfa!r} needs the local branch (use_local=true)")
+        if pfa_local_query not in ("mean", "global"):
+            raise ValueError(f"pfa_local_query must be 'mean' or 'global', got {pfa_local_query!r}")
+        if not 0.0 <= merge_weight <= 1.0:
+            raise ValueError(f"merge_weight must be in [0, 1], got {merge_weight}")
+        self.num_classes, self.embed_dim = int(num_classes), int(embed_dim)
+        self.global_classifier = TaskResidual(num_classes, embed_dim, alpha_global, enabled=global_residual)
+        self.local_classifier = TaskResidual(num_classes, embed_dim, alpha_local, enabled=use_local and local_residual)
+        self.use_local = use_local
+        self.pfa, self.pfa_temperature, self.beta2, self.beta3 = pfa, pfa_temperature, beta2, beta3
+        self.pfa_local_query = pfa_local_query
+        self.logit_scale, self.tau_text, self.tau_image = logit_scale, tau_text, tau_image
+        self.merge_weight, self.feature_noise_std, self.center_scores = merge_weight, feature_noise_std, center_scores
+        # T0 depends on the CLIP model and the class names, both known from hyper-parameters: rebuilt, not saved.
+        self.register_buffer("class_embeds", torch.zeros(num_classes, embed_dim), persistent=False)
+        self.register_buffer("class_embeds_ready", torch.tensor(False), persistent=False)
+
+    def set_class_embeddings(self, class_embeds: Tensor) -> None:
+        if tuple(class_embeds.shape) != (self.num_classes, self.embed_dim):
+            raise ValueError(
+                f"class embeddings have shape {tuple(class_embeds.shape)}, the head expects "
+                f"({self.num_classes}, {self.embed_dim}) = (classes, CLIP projection dim)"
+            )
+        self.class_embeds.copy_(F.normalize(class_embeds.float(), dim=-1))
+        self.class_embeds_ready.fill_(True)
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def _noise(self, x: Tensor) -> Tensor:
+        return F.normalize(x + self.feature_noise_std * torch.randn_like(x), dim=-1)
+
+    def _pfa_logits(self, query: Tensor, local: Tensor, classes: Tensor, mask: Tensor | None) -> Tensor:
+        text_att, pooled = parameter_free_attention(local, classes, mask, self.pfa_temperature)
+        z2 = torch.einsum("bd,bcd->bc", query, text_att)
+        z3 = pooled @ classes.t()
+        return self.logit_scale * (self.beta2 * z2 + self.beta3 * z3)
+
+    def forward(
+        self,
+        global_embeds: Tensor,
+        local_embeds: Tensor,
+        local_mask: Tensor | None = None,
+        modality: Literal["text", "image"] = "image",
+    ) -> HeadOutput:
+        """``global_embeds`` (B, D), ``local_embeds`` (B, N, D), ``local_mask`` (B, N) bool (True = valid)."""
+        if not bool(self.class_embeds_ready):
+            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        if modality not in ("text", "image"):
+            raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
+        f_g, feats = global_embeds.float(), local_embeds.float()
+        mask = None if local_mask is None else local_mask.bool()
+        if self.training and modality == "text" and self.feature_noise_std > 0:
+            f_g, feats = self._noise(f_g), self._noise(feats)
+        base = self.class_embeds
+        t_g = self.global_classifier(base)
+        z_g = self.logit_scale * f_g @ t_g.t()
+        if self.pfa in ("global", "both"):
+            z_g = z_g + self._pfa_logits(f_g, feats, t_g, mask)
+        z_l, attention = None, None
+        if self.use_local:
+            t_l = self.local_classifier(base)
+            tau = self.tau_text if modality == "text" else self.tau_image
+            z_l, attention = spatial_aggregation(feats @ t_l.t(), mask, tau, self.logit_scale)
+            if self.pfa in ("local", "both"):
+                query = f_g if self.pfa_local_query == "global" else F.normalize(masked_mean(feats, None if mask is None else mask[..., None], 1), dim=-1)
+                z_l = z_l + self._pfa_logits(query, feats, t_l, mask)
+        score = z_g if z_l is None else self.merge_weight * z_g + (1.0 - self.merge_weight) * z_l
+        if self.center_scores:
+            score = score - score.mean(dim=1, keepdim=True)
+        return HeadOutput(score, z_g, z_l, attention)

@@ -1,0 +1,243 @@
+"""The Lightning system: a frozen CLIP encoder + the dual-branch head, trained on captions, tested on images.
+
+Checkpoints hold the head's residuals and plain hyper-parameters only (no CLIP weights, no pickled
+objects), so ``DbtrLitModule.load_from_checkpoint(path)`` rebuilds CLIP from ``clip.name_or_path`` and works
+in a notebook without Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from dbtr.losses import get_loss, split_labels
+from dbtr.metrics import ScoreCollector, average_precision_per_class, evaluate_scores
+from dbtr.models.clip import ClipEncoder
+from dbtr.models.heads import DualBranchHead, HeadOutput
+from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BRANCHES = ("merged", "global", "local")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's classes or embedding size do not match the data or the CLIP model."""
+
+
+class DbtrLitModule(L.LightningModule):
+    """Dual-branch task residuals with parameter-free attention on a frozen CLIP.
+
+    :param clip: ``{"name_or_path", "dense", "max_length", "dtype"}`` of the frozen CLIP.
+    :param class_names: the label space, in label-column order.
+    :param head: keyword arguments of :class:`~dbtr.models.heads.DualBranchHead` (except classes and dim).
+    :param templates: prompt set for T0 (``imagenet`` = 80 templates, ``simple``) or a list of templates.
+    :param loss: ``ranking`` | ``asl`` | ``bce``; ``loss_kwargs`` are passed to it.
+    :param optimizer: ``{"name": adam|adamw|sgd, "lr", "weight_decay", "momentum"}``.
+    :param scheduler: ``{"name": cosine|constant, "warmup_epochs", "warmup_lr"}`` (TaI-DPT: constant warm-up, cosine).
+    :param evaluation: ``{"difficult": negative|ignore, "top_k": [3]}`` metric conventions.
+    :param encoder: an already built :class:`ClipEncoder` (tests, notebooks); not saved in the checkpoint.
+    """
+
+    def __init__(
+        self,
+        clip: dict[str, Any],
+        class_names: Sequence[str],
+        head: dict[str, Any] | None = None,
+        templates: str | Sequence[str] = "imagenet",
+        loss: str = "ranking",
+        loss_kwargs: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        evaluation: dict[str, Any] | None = None,
+        encoder: ClipEncoder | None = None,
+    ):
+        super().__init__()
+        class_names = validate_class_names(class_names, source="model class_names")
+        self.save_hyperparameters(ignore=["encoder"], logger=False)
+        clip = dict(clip)
+        if encoder is None:
+            encoder = ClipEncoder.from_pretrained(
+                clip["name_or_path"],
+                dense=clip.get("dense", "clearclip"),
+                max_length=clip.get("max_length"),
+                torch_dtype=_DTYPES[clip.get("dtype", "float32")],
+                attn_implementation=clip.get("attn_implementation"),
+            )
+        self.encoder = encoder
+        self.class_names = list(class_names)
+        self.head = DualBranchHead(len(class_names), encoder.embed_dim, **(head or {}))
+        self.loss_fn = get_loss(loss)
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.optimizer_cfg = {"name": "adam", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, **(optimizer or {})}
+        self.scheduler_cfg = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, **(scheduler or {})}
+        self.eval_cfg = {"difficult": "negative", "top_k": [3], **(evaluation or {})}
+        self.templates = templates
+        self.collectors = torch.nn.ModuleDict(
+            {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in _BRANCHES}
+        )
+        self.results: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def ensure_class_embeddings(self) -> None:
+        """Build T0 from the frozen text encoder once per class list (cheap to redo, so never saved)."""
+        if not bool(self.head.class_embeds_ready):
+            t0 = build_class_embeddings(self.encoder, self.class_names, self.templates)
+            self.head.set_class_embeddings(t0.to(self.head.class_embeds.device))
+
+    def setup(self, stage: str) -> None:
+        self.ensure_class_embeddings()
+
+    def state_dict(self, *args, **kwargs):
+        # The frozen CLIP is rebuilt from clip.name_or_path; keeping it out makes checkpoints a few hundred kB.
+        full = super().state_dict(*args, **kwargs)
+        return type(full)((k, v) for k, v in full.items() if not k.startswith("encoder.") and not k.startswith("collectors."))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict on the head (missing or mis-shaped residuals raise a clear error), silent on CLIP keys."""
+        expected = {k: v for k, v in self.state_dict().items()}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.") and not k.startswith("collectors.")}
+        for key, value in state_dict.items():
+            if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+                c, d = tuple(value.shape) if value.ndim == 2 else (None, None)
+                raise CheckpointMismatchError(
+                    f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but this model expects "
+                    f"{tuple(expected[key].shape)} = ({len(self.class_names)} classes, CLIP projection dim "
+                    f"{self.encoder.embed_dim}); the checkpoint was trained with {c} classes and embedding size {d}. "
+                    "Use the same class list and CLIP model as in training."
+                )
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if strict and (missing or unexpected):
+            raise CheckpointMismatchError(
+                f"checkpoint does not match the head configuration: missing {missing}, unexpected {unexpected} "
+                "(was it trained with other head.global_residual/local_residual/use_local settings?)"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # --------------------------------------------------------------- inference
+    def features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None, str]:
+        """(global, local, mask, modality) from cached caption features, token ids or pixels."""
+        if "pixel_values" in batch:
+            out = self.encoder.encode_image(batch["pixel_values"])
+            return out.image_embeds, out.patch_embeds, None, "image"
+        if "text_embeds" in batch:
+            return batch["text_embeds"], batch["token_embeds"], batch["attention_mask"], "text"
+        out = self.encoder.encode_text(batch["input_ids"], batch["attention_mask"])
+        return out.text_embeds, out.token_embeds, out.attention_mask, "text"
+
+    def forward(self, batch: dict[str, Tensor] | Tensor) -> HeadOutput:
+        """Score a batch: a dict with ``pixel_values`` (or caption features / ids), or a pixel tensor."""
+        if isinstance(batch, Tensor):
+            batch = {"pixel_values": batch}
+        self.ensure_class_embeddings()
+        g, loc, mask, modality = self.features(batch)
+        return self.head(g, loc, mask, modality=modality)
+
+    # ---------------------------------------------------------------- training
+    def branch_losses(self, out: HeadOutput, labels: Tensor) -> dict[str, Tensor]:
+        targets, known = split_labels(labels, signed=True)  # dbtr label matrices are {1, 0 unknown, -1}
+        losses = {"global": self.loss_fn(out.logits_global, targets, known, **self.loss_kwargs)}
+        if out.logits_local is not None:
+            losses["local"] = self.loss_fn(out.logits_local, targets, known, **self.loss_kwargs)
+        return losses
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        g, loc, mask, modality = self.features(batch)
+        out = self.head(g, loc, mask, modality=modality)
+        losses = self.branch_losses(out, batch["labels"])
+        loss = sum(losses.values())
+        bs = batch["labels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        return loss
+
+    # -------------------------------------------------------------- evaluation
+    def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
+        out = self(batch)
+        labels = batch["labels"]
+        self.collectors[f"{stage}_merged"].update(out.logits, labels)
+        self.collectors[f"{stage}_global"].update(out.logits_global, labels)
+        if out.logits_local is not None:
+            self.collectors[f"{stage}_local"].update(out.logits_local, labels)
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for branch in _BRANCHES:
+            collector = self.collectors[f"{stage}_{branch}"]
+            if collector.update_count == 0:
+                continue
+            scores, labels = collector.compute()
+            collector.reset()
+            metrics = evaluate_scores(scores, labels, difficult=self.eval_cfg["difficult"], top_k=tuple(self.eval_cfg["top_k"]))
+            suffix = "" if branch == "merged" else f"_{branch}"
+            for name, value in metrics.items():
+                result[f"{stage}/{name}{suffix}"] = float(value)
+            if branch == "merged":
+                ap = average_precision_per_class(scores, labels, difficult=self.eval_cfg["difficult"])
+                result[f"{stage}/per_class_AP"] = {
+                    n: (None if math.isnan(a) else round(100.0 * float(a), 4)) for n, a in zip(self.class_names, ap)
+                }
+                result[f"{stage}/num_images"] = int(scores.shape[0])
+        # Loggers get the headline numbers; precision/recall and per-class AP go to metrics.json.
+        for key, value in result.items():
+            if isinstance(value, float) and key.split("/")[1].startswith(("mAP", "CF1", "OF1")):
+                self.log(key, value, prog_bar=key.endswith("/mAP"), sync_dist=False)
+        self.results[stage] = result
+        return result
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(batch).logits
+
+    # --------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("this head has no learnable residual (both residuals off): evaluate it with train=false")
+        cfg = self.optimizer_cfg
+        name = cfg["name"].lower()
+        if name == "adam":
+            opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        elif name == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=cfg["momentum"])
+        else:
+            raise ValueError(f"model.optimizer.name must be adam, adamw or sgd, got {cfg['name']!r}")
+        sched = self.scheduler_cfg
+        if sched["name"] == "constant":
+            return opt
+        if sched["name"] != "cosine":
+            raise ValueError(f"model.scheduler.name must be cosine or constant, got {sched['name']!r}")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        warmup = min(total - 1, int(round(total * sched["warmup_epochs"] / max_epochs))) if sched["warmup_epochs"] else 0
+        ratio = sched["warmup_lr"] / cfg["lr"]
+
+        def factor(step: int) -> float:
+            if step < warmup:  # Dassl's constant warm-up
+                return ratio
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

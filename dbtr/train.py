@@ -1,0 +1,120 @@
+"""Train the dual-branch heads on captions only, select on held-out images, test on the test split.
+
+    dbtr-train                                   # the demo data and model (run `dbtr-demo` first)
+    dbtr-train model=taskres_global seed=2       # a baseline, another seed
+    dbtr-train -m model=dbtr,dual_noattn seed=1,2,3
+    dbtr-train experiment=voc2007_vitb16 clip.name_or_path=/weights/clip-b16 data.classes=...
+
+Writes ``<run dir>/metrics.json`` (final numbers), ``.hydra/config.yaml`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
+from dbtr.utils.io import atomic_write_json
+
+log = logging.getLogger("dbtr")
+
+
+def _resolve_resume(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if ckpt_path == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"ckpt_path=last but {last} does not exist (pass hydra.run.dir=<the run to resume>)")
+        return str(last)
+    return ckpt_path
+
+
+def write_metrics(output_dir: Path, payload: dict[str, Any]) -> Path:
+    path = atomic_write_json(output_dir / "metrics.json", payload)
+    log.info("wrote %s", path)
+    return path
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit (unless training-free), test, and return ``(metrics, objects)``."""
+    from dbtr.data.captions import encode_caption_features
+    from dbtr.models.lit_module import DbtrLitModule
+
+    timings: dict[str, float] = {}
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    t0 = time.perf_counter()
+    model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names)
+    datamodule.attach_encoder(model.encoder)
+    model.ensure_class_embeddings()
+    timings["load_model_s"] = time.perf_counter() - t0
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    has_val = datamodule.val_images is not None
+    for cb in callbacks:
+        if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.monitor and not has_val:
+            log.warning("no validation split: keeping the last epoch (the test split is never used for selection)")
+            cb.monitor = None
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
+
+    best_ckpt, selection = None, {}
+    if cfg.train and not model.head.trainable:
+        log.info("model has no learnable residual (training-free baseline): skipping fit")
+    elif cfg.train:
+        datamodule.setup("fit")
+        if cfg.cache_caption_features:
+            t0 = time.perf_counter()
+            datamodule.set_caption_features(encode_caption_features(model.encoder, datamodule.captions.texts))
+            timings["cache_captions_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.get("ckpt_path"), output_dir))
+        timings["fit_s"] = time.perf_counter() - t0
+        callback = trainer.checkpoint_callback
+        best_ckpt = (callback.best_model_path or None) if callback else None
+        if callback is not None and callback.best_model_score is not None:
+            selection = {"monitor": callback.monitor, "best_score": float(callback.best_model_score)}
+    val_last = dict(model.results.get("val", {}))
+
+    metrics: dict[str, Any] = {}
+    if cfg.test:
+        if best_ckpt:
+            log.info("testing checkpoint %s", best_ckpt)
+            model = DbtrLitModule.load_from_checkpoint(best_ckpt, map_location="cpu", encoder=model.encoder)
+        t0 = time.perf_counter()
+        trainer.test(model, datamodule=datamodule)
+        timings["test_s"] = time.perf_counter() - t0
+        metrics.update(model.results.get("test", {}))
+    if trainer.is_global_zero:
+        write_metrics(
+            output_dir,
+            {
+                "task_name": cfg.task_name,
+                "tags": list(cfg.tags),
+                "seed": cfg.seed,
+                "class_names": datamodule.class_names,
+                "checkpoint": best_ckpt,
+                "selection": selection,
+                "val_last_epoch": val_last,
+                "test": metrics,
+                "timings": timings,
+                "config": to_container(cfg),
+            },
+        )
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = task_wrapper(train)(cfg)
+    return metrics.get(cfg.get("optimized_metric", "test/mAP"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Hydra glue kept in one place: instantiation, callbacks/loggers from dict groups, run wrapping."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("dbtr")
+
+# Configs live in the repository's top-level conf/ (a source checkout or `pip install -e .`); an absolute path
+# makes the console scripts independent of the working directory. Elsewhere pass --config-dir.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def instantiate(cfg: Any, **kwargs: Any) -> Any:
+    """The single call site of ``hydra.utils.instantiate`` (Hydra 1.4 adds a target allow-list here)."""
+    from hydra.utils import instantiate as _instantiate
+
+    return _instantiate(cfg, _convert_="all", **kwargs)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Build every ``_target_`` node of a dict group (callbacks, logger); ``None`` or empty gives []."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Log failures with the output folder and always close wandb, so one failed job does not break a multirun."""
+
+    @functools.wraps(fn)
+    def wrapped(cfg: DictConfig):
+        start = time.perf_counter()
+        try:
+            return fn(cfg)
+        except Exception:
+            log.exception("run failed; outputs so far are in %s", _output_dir())
+            raise
+        finally:
+            log.info("run took %.1f s; outputs in %s", time.perf_counter() - start, _output_dir())
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+            except ImportError:
+                pass
+
+    return wrapped
+
+
+def _output_dir() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # outside a Hydra app (tests calling train(cfg) directly)
+        return str(Path.cwd())

@@ -1,0 +1,38 @@
+"""Shared fixtures: everything offline and on the CPU, with a small random CLIP saved and loaded by path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo layout (classes, captions, images, labels, random CLIP folder), generated once per session."""
+    from dbtr.demo import make_demo
+
+    return make_demo(tmp_path_factory.mktemp("demo"), seed=0, num_captions=96, num_val=24, num_test=32)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(demo_dir) -> Path:
+    return demo_dir / "clip"
+
+
+@pytest.fixture()
+def encoder(clip_dir):
+    from dbtr.models.clip import ClipEncoder
+
+    torch.manual_seed(0)
+    return ClipEncoder.from_pretrained(str(clip_dir), dense="clearclip")

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
+from dbtr.zeroshot.templates import IMAGENET_TEMPLATES, get_templates
+
+
+def test_template_ensemble_is_mean_of_normalised_then_renormalised(encoder):
+    names = ["red", "blue"]
+    templates = ["a photo of a {}.", "a drawing of the {}.", "{} thing"]
+    got = build_class_embeddings(encoder, names, templates)
+    for i, name in enumerate(names):
+        embs = []
+        for t in templates:
+            tok = encoder.tokenize([t.format(name)])
+            embs.append(F.normalize(encoder.model.get_text_features(**tok).pooler_output[0], dim=-1))
+        ref = F.normalize(torch.stack(embs).mean(0), dim=-1)
+        torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_imagenet_set_has_80_distinct_templates():
+    assert len(IMAGENET_TEMPLATES) == 80 == len(set(IMAGENET_TEMPLATES))
+    assert all("{}" in t for t in IMAGENET_TEMPLATES)
+    assert get_templates("simple") == ("a photo of a {}.",)
+
+
+@pytest.mark.parametrize(
+    "names, match",
+    [([], "no class names"), (["cat", ""], "empty class name"), (["cat", "dog", "cat"], "duplicated.*'cat'.*0 and 2")],
+)
+def test_bad_class_lists(names, match):
+    with pytest.raises(ValueError, match=match):
+        validate_class_names(names)
+
+
+def test_bad_templates():
+    with pytest.raises(ValueError, match="placeholder"):
+        get_templates(["no placeholder here"])
+    with pytest.raises(ValueError, match="unknown template set"):
+        get_templates("nope")

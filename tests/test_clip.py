@@ -1,0 +1,129 @@
+"""ClipEncoder against independent computations on a small random CLIP loaded from disk."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dbtr.models.clip import ClipEncoder, ClipWeightsNotFound
+
+
+def _reference_last_block_input(model, pixel_values):
+    """Capture the last block's input with a forward pre-hook on the stock HF forward."""
+    cache = {}
+    last = model.vision_model.encoder.layers[-1]
+    handle = last.register_forward_pre_hook(
+        lambda mod, args, kwargs: cache.__setitem__("x", args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
+    interpolate = pixel_values.shape[-1] != model.config.vision_config.image_size
+    model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate)
+    handle.remove()
+    return cache["x"]
+
+
+def _reference_dense(model, pixel_values, mode):
+    """Per-head loops, written independently of dbtr's vectorised code (method.md section 6.2)."""
+    x = _reference_last_block_input(model, pixel_values)
+    layer = model.vision_model.encoder.layers[-1]
+    attn = layer.self_attn
+    y = layer.layer_norm1(x)
+    q, v = attn.q_proj(y), attn.v_proj(y)
+    heads, d = attn.num_heads, attn.head_dim
+    outs = []
+    for h in range(heads):
+        qh, vh = q[..., h * d : (h + 1) * d], v[..., h * d : (h + 1) * d]
+        if mode == "maskclip":
+            outs.append(vh)
+        else:
+            weights = torch.softmax(qh @ qh.transpose(1, 2) / math.sqrt(d), dim=-1)
+            outs.append(weights @ vh)
+    o = attn.out_proj(torch.cat(outs, dim=-1))[:, 1:]
+    return model.visual_projection(model.vision_model.post_layernorm(o))
+
+
+def test_loads_by_path_and_global_matches_hf(encoder):
+    px = torch.randn(3, 3, 32, 32)
+    out = encoder.encode_image(px, normalize=False)
+    ref = encoder.model.get_image_features(pixel_values=px).pooler_output
+    torch.testing.assert_close(out.image_embeds, ref, atol=1e-5, rtol=1e-5)
+    assert out.patch_embeds.shape == (3, 16, encoder.embed_dim)
+
+
+def test_dense_naive_equals_last_hidden_state(encoder):
+    px = torch.randn(2, 3, 32, 32)
+    hs = encoder.model.vision_model(pixel_values=px).last_hidden_state[:, 1:]
+    ref = encoder.model.visual_projection(encoder.model.vision_model.post_layernorm(hs))
+    torch.testing.assert_close(encoder.encode_image(px, normalize=False, dense="naive").patch_embeds, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["maskclip", "clearclip"])
+@pytest.mark.parametrize("size", [32, 48])
+def test_dense_modes_match_reference(encoder, mode, size):
+    px = torch.randn(2, 3, size, size)
+    got = encoder.encode_image(px, normalize=False, dense=mode)
+    torch.testing.assert_close(got.patch_embeds, _reference_dense(encoder.model, px, mode), atol=1e-5, rtol=1e-5)
+    assert got.patch_embeds.shape[1] == (size // 8) ** 2
+    # normalised output is the normalised raw output
+    norm = encoder.encode_image(px, dense=mode)
+    torch.testing.assert_close(norm.patch_embeds, F.normalize(got.patch_embeds, dim=-1))
+
+
+def test_dense_modes_differ(encoder):
+    px = torch.randn(1, 3, 32, 32)
+    outs = {m: encoder.encode_image(px, dense=m).patch_embeds for m in ("naive", "maskclip", "clearclip")}
+    assert not torch.allclose(outs["naive"], outs["maskclip"])
+    assert not torch.allclose(outs["maskclip"], outs["clearclip"])
+
+
+def test_text_eot_is_first_eos_with_pad_equal_eos(encoder):
+    tok = encoder.tokenize(["a red square", "a photo of a blue ball and a green box"])
+    assert encoder.tokenizer.pad_token_id == encoder.eos_token_id  # the OpenAI convention we must handle
+    ids = tok["input_ids"]
+    eot = encoder.eot_index(ids)
+    for row, pos in zip(ids.tolist(), eot.tolist()):
+        assert row[pos] == encoder.eos_token_id and encoder.eos_token_id not in row[:pos]
+    out = encoder.encode_text(**tok, normalize=False)
+    ref = encoder.model.get_text_features(**tok).pooler_output
+    torch.testing.assert_close(out.text_embeds, ref, atol=1e-5, rtol=1e-5)
+    hidden = encoder.model.text_model(**tok).last_hidden_state
+    torch.testing.assert_close(out.token_embeds, encoder.model.text_projection(hidden), atol=1e-5, rtol=1e-5)
+    # the local mask covers SOT .. EOT inclusive, nothing after
+    assert out.attention_mask.sum(1).tolist() == (eot + 1).tolist()
+
+
+def test_text_without_eos_is_rejected(encoder):
+    with pytest.raises(ValueError, match="EOS"):
+        encoder.eot_index(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_missing_local_folder_gives_one_clear_error(tmp_path):
+    with pytest.raises(ClipWeightsNotFound) as info:
+        ClipEncoder.from_pretrained(str(tmp_path / "no-such-clip"))
+    msg = str(info.value)
+    assert "no-such-clip" in msg and "clip.name_or_path" in msg and "save_pretrained" in msg
+
+
+def test_folder_without_weights_gives_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipWeightsNotFound, match="Could not load CLIP weights"):
+        ClipEncoder.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_offline_hub_id_gives_clear_error(monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", offline)
+    with pytest.raises(ClipWeightsNotFound, match="openai/clip-vit-base-patch16"):
+        ClipEncoder.from_pretrained("openai/clip-vit-base-patch16")
+
+
+def test_encoder_is_frozen_and_stays_in_eval(encoder):
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.model.training

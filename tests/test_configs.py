@@ -1,0 +1,52 @@
+"""Every config composes; every model config builds its head; every experiment composes with train.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dbtr.models.heads import DualBranchHead
+from dbtr.utils.hydra_utils import CONFIG_DIR
+
+CONF = Path(CONFIG_DIR)
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
+
+
+def test_there_is_something_to_compose():
+    assert EXPERIMENTS and len(MODELS) >= 7
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment):
+    cfg = _compose("train.yaml", [f"experiment={experiment}"])
+    assert cfg.model._target_ == "dbtr.models.lit_module.DbtrLitModule"
+    OmegaConf.to_container(cfg.model.head, resolve=True)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_config_builds_head(model):
+    cfg = _compose("train.yaml", [f"model={model}"])
+    head = DualBranchHead(6, 32, **OmegaConf.to_container(cfg.model.head))
+    training_free = model.startswith(("zsclip", "calip"))
+    assert head.trainable is not training_free
+
+
+@pytest.mark.parametrize("debug", ["fdr", "limit"])
+def test_debug_presets_compose(debug):
+    cfg = _compose("train.yaml", [f"debug={debug}"])
+    assert "trainer" in cfg
+
+
+def test_eval_config_requires_checkpoint():
+    cfg = _compose("eval.yaml", [])
+    assert OmegaConf.is_missing(cfg, "ckpt_path")
+    assert cfg.clip.name_or_path is None

@@ -1,0 +1,112 @@
+"""dbtr-train then dbtr-eval through the real console entry points, on the generated demo data (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BIN = Path(sys.executable).parent
+
+
+def _cli(name: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    exe = BIN / name
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"dbtr.{name.split('-')[1]}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*cmd, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(demo_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "full"
+    _cli("dbtr-train", f"paths.demo_dir={demo_dir}", f"hydra.run.dir={run}", "trainer.max_epochs=3", "seed=3", cwd=run.parent)
+    return run
+
+
+def test_train_writes_run_folder_and_metrics(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert (trained / ".hydra" / "config.yaml").is_file()
+    test = metrics["test"]
+    for key in ("test/mAP", "test/mAP_global", "test/mAP_local", "test/CF1@3", "test/OF1@3"):
+        assert 0.0 <= test[key] <= 100.0, key
+    assert len(test["test/per_class_AP"]) == 6 and test["test/num_images"] == 32
+    assert metrics["selection"]["monitor"] == "val/mAP"
+    assert Path(metrics["checkpoint"]).is_file() and (trained / "checkpoints" / "last.ckpt").is_file()
+    assert metrics["timings"]["cache_captions_s"] > 0
+
+
+def test_checkpoint_holds_only_heads_and_plain_hparams(trained):
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(ckpt["state_dict"]) == {"head.global_classifier.residual", "head.local_classifier.residual"}
+    assert ckpt["state_dict"]["head.global_classifier.residual"].shape == (6, 32)
+    assert ckpt["state_dict"]["head.global_classifier.residual"].abs().sum() > 0  # it trained
+    hp = ckpt["hyper_parameters"]
+    assert hp["class_names"][0] == "red" and hp["clip"]["name_or_path"].endswith("clip")
+    assert "encoder" not in hp
+
+
+def test_load_from_checkpoint_without_hydra_reproduces_eval(trained, demo_dir):
+    from dbtr import DbtrLitModule
+    from dbtr.data.images import ClipImageTransform, ImageDataset, read_image_jsonl
+    from dbtr.metrics import mean_average_precision
+
+    model = DbtrLitModule.load_from_checkpoint(json.loads((trained / "metrics.json").read_text())["checkpoint"])
+    records = read_image_jsonl(demo_dir / "images", demo_dir / "test.jsonl", model.class_names)
+    ds = ImageDataset(records, ClipImageTransform(32))
+    batch = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
+    with torch.no_grad():
+        scores = model(batch).logits
+    expected = json.loads((trained / "metrics.json").read_text())["test"]["test/mAP"]
+    assert mean_average_precision(scores, records.labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_eval_cli_matches_train_test(trained, demo_dir, tmp_path):
+    ckpt = json.loads((trained / "metrics.json").read_text())["checkpoint"]
+    _cli("dbtr-eval", f"ckpt_path={ckpt}", f"paths.demo_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    got = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
+    want = json.loads((trained / "metrics.json").read_text())["test"]
+    assert got["test/mAP"] == pytest.approx(want["test/mAP"], abs=1e-9)
+    assert got["test/per_class_AP"] == want["test/per_class_AP"]
+
+
+def test_eval_refuses_other_class_list(trained, demo_dir, tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red\ngreen\nblue\nyellow\npurple\nbrown\n")
+    labels = tmp_path / "test.jsonl"
+    labels.write_text((demo_dir / "test.jsonl").read_text().replace('"orange"', '"brown"'))
+    proc = _cli(
+        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"paths.demo_dir={demo_dir}",
+        f"data.classes={classes}", f"data.test_labels={labels}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
+    )
+    assert proc.returncode != 0
+    assert "trained on 6 classes" in proc.stderr and "only in checkpoint: ['orange']" in proc.stderr
+
+
+def test_eval_refuses_clip_with_other_embedding_size(trained, demo_dir, tmp_path):
+    from dbtr.models.tiny import save_random_clip
+
+    other = tmp_path / "clip48"
+    shutil.copytree(demo_dir / "clip", other)
+    save_random_clip(other, ["a red square"], projection_dim=48, vision_image_size=32)
+    proc = _cli(
+        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"paths.demo_dir={demo_dir}",
+        f"clip.name_or_path={other}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
+    )
+    assert proc.returncode != 0
+    assert "CLIP projection dim 48" in proc.stderr and "embedding size 32" in proc.stderr
+
+
+def test_training_free_baseline_skips_fit(demo_dir, tmp_path):
+    _cli("dbtr-train", "experiment=demo_zsclip", f"paths.demo_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert metrics["checkpoint"] is None and "fit_s" not in metrics["timings"]
+    assert "test/mAP_local" not in metrics["test"] and 0 < metrics["test"]["test/mAP"] <= 100

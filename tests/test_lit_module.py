@@ -1,0 +1,87 @@
+"""In-process checks of the Lightning system: cached training runs no text encoder, losses per branch."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from dbtr.data.captions import encode_caption_features
+from dbtr.data.datamodule import TextToImageDataModule
+from dbtr.losses import ranking_loss
+from dbtr.models.lit_module import CheckpointMismatchError, DbtrLitModule
+
+
+def _datamodule(demo_dir):
+    return TextToImageDataModule(
+        classes=str(demo_dir / "classes.txt"),
+        train_captions=str(demo_dir / "captions.jsonl"),
+        test_images=str(demo_dir / "images"),
+        test_labels=str(demo_dir / "test.jsonl"),
+        batch_size=32,
+    )
+
+
+def _model(encoder, dm, **head):
+    return DbtrLitModule(clip={"name_or_path": "unused"}, class_names=dm.class_names, head=head, templates="simple", encoder=encoder)
+
+
+def test_cached_training_runs_no_text_encoder_forward(demo_dir, encoder):
+    dm = _datamodule(demo_dir)
+    model = _model(encoder, dm)
+    dm.attach_encoder(encoder)
+    dm.setup("fit")
+    dm.set_caption_features(encode_caption_features(encoder, dm.captions.texts))
+    model.ensure_class_embeddings()
+    calls = []
+    handle = encoder.model.text_model.register_forward_hook(lambda *a: calls.append(1))
+    before = model.head.global_classifier.residual.detach().clone()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, datamodule=dm)
+    handle.remove()
+    assert calls == []
+    assert not torch.equal(before, model.head.global_classifier.residual.detach())
+
+
+def test_loss_is_sum_of_branch_ranking_losses(demo_dir, encoder):
+    dm = _datamodule(demo_dir)
+    model = _model(encoder, dm, pfa="none")
+    model.ensure_class_embeddings()
+    texts = ["a red box", "a blue ball and a green box"]
+    labels = torch.tensor([[1, -1, -1, -1, -1, -1], [-1, 1, 1, -1, -1, -1]])
+    out = model({**encoder.tokenize(texts)})
+    losses = model.branch_losses(out, labels)
+    t = (labels == 1).float()
+    torch.testing.assert_close(losses["global"], ranking_loss(out.logits_global, t))
+    torch.testing.assert_close(losses["local"], ranking_loss(out.logits_local, t))
+
+
+def test_unknown_labels_are_masked_in_training(demo_dir, encoder):
+    dm = _datamodule(demo_dir)
+    model = _model(encoder, dm, pfa="none", use_local=False, merge_weight=1.0, local_residual=False)
+    model.ensure_class_embeddings()
+    out = model(encoder.tokenize(["a red box"]))
+    full = model.branch_losses(out, torch.tensor([[1, -1, -1, -1, -1, -1]]))["global"]
+    partial = model.branch_losses(out, torch.tensor([[1, 0, 0, 0, 0, -1]]))["global"]
+    assert float(partial) < float(full)
+    torch.testing.assert_close(partial, ranking_loss(out.logits_global[:, [0, 5]], torch.tensor([[1.0, 0.0]])))
+
+
+def test_state_dict_mismatch_is_a_clear_error(demo_dir, encoder):
+    dm = _datamodule(demo_dir)
+    model = _model(encoder, dm)
+    bad = {"head.global_classifier.residual": torch.zeros(4, 32), "head.local_classifier.residual": torch.zeros(6, 32)}
+    with pytest.raises(CheckpointMismatchError, match="trained with 4 classes"):
+        model.load_state_dict(bad)
+    with pytest.raises(CheckpointMismatchError, match="missing"):
+        model.load_state_dict({"head.global_classifier.residual": torch.zeros(6, 32)})
+    # CLIP keys are never required
+    model.load_state_dict({k: torch.ones_like(v) for k, v in model.state_dict().items()})
+    assert float(model.head.local_classifier.residual.sum()) == 6 * 32
+
+
+def test_no_learnable_residual_refuses_to_configure_optimizer(demo_dir, encoder):
+    dm = _datamodule(demo_dir)
+    model = _model(encoder, dm, global_residual=False, local_residual=False)
+    with pytest.raises(RuntimeError, match="train=false"):
+        model.configure_optimizers()
