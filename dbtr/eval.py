@@ -17,6 +17,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from dbtr.train import write_metrics
+from dbtr.utils.report import print_metrics_table
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
 
 log = logging.getLogger("dbtr")
@@ -62,6 +63,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer.test(model, datamodule=datamodule)
     metrics = model.results.get("test", {})
     if trainer.is_global_zero:
+        print_metrics_table(metrics, title=f"{cfg.task_name}: test metrics (%)")
         write_metrics(
             Path(cfg.paths.output_dir),
             {

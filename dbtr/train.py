@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ from omegaconf import DictConfig
 
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
 from dbtr.utils.io import atomic_write_json
+from dbtr.utils.report import print_metrics_table
 
 log = logging.getLogger("dbtr")
+# CLIP is frozen in eval mode on purpose; Lightning's reminder about eval-mode modules is noise here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 def _resolve_resume(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -62,7 +66,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.monitor and not has_val:
             log.warning("no validation split: keeping the last epoch (the test split is never used for selection)")
             cb.monitor = None
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
+    no_val = {} if has_val else {"limit_val_batches": 0}
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False, **no_val
+    )
 
     best_ckpt, selection = None, {}
     if cfg.train and not model.head.trainable:
@@ -91,6 +98,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.test(model, datamodule=datamodule)
         timings["test_s"] = time.perf_counter() - t0
         metrics.update(model.results.get("test", {}))
+        if trainer.is_global_zero:
+            print_metrics_table(metrics, title=f"{cfg.task_name}: test metrics (%)")
     if trainer.is_global_zero:
         write_metrics(
             output_dir,
