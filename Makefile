@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not slow and not gpu"
 
-.PHONY: help install demo test test-full bench clean
+.PHONY: help install demo toyclip test test-full bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -20,9 +20,11 @@ $(BIN)/dbtr-train: pyproject.toml
 
 install: $(BIN)/dbtr-train  ## create .venv and install dbtr with its dev extras
 
-demo: install  ## main job: generate the demo, train on captions, test on images, print the table
-	$(BIN)/dbtr-demo --out .demo
-	$(BIN)/dbtr-train paths.demo_dir=.demo
+demo: install  ## main job: the toy world, every method trained on captions and tested on images, one table
+	$(BIN)/dbtr-toyworld
+
+toyclip: install  ## regenerate the shipped toy-world CLIP (dbtr/assets/toyclip) from scratch
+	$(BIN)/python -m dbtr.toyworld.pretrain --out dbtr/assets/toyclip
 
 test: install  ## the default test suite (what CI runs)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -34,5 +36,5 @@ bench: install  ## performance ratios (printed)
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_cached_training.py
 
-clean:  ## remove runs and generated demo data
-	rm -rf logs .demo
+clean:  ## remove runs and generated data
+	rm -rf logs .toyworld .tiny

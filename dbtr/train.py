@@ -55,6 +55,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     datamodule = instantiate(cfg.data)
     t0 = time.perf_counter()
+    datamodule.prepare_data()  # generated datasets (the toy world) are built here on first use
+    timings["prepare_data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names)
     datamodule.attach_encoder(model.encoder)
     model.ensure_class_embeddings()
@@ -70,6 +73,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False, **no_val
     )
+
+    if cfg.get("cache_image_features"):
+        t0 = time.perf_counter()
+        datamodule.setup("validate")
+        if cfg.test:
+            datamodule.setup("test")
+        datamodule.cache_image_features(model.encoder)
+        timings["cache_images_s"] = time.perf_counter() - t0
 
     best_ckpt, selection = None, {}
     if cfg.train and not model.head.trainable:

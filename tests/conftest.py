@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """The demo layout (classes, captions, images, labels, random CLIP folder), generated once per session."""
-    from dbtr.demo import make_demo
+    """The tiny fixture layout (classes, captions, images, labels, random CLIP folder), generated once per session."""
+    from dbtr.fixtures import make_tiny_dataset
 
-    return make_demo(tmp_path_factory.mktemp("demo"), seed=0, num_captions=96, num_val=24, num_test=32)
+    return make_tiny_dataset(tmp_path_factory.mktemp("demo"), seed=0, num_captions=96, num_val=24, num_test=32)
 
 
 @pytest.fixture(scope="session")

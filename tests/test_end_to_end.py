@@ -28,7 +28,7 @@ def _cli(name: str, *overrides: str, cwd: Path, check: bool = True) -> subproces
 @pytest.fixture(scope="module")
 def trained(demo_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "full"
-    _cli("dbtr-train", f"paths.demo_dir={demo_dir}", f"hydra.run.dir={run}", "trainer.max_epochs=3", "seed=3", cwd=run.parent)
+    _cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}", "trainer.max_epochs=3", "seed=3", cwd=run.parent)
     return run
 
 
@@ -71,7 +71,7 @@ def test_load_from_checkpoint_without_hydra_reproduces_eval(trained, demo_dir):
 
 def test_eval_cli_matches_train_test(trained, demo_dir, tmp_path):
     ckpt = json.loads((trained / "metrics.json").read_text())["checkpoint"]
-    _cli("dbtr-eval", f"ckpt_path={ckpt}", f"paths.demo_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    _cli("dbtr-eval", f"ckpt_path={ckpt}", "data=tiny", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     got = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     want = json.loads((trained / "metrics.json").read_text())["test"]
     assert got["test/mAP"] == pytest.approx(want["test/mAP"], abs=1e-9)
@@ -84,7 +84,7 @@ def test_eval_refuses_other_class_list(trained, demo_dir, tmp_path):
     labels = tmp_path / "test.jsonl"
     labels.write_text((demo_dir / "test.jsonl").read_text().replace('"orange"', '"brown"'))
     proc = _cli(
-        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"paths.demo_dir={demo_dir}",
+        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
         f"data.classes={classes}", f"data.test_labels={labels}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
     )
     assert proc.returncode != 0
@@ -98,7 +98,7 @@ def test_eval_refuses_clip_with_other_embedding_size(trained, demo_dir, tmp_path
     shutil.copytree(demo_dir / "clip", other)
     save_random_clip(other, ["a red square"], projection_dim=48, vision_image_size=32)
     proc = _cli(
-        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"paths.demo_dir={demo_dir}",
+        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
         f"clip.name_or_path={other}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
     )
     assert proc.returncode != 0
@@ -106,7 +106,7 @@ def test_eval_refuses_clip_with_other_embedding_size(trained, demo_dir, tmp_path
 
 
 def test_training_free_baseline_skips_fit(demo_dir, tmp_path):
-    _cli("dbtr-train", "experiment=demo_zsclip", f"paths.demo_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
+    _cli("dbtr-train", "experiment=tiny_zsclip", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
     metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert metrics["checkpoint"] is None and "fit_s" not in metrics["timings"]
     assert "test/mAP_local" not in metrics["test"] and 0 < metrics["test"]["test/mAP"] <= 100

@@ -9,7 +9,17 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from dbtr.data.captions import CaptionCollate, CaptionDataset, CaptionFeatures, CaptionRecords, read_caption_jsonl
-from dbtr.data.images import CLIP_MEAN, CLIP_STD, ClipImageTransform, ImageDataset, ImageRecords, read_image_jsonl
+from dbtr.data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CachedImageDataset,
+    ClipImageTransform,
+    ImageDataset,
+    ImageFeatures,
+    ImageRecords,
+    encode_image_features,
+    read_image_jsonl,
+)
 from dbtr.data.labels import load_class_names
 
 
@@ -50,6 +60,7 @@ class TextToImageDataModule(L.LightningDataModule):
         self.caption_features: CaptionFeatures | None = None
         self.val_records: ImageRecords | None = None
         self.test_records: ImageRecords | None = None
+        self.image_features: dict[str, ImageFeatures] = {}
         self.collate = CaptionCollate()
         for a, b, what in ((val_images, val_labels, "val"), (test_images, test_labels, "test")):
             if (a is None) != (b is None):
@@ -68,6 +79,15 @@ class TextToImageDataModule(L.LightningDataModule):
     def set_caption_features(self, features: CaptionFeatures) -> None:
         self.caption_features = features
 
+    def cache_image_features(self, encoder, splits: Sequence[str] = ("val", "test")) -> None:
+        """Encode the listed image splits once; their loaders then serve features instead of pixels."""
+        for split in splits:
+            records = {"val": self.val_records, "test": self.test_records}[split]
+            if records is not None and split not in self.image_features:
+                loader = DataLoader(ImageDataset(records, self._transform()), batch_size=self.eval_batch_size,
+                                    num_workers=self.num_workers)
+                self.image_features[split] = encode_image_features(encoder, loader)
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.captions is None:
             if self.train_captions is None:
@@ -85,7 +105,9 @@ class TextToImageDataModule(L.LightningDataModule):
             raise RuntimeError("image_size is unknown: set data.image_size or call attach_encoder(encoder)")
         return ClipImageTransform(self.image_size, self.mean, self.std)
 
-    def _image_loader(self, records: ImageRecords) -> DataLoader:
+    def _image_loader(self, split: str, records: ImageRecords) -> DataLoader:
+        if split in self.image_features:
+            return DataLoader(CachedImageDataset(records, self.image_features[split]), batch_size=self.eval_batch_size)
         return DataLoader(
             ImageDataset(records, self._transform()),
             batch_size=self.eval_batch_size,
@@ -105,7 +127,7 @@ class TextToImageDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        return [] if self.val_records is None else self._image_loader(self.val_records)
+        return [] if self.val_records is None else self._image_loader("val", self.val_records)
 
     def test_dataloader(self) -> DataLoader:
-        return self._image_loader(self.test_records)
+        return self._image_loader("test", self.test_records)

@@ -104,3 +104,40 @@ class ImageDataset(Dataset):
             "labels": torch.from_numpy(self.records.labels[i].astype(np.int64)),
             "index": i,
         }
+
+
+@dataclass
+class ImageFeatures:
+    """Normalised CLIP image features of a split (CLIP is frozen: computed once, reused every epoch/run)."""
+
+    image_embeds: Tensor  # (N, D)
+    patch_embeds: Tensor  # (N, P, D)
+
+
+@torch.no_grad()
+def encode_image_features(encoder, loader, dtype=torch.float32) -> ImageFeatures:
+    """Run the frozen image tower once over ``loader`` (in its order) and keep global + dense features."""
+    glob, dense = [], []
+    for batch in loader:
+        out = encoder.encode_image(batch["pixel_values"])
+        glob.append(out.image_embeds.to("cpu", dtype))
+        dense.append(out.patch_embeds.to("cpu", dtype))
+    return ImageFeatures(torch.cat(glob), torch.cat(dense))
+
+
+class CachedImageDataset(Dataset):
+    def __init__(self, records: ImageRecords, features: ImageFeatures):
+        if len(features.image_embeds) != len(records.file_names):
+            raise ValueError(f"{len(features.image_embeds)} cached image features for {len(records.file_names)} images")
+        self.records, self.features = records, features
+
+    def __len__(self) -> int:
+        return len(self.records.file_names)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image_embeds": self.features.image_embeds[i],
+            "patch_embeds": self.features.patch_embeds[i],
+            "labels": torch.from_numpy(self.records.labels[i].astype(np.int64)),
+            "index": i,
+        }

@@ -123,7 +123,9 @@ class DbtrLitModule(L.LightningModule):
 
     # --------------------------------------------------------------- inference
     def features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None, str]:
-        """(global, local, mask, modality) from cached caption features, token ids or pixels."""
+        """(global, local, mask, modality) from cached features, token ids or pixels."""
+        if "image_embeds" in batch:
+            return batch["image_embeds"], batch["patch_embeds"], None, "image"
         if "pixel_values" in batch:
             out = self.encoder.encode_image(batch["pixel_values"])
             return out.image_embeds, out.patch_embeds, None, "image"

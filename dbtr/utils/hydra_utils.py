@@ -15,6 +15,10 @@ log = logging.getLogger("dbtr")
 # Configs live in the repository's top-level conf/ (a source checkout or `pip install -e .`); an absolute path
 # makes the console scripts independent of the working directory. Elsewhere pass --config-dir.
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Files shipped inside the package (the toy-world CLIP), addressable from configs as ${dbtr_asset:toyclip}.
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+if not OmegaConf.has_resolver("dbtr_asset"):
+    OmegaConf.register_new_resolver("dbtr_asset", lambda name: str(ASSETS_DIR / name))
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:

@@ -1,10 +1,10 @@
-"""Generate a small, self-contained example: a CLIP folder, captions, and labelled images.
+"""A tiny self-contained dataset with a RANDOM-weight CLIP: the fast fixture of the tests.
 
-    dbtr-demo                         # writes paths.demo_dir (default ./.demo), then:  dbtr-train
+    python -m dbtr.fixtures --out /tmp/tiny && dbtr-train experiment=tiny_full paths.tiny_dir=/tmp/tiny
 
-The CLIP here has RANDOM weights (no pretrained CLIP can be downloaded on our machines), so its numbers are
-at chance level: this example exercises every code path (loading, caching, training, selection, test,
-checkpoints) on real file formats. It is also the fixture of the end-to-end tests.
+Its numbers are at chance level by construction; it exercises every code path (loading by path, caching,
+training, selection, test, checkpoints) on real file formats in seconds. The toy world is the demo that
+shows the method working.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 from dbtr.utils.io import atomic_directory, atomic_write_text
 from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
 
-DEMO_CLASSES = ("red", "green", "blue", "yellow", "purple", "orange")
+TINY_CLASSES = ("red", "green", "blue", "yellow", "purple", "orange")
 _RGB = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),
@@ -46,7 +46,7 @@ def _image(rng: np.random.Generator, present: list[str], size: int) -> Image.Ima
     return Image.fromarray(canvas)
 
 
-def make_demo(
+def make_tiny_dataset(
     root: str | os.PathLike,
     seed: int = 0,
     num_captions: int = 256,
@@ -60,7 +60,7 @@ def make_demo(
 
     root = Path(root)
     rng = np.random.default_rng(seed)
-    classes = list(DEMO_CLASSES)
+    classes = list(TINY_CLASSES)
 
     def draw() -> list[str]:
         k = int(rng.integers(1, 4))
@@ -91,11 +91,11 @@ def make_demo(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("DBTR_DEMO_DIR", ".demo"), help="output folder (default .demo)")
+    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = make_demo(args.out, seed=args.seed)
-    print(f"demo data and random-weight CLIP written to {path}")
+    path = make_tiny_dataset(args.out, seed=args.seed)
+    print(f"tiny dataset and random-weight CLIP written to {path}")
 
 
 if __name__ == "__main__":
