@@ -1,9 +1,12 @@
 """Evaluate a trained checkpoint on a dataset's test split.
 
-    dbtr-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
-    dbtr-eval ckpt_path=... data=jsonl data.test_images=... clip.name_or_path=/weights/clip-b16
+    dbtr-eval ckpt_path=logs/train/runs/<run>/checkpoints/epoch_004.ckpt     # the checkpoint train.py tested
+    dbtr-eval ckpt_path=... experiment=toyworld                                # an experiment's data (and CLIP)
+    dbtr-eval ckpt_path=... data=jsonl data.test_images=... clip=vit_b16 clip.name_or_path=/weights/clip-b16
 
-The checkpoint's class list must equal the data's, and its residual size the CLIP projection size.
+The checkpoint's class list must equal the data's, its residuals must sit on the same CLIP weights (a hash
+of the projections) and the image preprocessing must match training; ``allow_mismatch=true`` turns the last
+two into warnings, for deliberate transfer experiments.
 """
 
 from __future__ import annotations
@@ -38,6 +41,36 @@ def check_class_names(checkpoint_names: list[str], data_names: list[str], ckpt_p
     )
 
 
+def check_training_conditions(meta: dict, model, datamodule, ckpt_path: str, allow: bool) -> None:
+    """Same CLIP weights and the same preprocessing as in training, or a clear error (a warning if ``allow``)."""
+    from dbtr.models.lit_module import CheckpointMismatchError
+
+    problems = []
+    trained_on = meta.get("clip_fingerprint")
+    if trained_on and trained_on != model.encoder.fingerprint():
+        problems.append(
+            f"the CLIP at {model.hparams.clip['name_or_path']!r} is not the one the residuals were trained on "
+            f"(projection hash {model.encoder.fingerprint()} != {trained_on})"
+        )
+    prep = meta.get("preprocessing")
+    if prep:
+        now = {"image_size": int(datamodule.image_size), "mean": list(datamodule.mean), "std": list(datamodule.std)}
+        diff = {k: (prep[k], now[k]) for k in prep if [prep[k]] != [now[k]] and not _close(prep[k], now[k])}
+        if diff:
+            problems.append(f"image preprocessing differs from training (trained, now): {diff}")
+    if problems:
+        message = f"{ckpt_path}: " + "; ".join(problems)
+        if not allow:
+            raise CheckpointMismatchError(message + ". Pass allow_mismatch=true to evaluate anyway.")
+        log.warning(message)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b))
+    return False
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
@@ -51,7 +84,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = instantiate(cfg.data)
     check_class_names(hparams["class_names"], datamodule.class_names, ckpt_path)
     overrides: dict[str, Any] = {}
-    clip_over = {k: v for k, v in to_container(cfg.clip).items() if v is not None}
+    clip_over = {k: v for k, v in to_container(cfg.clip).items() if v is not None} if cfg.get("clip") else {}
     if clip_over:
         overrides["clip"] = {**hparams["clip"], **clip_over}
     eval_over = {k: v for k, v in to_container(cfg.evaluation).items() if v is not None}
@@ -59,6 +92,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         overrides["evaluation"] = {**(hparams.get("evaluation") or {}), **eval_over}
     model = DbtrLitModule.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
     datamodule.attach_encoder(model.encoder)
+    check_training_conditions(
+        torch.load(ckpt_path, map_location="cpu", weights_only=True).get("dbtr") or {}, model, datamodule, ckpt_path,
+        bool(cfg.get("allow_mismatch", False)),
+    )
     trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False)
     trainer.test(model, datamodule=datamodule)
     metrics = model.results.get("test", {})

@@ -253,13 +253,18 @@ class ScoreCollector(Metric):
         super().__init__(**kwargs)
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: Tensor, labels: Tensor) -> None:
+    def update(self, scores: Tensor, labels: Tensor, indices: Tensor | None = None) -> None:
+        """``indices`` (B,) are the samples' dataset positions: with them, ``compute`` drops the repeats that
+        DDP's DistributedSampler pads with and returns dataset order, so metrics equal a single-process run."""
         if scores.ndim != 2 or scores.shape != labels.shape:
             raise ValueError(f"scores and labels must both be (B, C), got {tuple(scores.shape)} and {tuple(labels.shape)}")
         # Stay on the module's device so DDP's all-gather (NCCL needs CUDA tensors) works; cast to save memory.
         self.scores.append(scores.detach().float())
         self.labels.append(labels.detach().to(torch.int8))
+        if indices is not None:
+            self.indices.append(torch.as_tensor(indices, device=scores.device).long().view(-1))
 
     def compute(self) -> tuple[Tensor, Tensor]:
         """``(scores float32, labels int8)`` concatenated over all updates (and ranks), on the CPU."""
@@ -267,4 +272,20 @@ class ScoreCollector(Metric):
             return torch.empty(0, 0, dtype=torch.float32), torch.empty(0, 0, dtype=torch.int8)
         scores = dim_zero_cat(self.scores).float().cpu()
         labels = dim_zero_cat(self.labels).to(torch.int8).cpu()
+        has_indices = not (isinstance(self.indices, list) and len(self.indices) == 0)
+        if has_indices:
+            indices = dim_zero_cat(self.indices).cpu()
+            if len(indices) != len(scores):
+                raise RuntimeError("indices were given for some batches only")
+            unique, first = _first_occurrence(indices)
+            scores, labels = scores[first], labels[first]
         return scores, labels
+
+
+def _first_occurrence(indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted unique values of ``indices`` and, for each, the position of its first occurrence."""
+    order = torch.argsort(indices, stable=True)
+    sorted_idx = indices[order]
+    keep = torch.ones_like(sorted_idx, dtype=torch.bool)
+    keep[1:] = sorted_idx[1:] != sorted_idx[:-1]
+    return sorted_idx[keep], order[keep]

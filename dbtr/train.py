@@ -44,6 +44,19 @@ def write_metrics(output_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def prepare_data_once(datamodule, trainer: L.Trainer, timeout_s: float = 3600.0) -> None:
+    """Global rank 0 builds generated data; other ranks (started together under SLURM) wait for it."""
+    if trainer.is_global_zero:
+        datamodule.prepare_data()
+        return
+    is_built = getattr(datamodule, "is_built", None)
+    deadline = time.monotonic() + timeout_s
+    while is_built is not None and not is_built():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {trainer.global_rank}: data not built by rank 0 within {timeout_s:.0f} s")
+        time.sleep(2.0)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (unless training-free), test, and return ``(metrics, objects)``."""
     from dbtr.data.captions import encode_caption_features
@@ -54,15 +67,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    t0 = time.perf_counter()
-    datamodule.prepare_data()  # generated datasets (the toy world) are built here on first use
-    timings["prepare_data_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names)
-    datamodule.attach_encoder(model.encoder)
-    model.ensure_class_embeddings()
-    timings["load_model_s"] = time.perf_counter() - t0
-
     callbacks = instantiate_group(cfg.get("callbacks"))
     has_val = datamodule.val_images is not None
     for cb in callbacks:
@@ -73,6 +77,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False, **no_val
     )
+
+    t0 = time.perf_counter()
+    prepare_data_once(datamodule, trainer)  # generated datasets (the toy world) are built on first use
+    timings["prepare_data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names)
+    datamodule.attach_encoder(model.encoder)
+    # Caches and T0 are built before fit: run the frozen CLIP on the accelerator Lightning will use.
+    model.encoder.to(trainer.strategy.root_device)
+    model.ensure_class_embeddings()
+    timings["load_model_s"] = time.perf_counter() - t0
 
     if cfg.get("cache_image_features"):
         t0 = time.perf_counter()
@@ -104,7 +119,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.test:
         if best_ckpt:
             log.info("testing checkpoint %s", best_ckpt)
+            class_embeds = model.head.class_embeds.clone()
             model = DbtrLitModule.load_from_checkpoint(best_ckpt, map_location="cpu", encoder=model.encoder)
+            model.head.set_class_embeddings(class_embeds)  # same CLIP, classes and templates: no need to rebuild T0
         t0 = time.perf_counter()
         trainer.test(model, datamodule=datamodule)
         timings["test_s"] = time.perf_counter() - t0

@@ -127,3 +127,24 @@ def test_encoder_is_frozen_and_stays_in_eval(encoder):
     assert not any(p.requires_grad for p in encoder.parameters())
     encoder.train()
     assert not encoder.model.training
+
+
+def test_legacy_eos_id_in_config_uses_the_tokenizer_eos(clip_dir):
+    """OpenAI hub configs say eos_token_id=2 (a legacy value); the EOT position must come from the tokenizer."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(str(clip_dir))
+    model.config.text_config.eos_token_id = 2
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir))
+    enc = ClipEncoder(model, tokenizer)
+    tok = enc.tokenize(["a red square"])
+    assert enc.eos_token_id == tokenizer.eos_token_id != 2
+    assert int(enc.eot_index(tok["input_ids"])[0]) == int(tok["attention_mask"].sum()) - 1
+
+
+def test_fingerprint_identifies_the_projection_weights(encoder, clip_dir):
+    same = ClipEncoder.from_pretrained(str(clip_dir))
+    assert same.fingerprint() == encoder.fingerprint()
+    with torch.no_grad():
+        same.model.visual_projection.weight[0, 0] += 1e-3
+    assert same.fingerprint() != encoder.fingerprint()

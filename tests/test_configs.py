@@ -13,7 +13,7 @@ from dbtr.utils.hydra_utils import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "from_checkpoint")
 
 
 def _compose(name: str, overrides: list[str]):
@@ -50,3 +50,9 @@ def test_eval_config_requires_checkpoint():
     cfg = _compose("eval.yaml", [])
     assert OmegaConf.is_missing(cfg, "ckpt_path")
     assert cfg.clip.name_or_path is None
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_for_eval(experiment):
+    cfg = _compose("eval.yaml", [f"experiment={experiment}", "ckpt_path=x.ckpt"])
+    assert "_target_" in cfg.data

@@ -23,10 +23,12 @@ def _write(path, lines):
 
 
 def test_caption_labels(tmp_path):
-    f = _write(tmp_path / "c.jsonl", [{"text": "a cat", "labels": ["cat"]}, "", {"text": "a dog at a table", "labels": ["dog", "dining table"]}])
+    f = _write(tmp_path / "c.jsonl", [{"text": "a cat", "labels": ["cat"]}, "", {"text": "a tree", "labels": []},
+                                      {"text": "a dog at a table", "labels": ["dog", "dining table"]}])
     rec = read_caption_jsonl(f, CLASSES)
     assert rec.texts == ["a cat", "a dog at a table"]
     np.testing.assert_array_equal(rec.labels, [[1, -1, -1], [-1, 1, 1]])
+    assert rec.dropped == {"no_label": 1}
 
 
 @pytest.mark.parametrize(

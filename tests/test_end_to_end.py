@@ -110,3 +110,17 @@ def test_training_free_baseline_skips_fit(demo_dir, tmp_path):
     metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert metrics["checkpoint"] is None and "fit_s" not in metrics["timings"]
     assert "test/mAP_local" not in metrics["test"] and 0 < metrics["test"]["test/mAP"] <= 100
+
+
+def test_eval_refuses_another_clip_of_the_same_size_unless_allowed(trained, demo_dir, tmp_path):
+    from dbtr.models.tiny import save_random_clip
+
+    other = tmp_path / "clip_other"
+    save_random_clip(other, ["a red square"], seed=7, vision_image_size=32)
+    args = [f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
+            f"clip.name_or_path={other}"]
+    proc = _cli("dbtr-eval", *args, f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "not the one the residuals were trained on" in proc.stderr
+    proc = _cli("dbtr-eval", *args, "data.image_size=48", "allow_mismatch=true", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path)
+    assert (tmp_path / "e2" / "metrics.json").is_file()
+    assert "image preprocessing differs" in proc.stderr + proc.stdout

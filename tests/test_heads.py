@@ -40,7 +40,7 @@ def ref_spatial(feats, t, m, tau, s):
     return out
 
 
-def ref_pfa(query, feats, t, m, temp, s, beta2, beta3):
+def ref_pfa(query, feats, t, m, temp, s, beta2, beta3, center=False):
     out = torch.zeros(B, C)
     for b in range(B):
         idx = _valid(m, b)
@@ -56,6 +56,8 @@ def ref_pfa(query, feats, t, m, temp, s, beta2, beta3):
         pooled = fa.mean(0) + fa.max(0).values
         term3 = torch.stack([pooled @ t[c] for c in range(C)])
         out[b] = s * (beta2 * term2 + beta3 * term3)
+        if center:
+            out[b] = out[b] - out[b].mean()
     return out
 
 
@@ -110,9 +112,9 @@ def test_full_head_composes_the_equations():
         head.local_classifier.residual.normal_(0, 0.3)
     t_g = F.normalize(t0 + 0.5 * head.global_classifier.residual, dim=-1).detach()
     t_l = F.normalize(t0 + 0.5 * head.local_classifier.residual, dim=-1).detach()
-    z_g = 4.0 * f_g @ t_g.t() + ref_pfa(f_g, feats, t_g, m, 0.5, 4.0, 0.7, 0.05)
+    z_g = 4.0 * f_g @ t_g.t() + ref_pfa(f_g, feats, t_g, m, 0.5, 4.0, 0.7, 0.05, center=True)
     q_l = torch.stack([F.normalize(feats[b, _valid(m, b)].mean(0), dim=0) for b in range(B)])
-    z_l = ref_spatial(feats, t_l, m, 50.0, 4.0) + ref_pfa(q_l, feats, t_l, m, 0.5, 4.0, 0.7, 0.05)
+    z_l = ref_spatial(feats, t_l, m, 50.0, 4.0) + ref_pfa(q_l, feats, t_l, m, 0.5, 4.0, 0.7, 0.05, center=True)
     out = head(f_g, feats, m, modality="text")
     torch.testing.assert_close(out.logits_global, z_g, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.logits_local, z_l, atol=1e-4, rtol=1e-4)
@@ -137,7 +139,13 @@ def test_baseline_switches():
     calip = DualBranchHead(C, D, global_residual=False, local_residual=False, use_local=False, pfa="global", merge_weight=1.0)
     calip.set_class_embeddings(t0)
     torch.testing.assert_close(
-        calip(f_g, feats).logits, 4.0 * f_g @ t0.t() + ref_pfa(f_g, feats, t0, None, 0.5, 4.0, 1.0, 0.1), atol=1e-4, rtol=1e-4
+        calip(f_g, feats).logits, 4.0 * f_g @ t0.t() + ref_pfa(f_g, feats, t0, None, 0.5, 4.0, 1.0, 0.1, center=True),
+        atol=1e-4, rtol=1e-4,
+    )
+    raw = DualBranchHead(C, D, global_residual=False, use_local=False, pfa="global", merge_weight=1.0, pfa_center=False)
+    raw.set_class_embeddings(t0)
+    torch.testing.assert_close(
+        raw(f_g, feats).logits, 4.0 * f_g @ t0.t() + ref_pfa(f_g, feats, t0, None, 0.5, 4.0, 1.0, 0.1), atol=1e-4, rtol=1e-4
     )
     centred = DualBranchHead(C, D, global_residual=False, use_local=False, pfa="none", merge_weight=1.0, center_scores=True)
     centred.set_class_embeddings(t0)

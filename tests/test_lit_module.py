@@ -22,8 +22,9 @@ def _datamodule(demo_dir):
     )
 
 
-def _model(encoder, dm, **head):
-    return DbtrLitModule(clip={"name_or_path": "unused"}, class_names=dm.class_names, head=head, templates="simple", encoder=encoder)
+def _model(encoder, dm, scheduler=None, **head):
+    return DbtrLitModule(clip={"name_or_path": "unused"}, class_names=dm.class_names, head=head, templates="simple",
+                         encoder=encoder, scheduler=scheduler or {"warmup_epochs": 0})
 
 
 def test_cached_training_runs_no_text_encoder_forward(demo_dir, encoder):
@@ -85,3 +86,35 @@ def test_no_learnable_residual_refuses_to_configure_optimizer(demo_dir, encoder)
     model = _model(encoder, dm, global_residual=False, local_residual=False)
     with pytest.raises(RuntimeError, match="train=false"):
         model.configure_optimizers()
+
+
+def test_bad_evaluation_and_schedule_settings_fail_early(demo_dir, encoder):
+    dm = _datamodule(demo_dir)
+    with pytest.raises(ValueError, match=r"top_k \[9\] must lie in \[1, 6\]"):
+        DbtrLitModule(clip={"name_or_path": "x"}, class_names=dm.class_names, evaluation={"top_k": [3, 9]}, encoder=encoder)
+    with pytest.raises(ValueError, match="clip.dtype"):
+        DbtrLitModule(clip={"name_or_path": "x", "dtype": "float8"}, class_names=dm.class_names, encoder=encoder)
+    model = _model(encoder, dm, scheduler={"warmup_epochs": 1})
+    dm.attach_encoder(encoder)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="warmup_epochs=1 covers the whole run"):
+        trainer.fit(model, datamodule=dm)
+
+
+def test_warmup_then_cosine_schedule(demo_dir, encoder):
+    dm = _datamodule(demo_dir)  # 96 captions / batch 32 = 3 steps per epoch
+    model = DbtrLitModule(clip={"name_or_path": "x"}, class_names=dm.class_names, templates="simple", encoder=encoder,
+                          optimizer={"lr": 1e-2}, scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4})
+    dm.attach_encoder(encoder)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Record()])
+    trainer.fit(model, datamodule=dm)
+    assert lrs[:3] == pytest.approx([1e-4] * 3)  # constant warm-up for one epoch
+    assert lrs[3] == pytest.approx(1e-2)  # cosine starts at the base rate
+    assert lrs[3] > lrs[4] > lrs[5] > lrs[-1] > 0

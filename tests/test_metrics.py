@@ -381,3 +381,15 @@ def test_no_spurious_warnings_on_clean_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate_scores(F1_SCORES, F1_LABELS, top_k=(1, 2, 3))
+
+
+def test_score_collector_drops_ddp_padding_repeats_by_index():
+    c = ScoreCollector()
+    scores = torch.arange(12, dtype=torch.float32).view(4, 3)
+    labels = torch.tensor([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
+    # two "ranks" worth of batches, out of order, with sample 0 repeated as DistributedSampler padding
+    c.update(scores[[2, 0]], labels[[2, 0]], torch.tensor([2, 0]))
+    c.update(scores[[1, 3, 0]], labels[[1, 3, 0]], torch.tensor([1, 3, 0]))
+    got_s, got_l = c.compute()
+    torch.testing.assert_close(got_s, scores)
+    torch.testing.assert_close(got_l, labels.to(torch.int8))

@@ -7,8 +7,9 @@ computed once (``encode_caption_features``) and training steps never run the tex
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -18,27 +19,40 @@ from torch.utils.data import Dataset
 
 from dbtr.data.labels import DataFormatError, iter_jsonl, label_row, require_text
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class CaptionRecords:
     texts: list[str]
     labels: np.ndarray  # (N, C) int8 in {1, -1}
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
 def read_caption_jsonl(path: str | os.PathLike, class_names: Sequence[str]) -> CaptionRecords:
-    """Read ``{"text": ..., "labels": [class names]}`` lines; every error names the file and line."""
+    """Read ``{"text": ..., "labels": [class names]}`` lines; every error names the file and line.
+
+    Captions without any label are dropped and counted (TaI-DPT drops unmatched captions): as all-negative
+    rows they would only dilute the ranking loss and add label noise to BCE/ASL.
+    """
     index = {n: i for i, n in enumerate(class_names)}
-    texts, rows = [], []
+    texts, rows, read = [], [], 0
     for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
-        texts.append(require_text(rec, "text", where))
-        rows.append(label_row(rec.get("labels"), index, where))
-    if not texts:
+        text = require_text(rec, "text", where)
+        row = label_row(rec.get("labels"), index, where)
+        read += 1
+        if (row == 1).any():
+            texts.append(text)
+            rows.append(row)
+    if read == 0:
         raise DataFormatError(f"{path}: no captions found")
-    labels = np.stack(rows)
-    if not (labels == 1).any():
-        raise DataFormatError(f"{path}: none of the {len(texts)} captions carries a label; nothing to train on")
-    return CaptionRecords(texts, labels)
+    if not texts:
+        raise DataFormatError(f"{path}: none of the {read} captions carries a label; nothing to train on")
+    dropped = {"no_label": read - len(texts)} if read > len(texts) else {}
+    if dropped:
+        log.warning("%s: dropped %d of %d captions without any label", path, dropped["no_label"], read)
+    return CaptionRecords(texts, np.stack(rows), dropped)
 
 
 @dataclass
@@ -96,7 +110,7 @@ class CaptionCollate:
         out = {"labels": torch.stack([it["labels"] for it in items])}
         if "text" in items[0]:
             if self.tokenizer is None:
-                raise RuntimeError("raw captions need a tokenizer: call datamodule.attach_tokenizer(...) or cache features")
+                raise RuntimeError("raw captions need a tokenizer: call datamodule.attach_encoder(encoder) or cache features")
             tok = self.tokenizer(
                 [it["text"] for it in items], padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
             )

@@ -31,7 +31,7 @@ class TextToImageDataModule(L.LightningDataModule):
     :param val_images / val_labels: held-out labelled images for model selection (never the test set).
     :param test_images / test_labels: the evaluation set, used only by the final test and ``dbtr-eval``.
     :param image_size: input resolution; ``None`` = the CLIP model's own (set by ``attach_encoder``).
-    :param batch_size: captions per training step (per device); ``eval_batch_size``: images per step.
+    :param batch_size: captions per training step, over all devices; ``eval_batch_size``: images per step and device.
     """
 
     def __init__(
@@ -89,6 +89,13 @@ class TextToImageDataModule(L.LightningDataModule):
                 self.image_features[split] = encode_image_features(encoder, loader)
 
     def setup(self, stage: str | None = None) -> None:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and not getattr(self, "_per_device", False):
+            # data.batch_size is the global batch (TaI-DPT's 512); each of the `world` processes takes a share
+            if self.batch_size % world:
+                raise ValueError(f"data.batch_size={self.batch_size} is not divisible by the {world} processes")
+            self.batch_size //= world
+            self._per_device = True
         if stage in (None, "fit") and self.captions is None:
             if self.train_captions is None:
                 raise ValueError("training needs data.train_captions (a JSON-lines caption file)")

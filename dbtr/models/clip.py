@@ -105,7 +105,10 @@ class ClipEncoder(nn.Module):
         self.dense = dense
         pos = model.config.text_config.max_position_embeddings
         self.max_length = min(max_length or pos, pos)
-        self.eos_token_id = model.config.text_config.eos_token_id
+        # OpenAI hub configs carry a legacy eos_token_id=2 ("#"); the tokenizer knows the real EOT id (49407).
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if self.eos_token_id is None:
+            self.eos_token_id = model.config.text_config.eos_token_id
 
     @classmethod
     def from_pretrained(
@@ -113,15 +116,26 @@ class ClipEncoder(nn.Module):
         name_or_path: str,
         dense: DenseMode = "clearclip",
         max_length: int | None = None,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = torch.float32,
         attn_implementation: str | None = None,
     ) -> "ClipEncoder":
+        """Load from a folder or hub id. float32 by default: weights saved in fp16 (like the shipped toy CLIP)
+        would otherwise stay fp16, which is slow and lossy on CPUs."""
         model, tokenizer = load_clip(name_or_path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
         return cls(model, tokenizer, dense=dense, max_length=max_length)
 
     def train(self, mode: bool = True) -> "ClipEncoder":  # CLIP stays in eval mode whatever the system does
         super().train(False)
         return self
+
+    def fingerprint(self) -> str:
+        """Identity of the weights the residuals live on: a hash of both projection matrices."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for w in (self.model.text_projection.weight, self.model.visual_projection.weight):
+            h.update(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def embed_dim(self) -> int:

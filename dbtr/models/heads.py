@@ -110,6 +110,9 @@ class DualBranchHead(nn.Module):
     :param pfa_temperature: softmax temperature of the PFA (CALIP's code uses 0.5, i.e. x2).
     :param beta2 / beta3: weights of the attended-text and attended-local PFA terms.
     :param pfa_local_query: what the local branch compares with the attended text: mean of locals, or the global.
+    :param pfa_center: subtract each sample's mean over classes from the PFA terms. CALIP was built for
+        single-label top-1, where a per-image offset is harmless; multi-label AP ranks images per class, and
+        the attended terms carry a large image-dependent, class-independent part that scrambles that ranking.
     :param logit_scale: s (TaI-DPT fixes 4; the ranking margin 1 is then a cosine gap of 0.25).
     :param tau_text / tau_image: spatial softmax temperatures for caption tokens / image patches.
     :param merge_weight: w in ``w * z_g + (1 - w) * z_l``.
@@ -131,6 +134,7 @@ class DualBranchHead(nn.Module):
         beta2: float = 1.0,
         beta3: float = 0.1,
         pfa_local_query: Literal["mean", "global"] = "mean",
+        pfa_center: bool = True,
         logit_scale: float = 4.0,
         tau_text: float = 50.0,
         tau_image: float = 40.0,
@@ -152,7 +156,7 @@ class DualBranchHead(nn.Module):
         self.local_classifier = TaskResidual(num_classes, embed_dim, alpha_local, enabled=use_local and local_residual)
         self.use_local = use_local
         self.pfa, self.pfa_temperature, self.beta2, self.beta3 = pfa, pfa_temperature, beta2, beta3
-        self.pfa_local_query = pfa_local_query
+        self.pfa_local_query, self.pfa_center = pfa_local_query, pfa_center
         self.logit_scale, self.tau_text, self.tau_image = logit_scale, tau_text, tau_image
         self.merge_weight, self.feature_noise_std, self.center_scores = merge_weight, feature_noise_std, center_scores
         # T0 depends on the CLIP model and the class names, both known from hyper-parameters: rebuilt, not saved.
@@ -179,7 +183,8 @@ class DualBranchHead(nn.Module):
         text_att, pooled = parameter_free_attention(local, classes, mask, self.pfa_temperature)
         z2 = torch.einsum("bd,bcd->bc", query, text_att)
         z3 = pooled @ classes.t()
-        return self.logit_scale * (self.beta2 * z2 + self.beta3 * z3)
+        z = self.logit_scale * (self.beta2 * z2 + self.beta3 * z3)
+        return z - z.mean(dim=1, keepdim=True) if self.pfa_center else z
 
     def forward(
         self,

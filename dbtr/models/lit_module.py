@@ -62,6 +62,8 @@ class DbtrLitModule(L.LightningModule):
         class_names = validate_class_names(class_names, source="model class_names")
         self.save_hyperparameters(ignore=["encoder"], logger=False)
         clip = dict(clip)
+        if clip.get("dtype", "float32") not in _DTYPES:
+            raise ValueError(f"clip.dtype must be one of {sorted(_DTYPES)}, got {clip.get('dtype')!r}")
         if encoder is None:
             encoder = ClipEncoder.from_pretrained(
                 clip["name_or_path"],
@@ -78,6 +80,9 @@ class DbtrLitModule(L.LightningModule):
         self.optimizer_cfg = {"name": "adam", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, **(optimizer or {})}
         self.scheduler_cfg = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, **(scheduler or {})}
         self.eval_cfg = {"difficult": "negative", "top_k": [3], **(evaluation or {})}
+        too_big = [k for k in self.eval_cfg["top_k"] if not 1 <= int(k) <= len(class_names)]
+        if too_big:
+            raise ValueError(f"evaluation.top_k {too_big} must lie in [1, {len(class_names)}] (the number of classes)")
         self.templates = templates
         self.collectors = torch.nn.ModuleDict(
             {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in _BRANCHES}
@@ -93,6 +98,14 @@ class DbtrLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.ensure_class_embeddings()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what the residuals depend on beyond hparams, so evaluation can refuse a silent mismatch."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        preprocessing = None
+        if dm is not None and getattr(dm, "image_size", None) is not None:
+            preprocessing = {"image_size": int(dm.image_size), "mean": list(dm.mean), "std": list(dm.std)}
+        checkpoint["dbtr"] = {"clip_fingerprint": self.encoder.fingerprint(), "preprocessing": preprocessing}
 
     def state_dict(self, *args, **kwargs):
         # The frozen CLIP is rebuilt from clip.name_or_path; keeping it out makes checkpoints a few hundred kB.
@@ -119,7 +132,9 @@ class DbtrLitModule(L.LightningModule):
                 f"checkpoint does not match the head configuration: missing {missing}, unexpected {unexpected} "
                 "(was it trained with other head.global_residual/local_residual/use_local settings?)"
             )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        result.missing_keys[:] = [k for k in result.missing_keys if k in expected]  # CLIP keys are never stored
+        return result
 
     # --------------------------------------------------------------- inference
     def features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None, str]:
@@ -164,11 +179,11 @@ class DbtrLitModule(L.LightningModule):
     # -------------------------------------------------------------- evaluation
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         out = self(batch)
-        labels = batch["labels"]
-        self.collectors[f"{stage}_merged"].update(out.logits, labels)
-        self.collectors[f"{stage}_global"].update(out.logits_global, labels)
+        labels, idx = batch["labels"], batch.get("index")
+        self.collectors[f"{stage}_merged"].update(out.logits, labels, idx)
+        self.collectors[f"{stage}_global"].update(out.logits_global, labels, idx)
         if out.logits_local is not None:
-            self.collectors[f"{stage}_local"].update(out.logits_local, labels)
+            self.collectors[f"{stage}_local"].update(out.logits_local, labels, idx)
 
     def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -230,9 +245,19 @@ class DbtrLitModule(L.LightningModule):
             return opt
         if sched["name"] != "cosine":
             raise ValueError(f"model.scheduler.name must be cosine or constant, got {sched['name']!r}")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        max_epochs = max(1, int(self.trainer.max_epochs or 1))
-        warmup = min(total - 1, int(round(total * sched["warmup_epochs"] / max_epochs))) if sched["warmup_epochs"] else 0
+        total = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            batches = len(self.trainer.datamodule.train_dataloader()) if self.trainer.datamodule else total
+        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        warmup = int(round(sched["warmup_epochs"] * steps_per_epoch))
+        if warmup >= total:
+            raise ValueError(
+                f"model.scheduler.warmup_epochs={sched['warmup_epochs']} covers the whole run ({total} steps, "
+                f"{steps_per_epoch} per epoch): raise trainer.max_epochs or lower the warm-up"
+            )
+        if cfg["lr"] <= 0:
+            raise ValueError(f"model.optimizer.lr must be > 0, got {cfg['lr']}")
         ratio = sched["warmup_lr"] / cfg["lr"]
 
         def factor(step: int) -> float:
