@@ -217,6 +217,9 @@ def quiet_lightning() -> None:
                  "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed",
                  "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per reloaded checkpoint otherwise
 
 
 def main(argv: list[str] | None = None) -> None:

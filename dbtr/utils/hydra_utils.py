@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 if not OmegaConf.has_resolver("dbtr_asset"):
     OmegaConf.register_new_resolver("dbtr_asset", lambda name: str(ASSETS_DIR / name))
+# Absolute paths in the saved config, so metrics.json / .hydra/config.yaml stay usable from another folder.
+if not OmegaConf.has_resolver("dbtr_abspath"):
+    OmegaConf.register_new_resolver("dbtr_abspath", lambda path: os.path.abspath(os.path.expanduser(str(path))))
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
