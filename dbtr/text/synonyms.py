@@ -1,0 +1,128 @@
+"""Caption -> multi-hot labels by synonym matching on lemmas (TaI-DPT protocol, method.md section 2.2).
+
+TaI-DPT lemmatises with NLTK's POS tagger + WordNet, whose data cannot be downloaded here. We use
+lemminflect (its data ships in the wheel) and, lacking a tagger, give every token the set of its possible
+lemmas (noun, verb, adjective readings): "leaves" -> {leaves, leaf, leave}, "skiing" -> {skiing, ski}. A
+synonym word matches a token if it is in that set. Matching order follows TaI-DPT: multi-word synonyms
+first (longest first), and their tokens are consumed so "hot dog" does not also label "dog"; then single
+words. A multi-word synonym is also registered without its spaces ("motor bike" -> "motorbike").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+class VocabularyError(ValueError):
+    """A synonym vocabulary is malformed (the message names the file and the classes involved)."""
+
+
+@lru_cache(maxsize=200_000)
+def lemma_set(token: str) -> frozenset[str]:
+    """The token itself plus every lemma lemminflect knows for it (any part of speech)."""
+    import lemminflect
+
+    lemmas = {token}
+    for upos in ("NOUN", "VERB", "ADJ"):
+        lemmas.update(lemminflect.getLemma(token, upos=upos, lemmatize_oov=upos == "NOUN"))
+    return frozenset(lemmas)
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+@dataclass
+class SynonymVocabulary:
+    """Per class, its synonyms; the first synonym is the prompt name. A synonym may belong to one class only."""
+
+    synonyms: dict[str, list[str]]
+    source: str = "vocabulary"
+    _phrases: list[tuple[tuple[str, ...], int]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.synonyms:
+            raise VocabularyError(f"{self.source}: no classes")
+        owner: dict[tuple[str, ...], str] = {}
+        phrases = []
+        for ci, (cls, syns) in enumerate(self.synonyms.items()):
+            if not syns or not all(isinstance(s, str) and s.strip() for s in syns):
+                raise VocabularyError(f"{self.source}: class {cls!r} needs a non-empty list of non-empty synonyms")
+            forms = []
+            for syn in syns:
+                words = tuple(tokenize(syn))
+                forms.append(words)
+                if len(words) > 1:
+                    forms.append(("".join(words),))
+            for words in dict.fromkeys(forms):
+                if words in owner and owner[words] != cls:
+                    raise VocabularyError(
+                        f"{self.source}: synonym {' '.join(words)!r} belongs to both {owner[words]!r} and {cls!r}"
+                    )
+                if words not in owner:
+                    owner[words] = cls
+                    phrases.append((words, ci))
+        # longest phrases first: compounds are matched (and consumed) before their single words
+        self._phrases = sorted(phrases, key=lambda p: -len(p[0]))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.synonyms)
+
+    @property
+    def prompt_names(self) -> list[str]:
+        return [syns[0] for syns in self.synonyms.values()]
+
+    def match(self, text: str) -> list[int]:
+        """Indices of the classes ``text`` mentions (sorted)."""
+        tokens = [lemma_set(t) for t in tokenize(text)]
+        used = [False] * len(tokens)
+        found = set()
+        for words, ci in self._phrases:
+            n = len(words)
+            for start in range(len(tokens) - n + 1):
+                span = range(start, start + n)
+                if not any(used[i] for i in span) and all(words[k] in tokens[start + k] for k in range(n)):
+                    found.add(ci)
+                    if n > 1:
+                        for i in span:
+                            used[i] = True
+        return sorted(found)
+
+    def label(self, texts: Iterable[str]) -> np.ndarray:
+        """(N, C) int8 matrix in {1, -1}."""
+        rows = []
+        for text in texts:
+            row = np.full(len(self.synonyms), -1, dtype=np.int8)
+            row[self.match(text)] = 1
+            rows.append(row)
+        return np.stack(rows) if rows else np.zeros((0, len(self.synonyms)), dtype=np.int8)
+
+
+def load_vocabulary(path: str | os.PathLike) -> SynonymVocabulary:
+    """A JSON object ``{class: [synonym, ...]}`` (order = label columns; first synonym = prompt name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"synonym vocabulary not found: {path} (expected a JSON object class -> [synonyms])")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise VocabularyError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise VocabularyError(f"{path}: expected a JSON object class -> [synonyms], got {type(data).__name__}")
+    return SynonymVocabulary({str(k): list(v) if isinstance(v, list) else v for k, v in data.items()}, source=str(path))
+
+
+def vocabulary_from_names(class_names: Sequence[str]) -> SynonymVocabulary:
+    """Each class matched by its own name only (for label spaces without a synonym file)."""
+    return SynonymVocabulary({n: [n] for n in class_names}, source="class names")

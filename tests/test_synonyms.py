@@ -1,0 +1,83 @@
+"""Caption -> label matching on lemmas, against hand-computed labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dbtr.text.synonyms import SynonymVocabulary, VocabularyError, load_vocabulary, vocabulary_from_names
+
+VOCAB = {
+    "dog": ["dog", "puppy"],
+    "hot dog": ["hot dog"],
+    "motorbike": ["motor bike", "motor cycle"],
+    "person": ["person", "man", "woman", "people", "child"],
+    "leaf": ["leaf"],
+    "skis": ["skis", "ski"],
+    "dining table": ["dining table", "table"],
+}
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return SynonymVocabulary(VOCAB)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Two DOGS play with a puppy.", ["dog"]),  # plural + case + synonym
+        ("a man eating a hot dog", ["hot dog", "person"]),  # compound consumed: no "dog"
+        ("a hot dog next to a dog", ["dog", "hot dog"]),  # the second, separate "dog" still counts
+        ("a red motorbike", ["motorbike"]),  # compound registered without its space
+        ("motor bikes parked in a row", ["motorbike"]),  # plural inside a compound
+        ("leaves on the ground", ["leaf"]),  # irregular plural
+        ("children skiing down a slope", ["person", "skis"]),  # irregular plural, verb form
+        ("a dining table and a table", ["dining table"]),  # overlapping synonyms of one class
+        ("a cat on a sofa", []),
+    ],
+)
+def test_matching_against_hand_labels(vocab, text, expected):
+    assert [vocab.class_names[i] for i in vocab.match(text)] == sorted(expected, key=vocab.class_names.index)
+
+
+def test_label_matrix(vocab):
+    got = vocab.label(["a dog", "a cat"])
+    want = -np.ones((2, len(VOCAB)), dtype=np.int8)
+    want[0, 0] = 1
+    np.testing.assert_array_equal(got, want)
+    assert vocab.prompt_names[2] == "motor bike"
+
+
+def test_synonym_shared_by_two_classes_names_both():
+    with pytest.raises(VocabularyError, match=r"'table' belongs to both 'dining table' and 'desk'"):
+        SynonymVocabulary({"dining table": ["dining table", "table"], "desk": ["desk", "table"]})
+    with pytest.raises(VocabularyError, match="'motorbike' belongs to both"):
+        SynonymVocabulary({"motorbike": ["motor bike"], "bike": ["motorbike"]})
+    with pytest.raises(VocabularyError, match="non-empty list"):
+        SynonymVocabulary({"dog": []})
+
+
+def test_vocabulary_file(tmp_path):
+    f = tmp_path / "v.json"
+    f.write_text(json.dumps(VOCAB))
+    assert load_vocabulary(f).class_names == list(VOCAB)
+    f.write_text('{"dog": ["dog"],\n "cat": }')
+    with pytest.raises(VocabularyError, match=r"v.json:2: malformed JSON"):
+        load_vocabulary(f)
+    with pytest.raises(FileNotFoundError, match="class -> \\[synonyms\\]"):
+        load_vocabulary(tmp_path / "none.json")
+    assert vocabulary_from_names(["cat", "dog"]).match("two cats") == [0]
+
+
+def test_toy_world_captions_get_their_generator_labels(tmp_path):
+    """The toy world's synonyms.json recovers exactly the classes each generated caption mentions."""
+    from dbtr.toyworld.build import build_toyworld
+
+    root = build_toyworld(tmp_path / "tw", num_captions=300, num_val=1, num_test=1)
+    vocab = load_vocabulary(root / "synonyms.json")
+    for line in (root / "captions.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert [vocab.class_names[i] for i in vocab.match(rec["text"])] == rec["labels"], rec["text"]
