@@ -81,3 +81,32 @@ def test_toy_world_captions_get_their_generator_labels(tmp_path):
     for line in (root / "captions.jsonl").read_text().splitlines():
         rec = json.loads(line)
         assert [vocab.class_names[i] for i in vocab.match(rec["text"])] == rec["labels"], rec["text"]
+
+
+def test_builtin_vocabularies_cover_the_datasets_in_standard_order():
+    from dbtr.text.synonyms import builtin_vocabulary
+
+    voc, coco, nus = (builtin_vocabulary(n) for n in ("voc2007", "coco2014", "nuswide"))
+    assert len(voc.class_names) == 20 and voc.class_names[10] == "diningtable" and voc.prompt_names[10] == "dining table"
+    assert voc.class_names[-1] == "tvmonitor"
+    assert len(coco.class_names) == 80 and coco.class_names[0] == "person" and coco.class_names[-1] == "toothbrush"
+    assert len(nus.class_names) == 81 and nus.class_names[0] == "airport" and nus.class_names[-1] == "zebra"
+    with pytest.raises(ValueError, match="unknown vocabulary"):
+        builtin_vocabulary("imagenet")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A teddy bear sitting next to a bear statue", ["bear", "teddy bear"]),
+        ("Two hot dogs and a cell phone on a dining table", ["hot dog", "dining table", "cell phone"]),
+        ("A kitchen with a stove, a fridge and a microwave.", ["microwave", "oven", "refrigerator"]),
+        ("People skiing down a snowy hill", ["person", "skis"]),
+        ("A man riding a wave on top of a surfboard.", ["person", "surfboard"]),
+    ],
+)
+def test_coco_vocabulary_on_hand_labelled_captions(text, expected):
+    from dbtr.text.synonyms import builtin_vocabulary
+
+    coco = builtin_vocabulary("coco2014")
+    assert [coco.class_names[i] for i in coco.match(text)] == sorted(expected, key=coco.class_names.index)

@@ -123,6 +123,19 @@ def load_vocabulary(path: str | os.PathLike) -> SynonymVocabulary:
     return SynonymVocabulary({str(k): list(v) if isinstance(v, list) else v for k, v in data.items()}, source=str(path))
 
 
+VOCABULARY_DIR = Path(__file__).resolve().parent / "vocabularies"
+BUILTIN_VOCABULARIES = ("voc2007", "coco2014", "nuswide")
+
+
+def builtin_vocabulary(name: str) -> SynonymVocabulary:
+    """The shipped vocabularies (written for dbtr from each dataset's class definitions; class order = the
+    dataset's standard label order). VOC's "diningtable", "tvmonitor", "pottedplant" prompt as "dining table",
+    "tv monitor", "potted plant"."""
+    if name not in BUILTIN_VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)")
+    return load_vocabulary(VOCABULARY_DIR / f"{name}.json")
+
+
 def vocabulary_from_names(class_names: Sequence[str]) -> SynonymVocabulary:
     """Each class matched by its own name only (for label spaces without a synonym file)."""
     return SynonymVocabulary({n: [n] for n in class_names}, source="class names")
