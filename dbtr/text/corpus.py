@@ -1,0 +1,149 @@
+"""Caption sources for text-only training and their assembly into a labelled corpus (method.md section 2.1-2.2).
+
+Sources yield ``(where, text)`` pairs, ``where`` being "file:line" (or file#index) for error messages:
+- ``coco_captions``: ``captions_train2017.json`` layout (``{"annotations": [{"caption": ...}, ...]}``);
+- ``narratives``: OpenImages localized narratives JSON lines (``{"caption": ...}`` per line);
+- ``text_lines``: one caption per line;
+- ``class_sentences``: generated one-label sentences per class (TaI-DPT: "a photo of a {}." x N plus the
+  80 ImageNet templates), whose labels are known and not matched.
+
+``build_corpus`` labels the captions by synonym matching, drops and counts the unmatched ones, optionally
+balances them (NUS-WIDE protocol: each caption goes to its rarest positive class, at most N per class), and
+returns the records with a report of what was read, kept and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from dbtr.data.labels import DataFormatError, iter_jsonl
+from dbtr.text.synonyms import SynonymVocabulary
+from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
+
+Caption = tuple[str, str]  # (where, text)
+
+
+def coco_captions(path: str | os.PathLike) -> Iterator[Caption]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO captions file not found: {path} (expected annotations/captions_train2017.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list):
+        raise DataFormatError(f"{path}: expected a JSON object with an 'annotations' list (COCO captions layout)")
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
+            raise DataFormatError(f"{path}: annotations[{i}] has no string 'caption'")
+        yield f"{path}#annotations[{i}]", ann["caption"]
+
+
+def narratives(path: str | os.PathLike) -> Iterator[Caption]:
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec.get("caption"), str):
+            raise DataFormatError(f"{path}:{lineno}: missing or non-string field 'caption' (localized narratives layout)")
+        yield f"{path}:{lineno}", rec["caption"]
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[Caption]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption text file not found: {path} (expected one caption per line)")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                yield f"{path}:{lineno}", line.strip()
+
+
+def class_sentences(vocab: SynonymVocabulary, simple_count: int = 9,
+                    templates: Sequence[str] = IMAGENET_TEMPLATES) -> tuple[list[str], np.ndarray]:
+    """TaI-DPT's extra samples: per class "a photo of a {}." x ``simple_count`` plus each template once, one-hot."""
+    texts, rows = [], []
+    for ci, name in enumerate(vocab.prompt_names):
+        for sentence in ["a photo of a {}."] * simple_count + list(templates):
+            texts.append(sentence.format(name))
+            row = np.full(len(vocab.class_names), -1, dtype=np.int8)
+            row[ci] = 1
+            rows.append(row)
+    return texts, np.stack(rows) if rows else np.zeros((0, len(vocab.class_names)), dtype=np.int8)
+
+
+@dataclass
+class CorpusReport:
+    classes: list[str]
+    read: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    positives: list[int] = field(default_factory=list)
+    labels_per_caption: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"num_items": self.kept, "read": self.read, "classes": self.classes, "positives": self.positives,
+                "dropped": self.dropped, "labels_per_caption": {str(k): v for k, v in sorted(self.labels_per_caption.items())},
+                "classes_without_caption": [c for c, n in zip(self.classes, self.positives) if n == 0]}
+
+
+def balance_by_rarest_class(labels: np.ndarray, max_per_class: int) -> np.ndarray:
+    """Indices kept by the NUS-WIDE protocol: each caption is assigned to its rarest positive class (by caption
+    frequency), and at most ``max_per_class`` captions are kept per class, in corpus order."""
+    freq = (labels == 1).sum(0)
+    taken = np.zeros(labels.shape[1], dtype=np.int64)
+    keep = []
+    for i, row in enumerate(labels == 1):
+        pos = np.flatnonzero(row)
+        if pos.size == 0:
+            continue
+        cls = pos[np.argmin(freq[pos])]  # ties: the lower class index, deterministic
+        if taken[cls] < max_per_class:
+            taken[cls] += 1
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def build_corpus(
+    sources: Iterable[Caption],
+    vocab: SynonymVocabulary,
+    extra: tuple[list[str], np.ndarray] | None = None,
+    max_per_class: int | None = None,
+) -> tuple[list[str], np.ndarray, CorpusReport]:
+    """Label ``sources`` by synonym matching; unmatched and empty captions are dropped and counted."""
+    report = CorpusReport(classes=vocab.class_names)
+    texts, rows = [], []
+    drops: Counter[str] = Counter()
+    for _where, text in sources:
+        report.read += 1
+        if not text.strip():
+            drops["empty"] += 1
+            continue
+        hit = vocab.match(text)
+        if not hit:
+            drops["no_synonym_match"] += 1
+            continue
+        row = np.full(len(vocab.class_names), -1, dtype=np.int8)
+        row[hit] = 1
+        texts.append(text)
+        rows.append(row)
+    labels = np.stack(rows) if rows else np.zeros((0, len(vocab.class_names)), dtype=np.int8)
+    if max_per_class is not None:
+        keep = balance_by_rarest_class(labels, max_per_class)
+        drops["over_class_cap"] += len(texts) - len(keep)
+        texts, labels = [texts[i] for i in keep], labels[keep]
+    if extra is not None and len(extra[0]):
+        report.read += len(extra[0])
+        texts, labels = texts + list(extra[0]), np.concatenate([labels, extra[1]])
+    if not texts:
+        raise DataFormatError(f"the corpus yields no labelled caption ({report.read} read, dropped: {dict(drops)})")
+    report.kept = len(texts)
+    report.dropped = {k: v for k, v in drops.items() if v}
+    report.positives = (labels == 1).sum(0).astype(int).tolist()
+    report.labels_per_caption = dict(Counter((labels == 1).sum(1).astype(int).tolist()))
+    return texts, labels, report
