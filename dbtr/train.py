@@ -102,6 +102,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("model has no learnable residual (training-free baseline): skipping fit")
     elif cfg.train:
         datamodule.setup("fit")
+        if datamodule.corpus_report is not None and trainer.is_global_zero:
+            atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
         if cfg.cache_caption_features:
             t0 = time.perf_counter()
             datamodule.set_caption_features(encode_caption_features(model.encoder, datamodule.captions.texts))

@@ -74,3 +74,46 @@ def test_rarest_class_balancing_by_hand():
                                     max_per_class=2)
     assert texts == ["a dog", "a dog", "a cat"] and report.dropped == {"over_class_cap": 1}
     assert report.as_dict()["classes_without_caption"] == ["hot dog"]
+
+
+def test_datamodule_builds_its_captions_from_a_corpus(tmp_path):
+    from dbtr.data.datamodule import TextToImageDataModule
+
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a dog on a sofa\nthe tree\na kitten\n")
+    coco = tmp_path / "captions_train2017.json"
+    coco.write_text(json.dumps({"annotations": [{"caption": "two cats and a dog"}]}))
+    spec = {"vocabulary": "voc2007", "class_sentences": 1, "max_per_class": None,
+            "sources": [{"type": "text_lines", "path": str(caps)}, {"type": "coco_captions", "path": str(coco)}]}
+    dm = TextToImageDataModule(corpus=spec)
+    dm.setup("fit")
+    assert dm.class_names[0] == "aeroplane" and len(dm.class_names) == 20
+    assert dm.captions.texts[:3] == ["a dog on a sofa", "a kitten", "two cats and a dog"]
+    assert len(dm.captions.texts) == 3 + 20 * 81 and dm.corpus_report.dropped == {"no_synonym_match": 1}
+    with pytest.raises(ValueError, match="must be equal and in the same order"):
+        TextToImageDataModule(classes=["dog", "cat"], corpus=spec).setup("fit")
+    with pytest.raises(ValueError, match="sources\\[0\\].type must be one of"):
+        TextToImageDataModule(corpus={**spec, "sources": [{"type": "pdf", "path": "x"}]}).setup("fit")
+
+
+def test_dbtr_data_cli_writes_stats(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "dbtr-data"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "dbtr.stats"]
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a dog on a sofa\nthe tree\n")
+    out = tmp_path / "stats.json"
+    proc = subprocess.run(
+        [*cmd, "data=corpus", "data.corpus.vocabulary=voc2007", f"data.corpus.sources=[{{type: text_lines, path: {caps}}}]",
+         "data.corpus.class_sentences=null", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(out.read_text())
+    assert stats["num_items"] == 1 and stats["dropped"] == {"no_synonym_match": 1}
+    assert stats["positives"][stats["classes"].index("dog")] == 1 and len(stats["classes"]) == 20
+    assert "18 of 20 classes have no training caption" in proc.stderr + proc.stdout

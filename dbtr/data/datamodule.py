@@ -28,6 +28,8 @@ class TextToImageDataModule(L.LightningDataModule):
 
     :param classes: class names, or a text file with one per line (the order defines the label columns).
     :param train_captions: ``{"text", "labels"}`` JSON-lines file (text-only training).
+    :param corpus: instead of ``train_captions``, captions labelled by synonym matching (see
+        :func:`dbtr.text.corpus.load_corpus`); without ``classes``, the vocabulary's classes are used.
     :param val_images / val_labels: held-out labelled images for model selection (never the test set).
     :param test_images / test_labels: the evaluation set, used only by the final test and ``dbtr-eval``.
     :param image_size: input resolution; ``None`` = the CLIP model's own (set by ``attach_encoder``).
@@ -36,8 +38,9 @@ class TextToImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        classes: str | Sequence[str],
+        classes: str | Sequence[str] | None = None,
         train_captions: str | None = None,
+        corpus: dict | None = None,
         val_images: str | None = None,
         val_labels: str | None = None,
         test_images: str | None = None,
@@ -50,7 +53,16 @@ class TextToImageDataModule(L.LightningDataModule):
         std: Sequence[float] = CLIP_STD,
     ):
         super().__init__()
+        if classes is None:
+            if corpus is None:
+                raise ValueError("data.classes is required (or a data.corpus whose vocabulary defines them)")
+            from dbtr.text.corpus import resolve_vocabulary
+
+            classes = resolve_vocabulary(corpus["vocabulary"]).class_names
+        if corpus is not None and train_captions is not None:
+            raise ValueError("give data.train_captions or data.corpus, not both")
         self.class_names = load_class_names(classes if isinstance(classes, (str, os.PathLike)) else list(classes))
+        self.corpus, self.corpus_report = corpus, None
         self.train_captions = train_captions
         self.val_images, self.val_labels = val_images, val_labels
         self.test_images, self.test_labels = test_images, test_labels
@@ -97,9 +109,15 @@ class TextToImageDataModule(L.LightningDataModule):
             self.batch_size //= world
             self._per_device = True
         if stage in (None, "fit") and self.captions is None:
-            if self.train_captions is None:
-                raise ValueError("training needs data.train_captions (a JSON-lines caption file)")
-            self.captions = read_caption_jsonl(self.train_captions, self.class_names)
+            if self.corpus is not None:
+                from dbtr.text.corpus import load_corpus
+
+                texts, labels, self.corpus_report = load_corpus(self.corpus, self.class_names)
+                self.captions = CaptionRecords(texts, labels, self.corpus_report.dropped)
+            elif self.train_captions is None:
+                raise ValueError("training needs data.train_captions (a JSON-lines caption file) or data.corpus")
+            else:
+                self.captions = read_caption_jsonl(self.train_captions, self.class_names)
         if stage in (None, "fit", "validate") and self.val_records is None and self.val_images is not None:
             self.val_records = read_image_jsonl(self.val_images, self.val_labels, self.class_names)
         if stage in (None, "test") and self.test_records is None:

@@ -147,3 +147,55 @@ def build_corpus(
     report.positives = (labels == 1).sum(0).astype(int).tolist()
     report.labels_per_caption = dict(Counter((labels == 1).sum(1).astype(int).tolist()))
     return texts, labels, report
+
+
+SOURCES = {"coco_captions": coco_captions, "narratives": narratives, "text_lines": text_lines}
+
+
+def resolve_vocabulary(vocabulary: str | os.PathLike) -> SynonymVocabulary:
+    """A built-in name (voc2007, coco2014, nuswide) or a JSON file of ``{class: [synonyms]}``."""
+    from dbtr.text.synonyms import BUILTIN_VOCABULARIES, builtin_vocabulary, load_vocabulary
+
+    if str(vocabulary) in BUILTIN_VOCABULARIES:
+        return builtin_vocabulary(str(vocabulary))
+    return load_vocabulary(vocabulary)
+
+
+def load_corpus(spec: dict, class_names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, CorpusReport]:
+    """Build a corpus from a config dict: ``vocabulary``, ``sources`` (``[{type, path}]``), ``class_sentences``
+    (count of "a photo of a {}." per class, with the 80 templates; null = none) and ``max_per_class``."""
+    vocab = resolve_vocabulary(spec["vocabulary"])
+    if class_names is not None and list(class_names) != vocab.class_names:
+        raise ValueError(
+            f"the vocabulary {spec['vocabulary']!r} defines classes {vocab.class_names[:5]}... ({len(vocab.class_names)}), "
+            f"the data's class list is {list(class_names)[:5]}... ({len(class_names)}): they must be equal and in the same order"
+        )
+    streams = []
+    for i, src in enumerate(spec.get("sources") or []):
+        kind = src.get("type")
+        if kind not in SOURCES:
+            raise ValueError(f"corpus.sources[{i}].type must be one of {sorted(SOURCES)}, got {kind!r}")
+        streams.append(SOURCES[kind](src["path"]))
+    extra = None
+    if spec.get("class_sentences") is not None:
+        extra = class_sentences(vocab, simple_count=int(spec["class_sentences"]))
+    if not streams and extra is None:
+        raise ValueError("corpus: give at least one source or class_sentences")
+
+    def chained() -> Iterator[Caption]:
+        for stream in streams:
+            yield from stream
+
+    return build_corpus(chained(), vocab, extra=extra, max_per_class=spec.get("max_per_class"))
+
+
+def report_table(report: CorpusReport, title: str = "caption corpus"):
+    """A rich table: one row per class with its caption count, then the totals and drops."""
+    from rich.table import Table
+
+    table = Table(title=f"{title}: {report.kept} kept of {report.read} read; dropped {report.dropped or 'none'}")
+    table.add_column("class")
+    table.add_column("captions", justify="right")
+    for name, n in zip(report.classes, report.positives):
+        table.add_row(name if n else f"[red]{name} (no caption)[/red]", str(n))
+    return table
