@@ -76,6 +76,9 @@ def main() -> None:
     print(f"epoch on cached features   : {t_cached:8.2f} s  text-encoder forwards: {n_cached}"
           f"  ({'PASS' if n_cached == 0 else 'FAIL'}: must be 0)")
     print(f"speed-up per epoch         : {t_raw / t_cached:8.1f}x")
+    stored = feats.text_embeds.nbytes + feats.token_embeds.nbytes + feats.offsets.nbytes
+    dense = len(records.texts) * 77 * encoder.embed_dim * 4
+    print(f"cache bytes per caption    : {stored / len(records.texts):8.0f}  ({100 * stored / dense:.1f}% of dense 77 x D fp32)")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def prepare_data_once(datamodule, trainer: L.Trainer, timeout_s: float = 3600.0)
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (unless training-free), test, and return ``(metrics, objects)``."""
     from dbtr.data.captions import encode_caption_features
+    from dbtr.data.feature_cache import cached_caption_features
     from dbtr.models.lit_module import DbtrLitModule
 
     timings: dict[str, float] = {}
@@ -106,7 +107,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
         if cfg.cache_caption_features:
             t0 = time.perf_counter()
-            datamodule.set_caption_features(encode_caption_features(model.encoder, datamodule.captions.texts))
+            texts = datamodule.captions.texts
+            if cfg.get("cache_dir"):
+                feats, status = cached_caption_features(model.encoder, texts, Path(cfg.cache_dir))
+                log.info("caption features: %s (%d captions) in %s", status, len(texts), cfg.cache_dir)
+            else:
+                feats = encode_caption_features(model.encoder, texts, progress=True)
+            datamodule.set_caption_features(feats)
             timings["cache_captions_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.get("ckpt_path"), output_dir))

@@ -116,12 +116,17 @@ def test_caption_features_cache_and_collate(encoder, tmp_path):
     f = _write(tmp_path / "c.jsonl", [{"text": "a red square", "labels": ["cat"]}, {"text": "a blue ball and a green box", "labels": ["dog"]}])
     rec = read_caption_jsonl(f, CLASSES)
     feats = encode_caption_features(encoder, rec.texts)
-    assert feats.token_embeds.dtype == torch.float16
-    assert feats.attention_mask.shape[1] == int(feats.attention_mask.sum(1).max())  # trimmed to longest caption
+    assert feats.token_embeds.dtype == np.float16
     live = encoder.encode_text(**encoder.tokenize(rec.texts))
-    torch.testing.assert_close(feats.text_embeds.float(), live.text_embeds, atol=2e-3, rtol=0)
+    lengths = live.attention_mask.sum(1).tolist()
+    assert np.diff(feats.offsets).tolist() == lengths  # only real tokens are stored
+    torch.testing.assert_close(torch.from_numpy(feats.text_embeds).float(), live.text_embeds, atol=2e-3, rtol=0)
     batch = CaptionCollate()([CaptionDataset(rec, feats)[i] for i in range(2)])
     assert set(batch) == {"labels", "text_embeds", "token_embeds", "attention_mask"}
+    # the padded batch equals the live features on real tokens, and the mask is the tokenizer's
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for j, n in enumerate(lengths):
+        torch.testing.assert_close(batch["token_embeds"][j, :n].float(), live.token_embeds[j, :n], atol=2e-3, rtol=0)
     raw = CaptionCollate(encoder.tokenizer, encoder.max_length)([CaptionDataset(rec)[i] for i in range(2)])
     assert raw["input_ids"].shape == (2, encoder.max_length)
 

@@ -57,34 +57,55 @@ def read_caption_jsonl(path: str | os.PathLike, class_names: Sequence[str]) -> C
 
 @dataclass
 class CaptionFeatures:
-    """Normalised CLIP text features of a corpus, padded to the longest caption (fp16 to halve memory)."""
+    """Normalised CLIP text features of a corpus in fp16, ragged: only real tokens (SOT..EOT) are stored.
 
-    text_embeds: Tensor  # (N, D)
-    token_embeds: Tensor  # (N, L, D)
-    attention_mask: Tensor  # (N, L) bool
+    Caption i's tokens are ``token_embeds[offsets[i]:offsets[i + 1]]``. Arrays may be numpy memory maps
+    (the disk cache) or in-memory arrays; batches are padded by the collate function.
+    """
+
+    text_embeds: np.ndarray  # (N, D) float16
+    token_embeds: np.ndarray  # (T, D) float16, T = total real tokens
+    offsets: np.ndarray  # (N + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self.token_embeds[self.offsets[i] : self.offsets[i + 1]]
 
 
 @torch.no_grad()
-def encode_caption_features(encoder, texts: Sequence[str], batch_size: int = 256, dtype=torch.float16) -> CaptionFeatures:
-    """Run the frozen text encoder once over ``texts``; trim padding to the corpus' longest caption."""
-    glob, toks, masks = [], [], []
-    for start in range(0, len(texts), batch_size):
+def encode_caption_features(encoder, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> CaptionFeatures:
+    """Run the frozen text encoder once over ``texts`` and keep the EOT and real-token embeddings (fp16)."""
+    glob, toks, lengths = [], [], []
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description=f"encoding {len(texts)} captions", transient=True)
+    for start in starts:
         batch = encoder.tokenize(texts[start : start + batch_size])
         out = encoder.encode_text(**batch)
-        glob.append(out.text_embeds.to("cpu", dtype))
-        toks.append(out.token_embeds.to("cpu", dtype))
-        masks.append(out.attention_mask.cpu())
-    mask = torch.cat(masks)
-    length = int(mask.sum(1).max())
-    return CaptionFeatures(torch.cat(glob), torch.cat(toks)[:, :length].contiguous(), mask[:, :length].contiguous())
+        mask = out.attention_mask.cpu()
+        glob.append(out.text_embeds.to("cpu", torch.float16).numpy())
+        toks.append(out.token_embeds.to("cpu", torch.float16)[mask].numpy())
+        lengths.append(mask.sum(1).numpy())
+    dim = encoder.embed_dim
+    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
+    return CaptionFeatures(
+        np.concatenate(glob) if glob else np.zeros((0, dim), np.float16),
+        np.concatenate(toks) if toks else np.zeros((0, dim), np.float16),
+        offsets,
+    )
 
 
 class CaptionDataset(Dataset):
     """Items are dicts with ``labels`` and either cached features or the raw text (tokenised in the collate)."""
 
     def __init__(self, records: CaptionRecords, features: CaptionFeatures | None = None):
-        if features is not None and len(features.text_embeds) != len(records.texts):
-            raise ValueError(f"{len(features.text_embeds)} cached features for {len(records.texts)} captions")
+        if features is not None and len(features) != len(records.texts):
+            raise ValueError(f"{len(features)} cached features for {len(records.texts)} captions")
         self.records, self.features = records, features
 
     def __len__(self) -> int:
@@ -96,7 +117,7 @@ class CaptionDataset(Dataset):
             item["text"] = self.records.texts[i]
         else:
             f = self.features
-            item.update(text_embeds=f.text_embeds[i], token_embeds=f.token_embeds[i], attention_mask=f.attention_mask[i])
+            item.update(text_embeds=torch.from_numpy(np.array(f.text_embeds[i])), token_embeds=torch.from_numpy(np.array(f.tokens(i))))
         return item
 
 
@@ -116,6 +137,13 @@ class CaptionCollate:
             )
             out.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         else:
-            for key in ("text_embeds", "token_embeds", "attention_mask"):
-                out[key] = torch.stack([it[key] for it in items])
+            # pad the ragged token sets to the longest caption of the batch; the mask marks real tokens
+            tokens = [it["token_embeds"] for it in items]
+            length = max(len(t) for t in tokens)
+            padded = torch.zeros(len(tokens), length, tokens[0].shape[-1], dtype=tokens[0].dtype)
+            mask = torch.zeros(len(tokens), length, dtype=torch.bool)
+            for j, t in enumerate(tokens):
+                padded[j, : len(t)] = t
+                mask[j, : len(t)] = True
+            out.update(text_embeds=torch.stack([it["text_embeds"] for it in items]), token_embeds=padded, attention_mask=mask)
         return out
