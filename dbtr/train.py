@@ -103,7 +103,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("model has no learnable residual (training-free baseline): skipping fit")
     elif cfg.train:
         datamodule.setup("fit")
+        from dbtr.text.corpus import count_truncated
+
+        truncated = count_truncated(model.encoder.tokenizer, datamodule.captions.texts, model.encoder.max_length)
+        if truncated:
+            log.warning("%d of %d captions exceed %d tokens and are truncated", truncated,
+                        len(datamodule.captions.texts), model.encoder.max_length)
+        timings["captions_truncated"] = truncated
         if datamodule.corpus_report is not None and trainer.is_global_zero:
+            datamodule.corpus_report.truncated = truncated
             atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
         if cfg.cache_caption_features:
             t0 = time.perf_counter()

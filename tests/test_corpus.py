@@ -56,7 +56,7 @@ def test_build_corpus_counts_every_drop():
     assert texts == ["a dog and a kitten", "a hot dog"]
     np.testing.assert_array_equal(labels, [[1, 1, -1], [-1, -1, 1]])
     assert report.as_dict() == {
-        "num_items": 2, "read": 4, "classes": ["dog", "cat", "hot dog"], "positives": [1, 1, 1],
+        "num_items": 2, "read": 4, "classes": ["dog", "cat", "hot dog"], "positives": [1, 1, 1], "truncated": None,
         "dropped": {"no_synonym_match": 1, "empty": 1}, "labels_per_caption": {"1": 1, "2": 1},
         "classes_without_caption": [],
     }
@@ -117,3 +117,24 @@ def test_dbtr_data_cli_writes_stats(tmp_path):
     assert stats["num_items"] == 1 and stats["dropped"] == {"no_synonym_match": 1}
     assert stats["positives"][stats["classes"].index("dog")] == 1 and len(stats["classes"]) == 20
     assert "18 of 20 classes have no training caption" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "parquet"])
+def test_hf_datasets_source_on_local_files(tmp_path, fmt):
+    pd = pytest.importorskip("pandas")
+    from dbtr.text.corpus import hf_dataset
+
+    frame = pd.DataFrame({"caption": ["a dog", "two kittens"], "id": [1, 2]})
+    f = tmp_path / f"caps.{fmt}"
+    {"json": lambda: frame.to_json(f, orient="records", lines=True), "csv": lambda: frame.to_csv(f, index=False),
+     "parquet": lambda: frame.to_parquet(f)}[fmt]()
+    assert [t for _, t in hf_dataset(fmt, data_files=str(f))] == ["a dog", "two kittens"]
+    with pytest.raises(DataFormatError, match="no column 'text'"):
+        list(hf_dataset(fmt, data_files=str(f), column="text"))
+
+
+def test_truncated_captions_are_counted(encoder):
+    from dbtr.text.corpus import count_truncated
+
+    long = " ".join(["red"] * (encoder.max_length + 5))
+    assert count_truncated(encoder.tokenizer, ["a red box", long, long], encoder.max_length) == 2

@@ -64,6 +64,22 @@ def text_lines(path: str | os.PathLike) -> Iterator[Caption]:
                 yield f"{path}:{lineno}", line.strip()
 
 
+def hf_dataset(path: str, column: str = "caption", split: str = "train", data_files=None, **kwargs) -> Iterator[Caption]:
+    """Any HF ``datasets`` dataset: a builder for local files (``json``, ``csv``, ``parquet`` with ``data_files``)
+    or a hub name (needs network or the HF cache). ``column`` holds the caption text."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("the hf_dataset caption source needs `pip install datasets` (or dbtr[datasets])") from None
+    ds = datasets.load_dataset(path, data_files=data_files, split=split, **kwargs)
+    if column not in ds.column_names:
+        raise DataFormatError(f"{path} ({data_files or split}): no column {column!r}; columns are {ds.column_names}")
+    for i, text in enumerate(ds[column]):
+        if not isinstance(text, str):
+            raise DataFormatError(f"{path} ({data_files or split}) row {i}: {column!r} is {type(text).__name__}, not text")
+        yield f"{path}[{i}]", text
+
+
 def class_sentences(vocab: SynonymVocabulary, simple_count: int = 9,
                     templates: Sequence[str] = IMAGENET_TEMPLATES) -> tuple[list[str], np.ndarray]:
     """TaI-DPT's extra samples: per class "a photo of a {}." x ``simple_count`` plus each template once, one-hot."""
@@ -85,9 +101,11 @@ class CorpusReport:
     dropped: dict[str, int] = field(default_factory=dict)
     positives: list[int] = field(default_factory=list)
     labels_per_caption: dict[int, int] = field(default_factory=dict)
+    truncated: int | None = None  # kept captions longer than the tokenizer limit (known once a tokenizer is)
 
     def as_dict(self) -> dict:
         return {"num_items": self.kept, "read": self.read, "classes": self.classes, "positives": self.positives,
+                "truncated": self.truncated,
                 "dropped": self.dropped, "labels_per_caption": {str(k): v for k, v in sorted(self.labels_per_caption.items())},
                 "classes_without_caption": [c for c, n in zip(self.classes, self.positives) if n == 0]}
 
@@ -149,7 +167,7 @@ def build_corpus(
     return texts, labels, report
 
 
-SOURCES = {"coco_captions": coco_captions, "narratives": narratives, "text_lines": text_lines}
+SOURCES = {"coco_captions": coco_captions, "narratives": narratives, "text_lines": text_lines, "hf_dataset": hf_dataset}
 
 
 def resolve_vocabulary(vocabulary: str | os.PathLike) -> SynonymVocabulary:
@@ -175,7 +193,7 @@ def load_corpus(spec: dict, class_names: Sequence[str] | None = None) -> tuple[l
         kind = src.get("type")
         if kind not in SOURCES:
             raise ValueError(f"corpus.sources[{i}].type must be one of {sorted(SOURCES)}, got {kind!r}")
-        streams.append(SOURCES[kind](src["path"]))
+        streams.append(SOURCES[kind](**{k: v for k, v in src.items() if k != "type"}))
     extra = None
     if spec.get("class_sentences") is not None:
         extra = class_sentences(vocab, simple_count=int(spec["class_sentences"]))
@@ -189,11 +207,21 @@ def load_corpus(spec: dict, class_names: Sequence[str] | None = None) -> tuple[l
     return build_corpus(chained(), vocab, extra=extra, max_per_class=spec.get("max_per_class"))
 
 
+def count_truncated(tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 4096) -> int:
+    """How many captions exceed ``max_length`` tokens (SOT and EOT included) and will be truncated."""
+    n = 0
+    for start in range(0, len(texts), batch_size):
+        ids = tokenizer(list(texts[start : start + batch_size]), truncation=False)["input_ids"]
+        n += sum(len(x) > max_length for x in ids)
+    return n
+
+
 def report_table(report: CorpusReport, title: str = "caption corpus"):
     """A rich table: one row per class with its caption count, then the totals and drops."""
     from rich.table import Table
 
-    table = Table(title=f"{title}: {report.kept} kept of {report.read} read; dropped {report.dropped or 'none'}")
+    truncated = "" if report.truncated is None else f"; {report.truncated} truncated to the token limit"
+    table = Table(title=f"{title}: {report.kept} kept of {report.read} read; dropped {report.dropped or 'none'}{truncated}")
     table.add_column("class")
     table.add_column("captions", justify="right")
     for name, n in zip(report.classes, report.positives):
