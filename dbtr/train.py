@@ -113,6 +113,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if datamodule.corpus_report is not None and trainer.is_global_zero:
             datamodule.corpus_report.truncated = truncated
             atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
+            from rich.console import Console
+
+            from dbtr.text.corpus import report_table
+
+            Console().print(report_table(datamodule.corpus_report))
         if cfg.cache_caption_features:
             t0 = time.perf_counter()
             texts = datamodule.captions.texts

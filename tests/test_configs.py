@@ -56,3 +56,11 @@ def test_eval_config_requires_checkpoint():
 def test_experiment_composes_for_eval(experiment):
     cfg = _compose("eval.yaml", [f"experiment={experiment}", "ckpt_path=x.ckpt"])
     assert "_target_" in cfg.data
+
+
+@pytest.mark.parametrize("data", ["voc2007_captions", "coco2014_captions", "nuswide_captions"])
+def test_caption_corpus_configs_compose(data):
+    cfg = _compose("train.yaml", [f"data={data}", "paths.data_dir=/data"])
+    corpus = OmegaConf.to_container(cfg.data.corpus, resolve=True)
+    assert corpus["sources"][0]["path"].startswith("/data/") and corpus["class_sentences"] == 9
+    assert (corpus["max_per_class"] == 1000) == (data == "nuswide_captions")
