@@ -109,7 +109,8 @@ class DualBranchHead(nn.Module):
     :param pfa: which branches get parameter-free attention: none | global | local | both.
     :param pfa_temperature: softmax temperature of the PFA (CALIP's code uses 0.5, i.e. x2).
     :param beta2 / beta3: weights of the attended-text and attended-local PFA terms.
-    :param pfa_local_query: what the local branch compares with the attended text: mean of locals, or the global.
+    :param pfa_local_query: what the local branch compares with the attended text: the L2-normalised mean of the
+        (valid) locals, so that its scale matches the global query; or the global embedding itself.
     :param pfa_center: subtract each sample's mean over classes from the PFA terms. CALIP was built for
         single-label top-1, where a per-image offset is harmless; multi-label AP ranks images per class, and
         the attended terms carry a large image-dependent, class-independent part that scrambles that ranking.
