@@ -27,6 +27,17 @@ def load_class_names(classes: str | os.PathLike | Sequence[str]) -> list[str]:
     return validate_class_names(list(classes))
 
 
+def load_json(path: str | os.PathLike, expected: str, error: type[ValueError] | None = None):
+    """Parse a whole JSON file; a missing file or malformed JSON raises an error naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path} (expected {expected})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise (error or DataFormatError)(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, record)`` for each non-blank line; malformed JSON raises with file:line."""
     path = Path(path)

@@ -14,7 +14,6 @@ returns the records with a report of what was read, kept and dropped.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from dbtr.data.labels import DataFormatError, iter_jsonl
+from dbtr.data.labels import DataFormatError, iter_jsonl, load_json
 from dbtr.text.synonyms import SynonymVocabulary
 from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
 
@@ -31,13 +30,7 @@ Caption = tuple[str, str]  # (where, text)
 
 
 def coco_captions(path: str | os.PathLike) -> Iterator[Caption]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO captions file not found: {path} (expected annotations/captions_train2017.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    data = load_json(path, "a COCO captions file such as annotations/captions_train2017.json")
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
         raise DataFormatError(f"{path}: expected a JSON object with an 'annotations' list (COCO captions layout)")

@@ -10,7 +10,6 @@ words. A multi-word synonym is also registered without its spaces ("motor bike" 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -111,13 +110,9 @@ class SynonymVocabulary:
 
 def load_vocabulary(path: str | os.PathLike) -> SynonymVocabulary:
     """A JSON object ``{class: [synonym, ...]}`` (order = label columns; first synonym = prompt name)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"synonym vocabulary not found: {path} (expected a JSON object class -> [synonyms])")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise VocabularyError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    from dbtr.data.labels import load_json
+
+    data = load_json(path, "a synonym vocabulary: a JSON object class -> [synonyms]", VocabularyError)
     if not isinstance(data, dict):
         raise VocabularyError(f"{path}: expected a JSON object class -> [synonyms], got {type(data).__name__}")
     return SynonymVocabulary({str(k): list(v) if isinstance(v, list) else v for k, v in data.items()}, source=str(path))
