@@ -57,10 +57,38 @@ def prepare_data_once(datamodule, trainer: L.Trainer, timeout_s: float = 3600.0)
         time.sleep(2.0)
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit (unless training-free), test, and return ``(metrics, objects)``."""
+def prepare_captions(cfg: DictConfig, datamodule, model, is_global_zero: bool, output_dir: Path,
+                     timings: dict[str, float]) -> None:
+    """Read (or build) the training captions, report them, and attach their cached text features."""
+    from rich.console import Console
+
     from dbtr.data.captions import encode_caption_features
     from dbtr.data.feature_cache import cached_caption_features
+    from dbtr.text.corpus import count_truncated, report_table
+
+    datamodule.setup("fit")
+    texts, encoder = datamodule.captions.texts, model.encoder
+    truncated = count_truncated(encoder.tokenizer, texts, encoder.max_length)
+    if truncated:
+        log.warning("%d of %d captions exceed %d tokens and are truncated", truncated, len(texts), encoder.max_length)
+    timings["captions_truncated"] = truncated
+    if datamodule.corpus_report is not None and is_global_zero:
+        datamodule.corpus_report.truncated = truncated
+        atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
+        Console().print(report_table(datamodule.corpus_report))
+    if cfg.cache_caption_features:
+        t0 = time.perf_counter()
+        if cfg.get("cache_dir"):
+            feats, status = cached_caption_features(encoder, texts, Path(cfg.cache_dir))
+            log.info("caption features: %s (%d captions) in %s", status, len(texts), cfg.cache_dir)
+        else:
+            feats = encode_caption_features(encoder, texts, progress=True)
+        datamodule.set_caption_features(feats)
+        timings["cache_captions_s"] = time.perf_counter() - t0
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit (unless training-free), test, and return ``(metrics, objects)``."""
     from dbtr.models.lit_module import DbtrLitModule
 
     timings: dict[str, float] = {}
@@ -102,32 +130,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.train and not model.head.trainable:
         log.info("model has no learnable residual (training-free baseline): skipping fit")
     elif cfg.train:
-        datamodule.setup("fit")
-        from dbtr.text.corpus import count_truncated
-
-        truncated = count_truncated(model.encoder.tokenizer, datamodule.captions.texts, model.encoder.max_length)
-        if truncated:
-            log.warning("%d of %d captions exceed %d tokens and are truncated", truncated,
-                        len(datamodule.captions.texts), model.encoder.max_length)
-        timings["captions_truncated"] = truncated
-        if datamodule.corpus_report is not None and trainer.is_global_zero:
-            datamodule.corpus_report.truncated = truncated
-            atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
-            from rich.console import Console
-
-            from dbtr.text.corpus import report_table
-
-            Console().print(report_table(datamodule.corpus_report))
-        if cfg.cache_caption_features:
-            t0 = time.perf_counter()
-            texts = datamodule.captions.texts
-            if cfg.get("cache_dir"):
-                feats, status = cached_caption_features(model.encoder, texts, Path(cfg.cache_dir))
-                log.info("caption features: %s (%d captions) in %s", status, len(texts), cfg.cache_dir)
-            else:
-                feats = encode_caption_features(model.encoder, texts, progress=True)
-            datamodule.set_caption_features(feats)
-            timings["cache_captions_s"] = time.perf_counter() - t0
+        prepare_captions(cfg, datamodule, model, trainer.is_global_zero, output_dir, timings)
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.get("ckpt_path"), output_dir))
         timings["fit_s"] = time.perf_counter() - t0
