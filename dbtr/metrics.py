@@ -127,7 +127,10 @@ def _classes_without_positive_warning(missing: np.ndarray, total: int, what: str
 
 def mean_average_precision(scores: ArrayLike, labels: ArrayLike, difficult: str = "negative") -> float:
     """100 x mean AP over the classes that have at least one positive (others are left out, with a warning)."""
-    ap = average_precision_per_class(scores, labels, difficult=difficult)
+    return _mean_ap(average_precision_per_class(scores, labels, difficult=difficult))
+
+
+def _mean_ap(ap: np.ndarray) -> float:
     missing = np.isnan(ap)
     if missing.all():
         raise ValueError("no class has a positive label: mAP is undefined")
@@ -221,10 +224,15 @@ def multilabel_f1(
 
 
 def evaluate_scores(
-    scores: ArrayLike, labels: ArrayLike, difficult: str = "negative", top_k: Sequence[int] = (3,)
-) -> dict[str, float]:
-    """``{"mAP", "CP@k", "CR@k", "CF1@k", "OP@k", "OR@k", "OF1@k"}`` for every k in ``top_k``."""
-    out = {"mAP": mean_average_precision(scores, labels, difficult=difficult)}
+    scores: ArrayLike, labels: ArrayLike, difficult: str = "negative", top_k: Sequence[int] = (3,),
+    per_class: bool = False,
+) -> dict[str, Any]:
+    """``{"mAP", "CP@k", "CR@k", "CF1@k", "OP@k", "OR@k", "OF1@k"}`` for every k in ``top_k``; with
+    ``per_class``, also ``"AP"``: the per-class AP array the mAP was averaged from (computed once)."""
+    ap = average_precision_per_class(scores, labels, difficult=difficult)
+    out: dict[str, Any] = {"mAP": _mean_ap(ap)}
+    if per_class:
+        out["AP"] = ap
     with warnings.catch_warnings():
         # the mAP already warned about classes without positives; say it once
         warnings.simplefilter("ignore")

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, task_wrapper
@@ -28,12 +27,8 @@ def caption_stats(datamodule) -> dict:
     if datamodule.corpus_report is not None:
         return datamodule.corpus_report
     rec = datamodule.captions
-    kept = len(rec.texts)
-    report = CorpusReport(classes=datamodule.class_names, read=kept + sum(rec.dropped.values()), kept=kept,
-                          dropped=dict(rec.dropped), positives=(rec.labels == 1).sum(0).astype(int).tolist())
-    counts, freq = np.unique((rec.labels == 1).sum(1), return_counts=True)
-    report.labels_per_caption = {int(k): int(v) for k, v in zip(counts, freq)}
-    return report
+    return CorpusReport.from_labels(datamodule.class_names, rec.labels, len(rec.texts) + sum(rec.dropped.values()),
+                                    rec.dropped)
 
 
 def run_stats(cfg: DictConfig) -> dict:

@@ -393,3 +393,12 @@ def test_score_collector_drops_ddp_padding_repeats_by_index():
     got_s, got_l = c.compute()
     torch.testing.assert_close(got_s, scores)
     torch.testing.assert_close(got_l, labels.to(torch.int8))
+
+
+def test_evaluate_scores_returns_the_per_class_ap_its_map_averages():
+    rng = np.random.default_rng(3)
+    scores, labels = rng.random((40, 5)), np.where(rng.random((40, 5)) < 0.3, 1, -1)
+    out = evaluate_scores(scores, labels, per_class=True)
+    np.testing.assert_array_equal(out["AP"], average_precision_per_class(scores, labels))
+    assert out["mAP"] == pytest.approx(100 * out["AP"].mean()) == mean_average_precision(scores, labels)
+    assert "AP" not in evaluate_scores(scores, labels)

@@ -56,12 +56,19 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, record
 
 
+def signed_row(num_classes: int, positives: Any = ()) -> np.ndarray:
+    """A {1, -1} int8 label row: 1 at the ``positives`` indices, -1 elsewhere."""
+    row = np.full(num_classes, -1, dtype=np.int8)
+    row[list(positives)] = 1
+    return row
+
+
 def label_row(
     names: Any, class_index: dict[str, int], where: str, value: int = 1, row: np.ndarray | None = None
 ) -> np.ndarray:
     """Set ``row[class] = value`` for each class name in ``names``; unknown names raise with ``where``."""
     if row is None:
-        row = np.full(len(class_index), -1, dtype=np.int8)
+        row = signed_row(len(class_index))
     if names is None:
         return row
     if isinstance(names, str) or not isinstance(names, (list, tuple)):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dbtr.losses import get_loss, split_labels
-from dbtr.metrics import ScoreCollector, average_precision_per_class, evaluate_scores
+from dbtr.metrics import ScoreCollector, evaluate_scores
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
@@ -193,12 +193,13 @@ class DbtrLitModule(L.LightningModule):
                 continue
             scores, labels = collector.compute()
             collector.reset()
-            metrics = evaluate_scores(scores, labels, difficult=self.eval_cfg["difficult"], top_k=tuple(self.eval_cfg["top_k"]))
+            metrics = evaluate_scores(scores, labels, difficult=self.eval_cfg["difficult"],
+                                      top_k=tuple(self.eval_cfg["top_k"]), per_class=True)
+            ap = metrics.pop("AP")
             suffix = "" if branch == "merged" else f"_{branch}"
             for name, value in metrics.items():
                 result[f"{stage}/{name}{suffix}"] = float(value)
             if branch == "merged":
-                ap = average_precision_per_class(scores, labels, difficult=self.eval_cfg["difficult"])
                 result[f"{stage}/per_class_AP"] = {
                     n: (None if math.isnan(a) else round(100.0 * float(a), 4)) for n, a in zip(self.class_names, ap)
                 }

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from dbtr.data.labels import DataFormatError, iter_jsonl, load_json
+from dbtr.data.labels import DataFormatError, iter_jsonl, load_json, signed_row
 from dbtr.text.synonyms import SynonymVocabulary
 from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
 
@@ -80,9 +80,7 @@ def class_sentences(vocab: SynonymVocabulary, simple_count: int = 9,
     for ci, name in enumerate(vocab.prompt_names):
         for sentence in ["a photo of a {}."] * simple_count + list(templates):
             texts.append(sentence.format(name))
-            row = np.full(len(vocab.class_names), -1, dtype=np.int8)
-            row[ci] = 1
-            rows.append(row)
+            rows.append(signed_row(len(vocab.class_names), [ci]))
     return texts, np.stack(rows) if rows else np.zeros((0, len(vocab.class_names)), dtype=np.int8)
 
 
@@ -95,6 +93,14 @@ class CorpusReport:
     positives: list[int] = field(default_factory=list)
     labels_per_caption: dict[int, int] = field(default_factory=dict)
     truncated: int | None = None  # kept captions longer than the tokenizer limit (known once a tokenizer is)
+
+    @classmethod
+    def from_labels(cls, classes: Sequence[str], labels: np.ndarray, read: int, dropped: dict[str, int]) -> "CorpusReport":
+        """Counts of a kept label matrix (N, C) in {1, -1}, plus what was read and dropped on the way."""
+        positives = labels == 1
+        return cls(classes=list(classes), read=read, kept=len(labels), dropped={k: v for k, v in dropped.items() if v},
+                   positives=positives.sum(0).astype(int).tolist(),
+                   labels_per_caption=dict(Counter(positives.sum(1).astype(int).tolist())))
 
     def as_dict(self) -> dict:
         return {"num_items": self.kept, "read": self.read, "classes": self.classes, "positives": self.positives,
@@ -127,11 +133,11 @@ def build_corpus(
     max_per_class: int | None = None,
 ) -> tuple[list[str], np.ndarray, CorpusReport]:
     """Label ``sources`` by synonym matching; unmatched and empty captions are dropped and counted."""
-    report = CorpusReport(classes=vocab.class_names)
+    read = 0
     texts, rows = [], []
     drops: Counter[str] = Counter()
     for _where, text in sources:
-        report.read += 1
+        read += 1
         if not text.strip():
             drops["empty"] += 1
             continue
@@ -139,25 +145,19 @@ def build_corpus(
         if not hit:
             drops["no_synonym_match"] += 1
             continue
-        row = np.full(len(vocab.class_names), -1, dtype=np.int8)
-        row[hit] = 1
         texts.append(text)
-        rows.append(row)
+        rows.append(signed_row(len(vocab.class_names), hit))
     labels = np.stack(rows) if rows else np.zeros((0, len(vocab.class_names)), dtype=np.int8)
     if max_per_class is not None:
         keep = balance_by_rarest_class(labels, max_per_class)
         drops["over_class_cap"] += len(texts) - len(keep)
         texts, labels = [texts[i] for i in keep], labels[keep]
     if extra is not None and len(extra[0]):
-        report.read += len(extra[0])
+        read += len(extra[0])
         texts, labels = texts + list(extra[0]), np.concatenate([labels, extra[1]])
     if not texts:
-        raise DataFormatError(f"the corpus yields no labelled caption ({report.read} read, dropped: {dict(drops)})")
-    report.kept = len(texts)
-    report.dropped = {k: v for k, v in drops.items() if v}
-    report.positives = (labels == 1).sum(0).astype(int).tolist()
-    report.labels_per_caption = dict(Counter((labels == 1).sum(1).astype(int).tolist()))
-    return texts, labels, report
+        raise DataFormatError(f"the corpus yields no labelled caption ({read} read, dropped: {dict(drops)})")
+    return texts, labels, CorpusReport.from_labels(vocab.class_names, labels, read, dict(drops))
 
 
 SOURCES = {"coco_captions": coco_captions, "narratives": narratives, "text_lines": text_lines, "hf_dataset": hf_dataset}

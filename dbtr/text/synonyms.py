@@ -100,11 +100,9 @@ class SynonymVocabulary:
 
     def label(self, texts: Iterable[str]) -> np.ndarray:
         """(N, C) int8 matrix in {1, -1}."""
-        rows = []
-        for text in texts:
-            row = np.full(len(self.synonyms), -1, dtype=np.int8)
-            row[self.match(text)] = 1
-            rows.append(row)
+        from dbtr.data.labels import signed_row
+
+        rows = [signed_row(len(self.synonyms), self.match(text)) for text in texts]
         return np.stack(rows) if rows else np.zeros((0, len(self.synonyms)), dtype=np.int8)
 
 

@@ -78,20 +78,25 @@ def fit_and_test(cfg, encoder, datamodule, run_dir: Path, class_embeds: dict | N
     return result, model
 
 
-def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str, float], Any]:
-    """Local-branch attention on the test images vs their boxes; also returns the attention tensor."""
+def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Local-branch attention on the test images vs their boxes; also returns the attention and the scores
+    (one pass over the test split serves the numbers and the heatmap sheet)."""
     from dbtr.data.labels import iter_jsonl
     from dbtr.toyworld.localization import localization_scores
 
     boxes = [rec.get("boxes", []) for _, rec in iter_jsonl(datamodule.test_labels)]
-    atts = []
+    atts, scores = [], []
     with torch.no_grad():
         for batch in datamodule.test_dataloader():
-            atts.append(model(batch).local_attention)
+            out = model(batch)
+            atts.append(out.local_attention)
+            scores.append(out.logits)
     attention = torch.cat(atts).numpy()
     labels = datamodule.test_records.labels
     n = limit or len(boxes)
-    return localization_scores(attention[:n], labels[:n], boxes[:n], datamodule.class_names, datamodule.image_size), attention
+    scores_np = torch.cat(scores).numpy()
+    loc = localization_scores(attention[:n], labels[:n], boxes[:n], datamodule.class_names, datamodule.image_size)
+    return loc, attention, scores_np
 
 
 def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, datamodule, count: int = 6) -> Path:
@@ -166,9 +171,8 @@ def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | No
     loc = None
     if full_model is not None:
         t0 = time.perf_counter()
-        loc, attention = localization(full_model, datamodule)
+        loc, attention, scores = localization(full_model, datamodule)
         if heatmaps:
-            scores = torch.cat([full_model(b).logits.detach() for b in datamodule.test_dataloader()]).numpy()
             write_heatmaps(out / "heatmaps.png", attention, scores, datamodule)
         timings["localization_s"] = time.perf_counter() - t0
 
