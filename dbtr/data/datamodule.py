@@ -73,6 +73,7 @@ class TextToImageDataModule(L.LightningDataModule):
         self.val_records: ImageRecords | None = None
         self.test_records: ImageRecords | None = None
         self.image_features: dict[str, ImageFeatures] = {}
+        self._per_device = False  # batch_size already divided among DDP processes
         self.collate = CaptionCollate()
         for a, b, what in ((val_images, val_labels, "val"), (test_images, test_labels, "test")):
             if (a is None) != (b is None):
@@ -102,7 +103,7 @@ class TextToImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
-        if world > 1 and not getattr(self, "_per_device", False):
+        if world > 1 and not self._per_device:
             # data.batch_size is the global batch (TaI-DPT's 512); each of the `world` processes takes a share
             if self.batch_size % world:
                 raise ValueError(f"data.batch_size={self.batch_size} is not divisible by the {world} processes")

@@ -114,7 +114,7 @@ class DbtrLitModule(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict on the head (missing or mis-shaped residuals raise a clear error), silent on CLIP keys."""
-        expected = {k: v for k, v in self.state_dict().items()}
+        expected = dict(self.state_dict())
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.") and not k.startswith("collectors.")}
         for key, value in state_dict.items():
             if key in expected and tuple(value.shape) != tuple(expected[key].shape):
