@@ -19,7 +19,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from dbtr.train import write_metrics
+from dbtr.train import image_cache_dir, write_data_report, write_metrics
 from dbtr.utils.report import print_metrics_table
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
 
@@ -97,9 +97,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         bool(cfg.get("allow_mismatch", False)),
     )
     trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False)
+    if cfg.get("cache_image_features"):
+        cache_dir = image_cache_dir(cfg)
+        datamodule.setup("test")
+        model.encoder.to(trainer.strategy.root_device)
+        log.info("image features: %s", datamodule.cache_image_features(model.encoder, ("test",), cache_dir=cache_dir))
     trainer.test(model, datamodule=datamodule)
     metrics = model.results.get("test", {})
     if trainer.is_global_zero:
+        write_data_report(Path(cfg.paths.output_dir), datamodule)
         print_metrics_table(metrics, title=f"{cfg.task_name}: test metrics (%)")
         write_metrics(
             Path(cfg.paths.output_dir),

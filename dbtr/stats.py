@@ -1,6 +1,10 @@
-"""Inspect a caption corpus without a model: per-class table and ``dataset_stats.json``.
+"""Inspect a dataset without a model: per-class table and ``dataset_stats.json``.
 
-    dbtr-data                                           # the default data config (the toy world)
+Benchmark image datasets report the images of ``data.split``; other data configs report their training captions.
+
+    dbtr-data data=voc2007 data.root=/data/VOCdevkit/VOC2007 data.split=test
+    dbtr-data data=nuswide data.root=/data/nuswide data.split=Test verify_images=false
+    dbtr-data                                           # the default data config (the toy world's captions)
     dbtr-data data=corpus data.corpus.vocabulary=coco2014 \\
         'data.corpus.sources=[{type: coco_captions, path: annotations/captions_train2017.json}]' out=stats.json
 """
@@ -31,19 +35,60 @@ def caption_stats(datamodule) -> dict:
                                     rec.dropped)
 
 
+def image_stats(datamodule, verify: bool, output_dir: Path) -> dict:
+    """Counts of one native split; with ``verify`` every image is decoded and undecodable ones are listed.
+
+    Also writes ``evaluated_<split>.txt``: pass it back as ``data.image_list`` to freeze the evaluated images.
+    """
+    from dbtr.data.benchmarks.protocol import describe, write_image_list
+
+    datamodule.test_records = datamodule.read_images("test")
+    if verify:
+        datamodule.image_size = datamodule.image_size or 224  # decoding check only: no model is loaded
+        datamodule.scan_images("test")
+    records = datamodule.test_records
+    stats = {"dataset": datamodule.name, "split": datamodule.split, "root": str(datamodule.root),
+             "images_verified": bool(verify), **describe(records)}
+    listed = write_image_list(output_dir / f"evaluated_{datamodule.split}.txt", records)
+    log.info("wrote %s (%d images): pass data.image_list=%s to evaluate exactly these", listed, len(records), listed)
+    return stats
+
+
+def image_table(stats: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{stats['dataset']} {stats['split']}: {stats['num_items']} images, "
+                        f"{stats['missing_images']} missing, {len(stats['skipped'])} undecodable")
+    for col in ("class", "positives", "difficult / unknown"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, pos, dif in zip(stats["classes"], stats["positives"], stats["difficult"]):
+        table.add_row(name, str(pos), str(dif))
+    return table
+
+
 def run_stats(cfg: DictConfig) -> dict:
     from rich.console import Console
 
+    from dbtr.data.benchmarks.datamodule import BenchmarkDataModule
     from dbtr.text.corpus import report_table
 
     datamodule = instantiate(cfg.data)
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "dataset_stats.json"
+    if isinstance(datamodule, BenchmarkDataModule):
+        stats = image_stats(datamodule, bool(cfg.get("verify_images", True)), out.parent)
+        Console().print(image_table(stats))
+        empty = [c for c, n in zip(stats["classes"], stats["positives"]) if n == 0]
+        if empty:
+            log.warning("%d classes have no positive image in %s: %s", len(empty), stats["split"], empty[:10])
+        atomic_write_json(out, stats)
+        log.info("wrote %s", out)
+        return stats
     datamodule.prepare_data()
     report = caption_stats(datamodule)
     Console().print(report_table(report))
     missing = report.as_dict()["classes_without_caption"]
     if missing:
         log.warning("%d of %d classes have no training caption: %s", len(missing), len(report.classes), missing)
-    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "dataset_stats.json"
     atomic_write_json(out, report.as_dict())
     log.info("wrote %s", out)
     return report.as_dict()

@@ -44,6 +44,28 @@ def write_metrics(output_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def image_cache_dir(cfg: DictConfig) -> str | None:
+    """Where image features are cached: a folder for ``cache_image_features=disk``, None for memory."""
+    mode = cfg.get("cache_image_features")
+    if mode not in (True, False, None, "memory", "disk"):
+        raise ValueError(f"cache_image_features must be false, memory (or true) or disk, got {mode!r}")
+    if mode == "disk":
+        if not cfg.get("cache_dir"):
+            raise ValueError("cache_image_features=disk needs cache_dir (a folder for the feature cache)")
+        return str(cfg.cache_dir)
+    return None
+
+
+def write_data_report(output_dir: Path, datamodule) -> None:
+    """``data_report.json``: what was evaluated per split, and every image dropped (missing, undecodable)."""
+    report = datamodule.image_report()
+    if report:
+        atomic_write_json(output_dir / "data_report.json", report)
+        dropped = {s: len(r["missing"]) + len(r["skipped"]) for s, r in report.items()}
+        if any(dropped.values()):
+            log.warning("images dropped from evaluation per split: %s (listed in data_report.json)", dropped)
+
+
 def prepare_data_once(datamodule, trainer: L.Trainer, timeout_s: float = 3600.0) -> None:
     """Global rank 0 builds generated data; other ranks (started together under SLURM) wait for it."""
     if trainer.is_global_zero:
@@ -97,7 +119,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     datamodule = instantiate(cfg.data)
     callbacks = instantiate_group(cfg.get("callbacks"))
-    has_val = datamodule.val_images is not None
+    has_val = datamodule.has_val
     for cb in callbacks:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.monitor and not has_val:
             log.warning("no validation split: keeping the last epoch (the test split is never used for selection)")
@@ -123,7 +145,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         datamodule.setup("validate")
         if cfg.test:
             datamodule.setup("test")
-        datamodule.cache_image_features(model.encoder)
+        cache_dir = image_cache_dir(cfg)
+        status = datamodule.cache_image_features(model.encoder, cache_dir=cache_dir)
+        log.info("image features: %s", status)
         timings["cache_images_s"] = time.perf_counter() - t0
 
     best_ckpt, selection = None, {}
@@ -154,6 +178,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if trainer.is_global_zero:
             print_metrics_table(metrics, title=f"{cfg.task_name}: test metrics (%)")
     if trainer.is_global_zero:
+        write_data_report(output_dir, datamodule)
         write_metrics(
             output_dir,
             {

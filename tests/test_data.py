@@ -80,7 +80,7 @@ def test_image_labels_with_difficult(tmp_path):
 def test_image_errors(tmp_path):
     root = _images(tmp_path, ["a.png"])
     f = _write(tmp_path / "l.jsonl", [{"file_name": "a.png", "labels": ["cat"]}, {"file_name": "zz.png", "labels": ["cat"]}])
-    with pytest.raises(FileNotFoundError, match=r"1 listed image\(s\) not found under .*zz.png"):
+    with pytest.raises(FileNotFoundError, match=r"1 of \d+ annotated images are not on disk under .*zz.png"):
         read_image_jsonl(root, f, CLASSES)
     f = _write(tmp_path / "l.jsonl", [{"file_name": "a.png", "labels": ["horse"]}])
     with pytest.raises(DataFormatError, match=r"l.jsonl:1: unknown class 'horse'"):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Sequence
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 
 from dbtr.data.captions import CaptionCollate, CaptionDataset, CaptionFeatures, CaptionRecords, read_caption_jsonl
 from dbtr.data.images import (
+    BAD_IMAGE_POLICIES,
     CLIP_MEAN,
     CLIP_STD,
     CachedImageDataset,
@@ -21,6 +24,8 @@ from dbtr.data.images import (
     read_image_jsonl,
 )
 from dbtr.data.labels import load_class_names
+
+log = logging.getLogger(__name__)
 
 
 class TextToImageDataModule(L.LightningDataModule):
@@ -34,6 +39,9 @@ class TextToImageDataModule(L.LightningDataModule):
     :param test_images / test_labels: the evaluation set, used only by the final test and ``dbtr-eval``.
     :param image_size: input resolution; ``None`` = the CLIP model's own (set by ``attach_encoder``).
     :param batch_size: captions per training step, over all devices; ``eval_batch_size``: images per step and device.
+    :param on_bad_image: ``error`` stops at an undecodable image (naming it); ``skip`` drops it from evaluation,
+        and it is counted and listed in ``image_report()`` (written to the run folder as ``data_report.json``).
+    :param fast_decode: JPEG draft-mode decoding (see :class:`ClipImageTransform`); off = exact CLIP preprocessing.
     """
 
     def __init__(
@@ -51,6 +59,8 @@ class TextToImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
+        on_bad_image: str = "error",
+        fast_decode: bool = False,
     ):
         super().__init__()
         if classes is None:
@@ -68,6 +78,10 @@ class TextToImageDataModule(L.LightningDataModule):
         self.test_images, self.test_labels = test_images, test_labels
         self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
         self.num_workers, self.mean, self.std = num_workers, tuple(mean), tuple(std)
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        self.on_bad_image, self.fast_decode = on_bad_image, bool(fast_decode)
+        self._scanned: set[str] = set()
         self.captions: CaptionRecords | None = None
         self.caption_features: CaptionFeatures | None = None
         self.val_records: ImageRecords | None = None
@@ -83,6 +97,28 @@ class TextToImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def has_val(self) -> bool:
+        """Whether a labelled validation split exists for model selection (never the test split)."""
+        return self.val_images is not None
+
+    def read_images(self, split: str) -> ImageRecords | None:
+        """The labelled images of ``val`` or ``test`` (subclasses read native dataset layouts)."""
+        images, labels = {"val": (self.val_images, self.val_labels), "test": (self.test_images, self.test_labels)}[split]
+        return None if images is None else read_image_jsonl(images, labels, self.class_names)
+
+    def _records(self, split: str) -> ImageRecords | None:
+        return {"val": self.val_records, "test": self.test_records}[split]
+
+    def _set_records(self, split: str, records: ImageRecords) -> None:
+        setattr(self, f"{split}_records", records)
+
+    def image_report(self) -> dict:
+        """Per evaluated split: counts per class and the images dropped (missing on disk, undecodable)."""
+        from dbtr.data.benchmarks.protocol import describe
+
+        return {split: describe(rec) for split in ("val", "test") if (rec := self._records(split)) is not None}
+
     def attach_encoder(self, encoder) -> None:
         """Take the tokenizer and, unless set, the input resolution from the CLIP encoder."""
         self.collate = CaptionCollate(encoder.tokenizer, encoder.max_length)
@@ -92,14 +128,61 @@ class TextToImageDataModule(L.LightningDataModule):
     def set_caption_features(self, features: CaptionFeatures) -> None:
         self.caption_features = features
 
-    def cache_image_features(self, encoder, splits: Sequence[str] = ("val", "test")) -> None:
-        """Encode the listed image splits once; their loaders then serve features instead of pixels."""
+    def cache_image_features(self, encoder, splits: Sequence[str] = ("val", "test"), cache_dir: str | None = None
+                             ) -> dict[str, str]:
+        """Encode the listed image splits once; their loaders then serve features instead of pixels.
+
+        With ``cache_dir`` the features go to the fingerprinted on-disk cache (fp16, memory-mapped) and later
+        runs on the same model, preprocessing and images read them back; without it they stay in memory (fp32).
+        Returns the cache status per split (hit / built / rebuilt / memory).
+        """
+        from dbtr.data.feature_cache import cached_image_features
+
+        status = {}
         for split in splits:
-            records = {"val": self.val_records, "test": self.test_records}[split]
-            if records is not None and split not in self.image_features:
-                loader = DataLoader(ImageDataset(records, self._transform()), batch_size=self.eval_batch_size,
-                                    num_workers=self.num_workers)
-                self.image_features[split] = encode_image_features(encoder, loader)
+            records = self._records(split)
+            if records is None or split in self.image_features:
+                continue
+            loader = self._pixel_loader(records)
+            if cache_dir:
+                feats, ok, status[split] = cached_image_features(encoder, loader, cache_dir, progress=f"{split} images")
+            else:
+                feats, ok = encode_image_features(encoder, loader, progress=f"{split} images")
+                status[split] = "memory"
+            self._set_records(split, self._drop_bad(records, ok))
+            self.image_features[split] = feats
+            self._scanned.add(split)
+        return status
+
+    def _pixel_loader(self, records: ImageRecords, scan: bool = False) -> DataLoader:
+        return DataLoader(
+            ImageDataset(records, self._transform(), "skip" if scan else self.on_bad_image),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0 and not scan,
+        )
+
+    def _drop_bad(self, records: ImageRecords, ok: np.ndarray) -> ImageRecords:
+        if ok.all():
+            return records
+        bad = [n for n, good in zip(records.file_names, ok) if not good]
+        log.warning("%d of %d images cannot be decoded and are skipped (listed in data_report.json): %s",
+                    len(bad), len(ok), ", ".join(bad[:3]))
+        out = records.subset(np.flatnonzero(ok))
+        out.skipped = records.skipped + bad
+        return out
+
+    def scan_images(self, split: str) -> None:
+        """Decode every image of ``split`` once: undecodable ones are dropped (on_bad_image=skip) or raise."""
+        records = self._records(split)
+        if records is None or split in self._scanned:
+            return
+        ok = np.zeros(len(records), dtype=bool)
+        for batch in self._pixel_loader(records, scan=self.on_bad_image == "skip"):
+            ok[batch["index"].numpy()] = batch["ok"].numpy().astype(bool)
+        self._set_records(split, self._drop_bad(records, ok))
+        self._scanned.add(split)
 
     def setup(self, stage: str | None = None) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -119,28 +202,25 @@ class TextToImageDataModule(L.LightningDataModule):
                 raise ValueError("training needs data.train_captions (a JSON-lines caption file) or data.corpus")
             else:
                 self.captions = read_caption_jsonl(self.train_captions, self.class_names)
-        if stage in (None, "fit", "validate") and self.val_records is None and self.val_images is not None:
-            self.val_records = read_image_jsonl(self.val_images, self.val_labels, self.class_names)
+        if stage in (None, "fit", "validate") and self.val_records is None and self.has_val:
+            self.val_records = self.read_images("val")
         if stage in (None, "test") and self.test_records is None:
-            if self.test_images is None:
+            self.test_records = self.read_images("test")
+            if self.test_records is None:
                 raise ValueError("testing needs data.test_images and data.test_labels")
-            self.test_records = read_image_jsonl(self.test_images, self.test_labels, self.class_names)
 
     def _transform(self) -> ClipImageTransform:
         if self.image_size is None:
             raise RuntimeError("image_size is unknown: set data.image_size or call attach_encoder(encoder)")
-        return ClipImageTransform(self.image_size, self.mean, self.std)
+        return ClipImageTransform(self.image_size, self.mean, self.std, draft=self.fast_decode)
 
-    def _image_loader(self, split: str, records: ImageRecords) -> DataLoader:
+    def _image_loader(self, split: str) -> DataLoader:
         if split in self.image_features:
-            return DataLoader(CachedImageDataset(records, self.image_features[split]), batch_size=self.eval_batch_size)
-        return DataLoader(
-            ImageDataset(records, self._transform()),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+            return DataLoader(CachedImageDataset(self._records(split), self.image_features[split]),
+                              batch_size=self.eval_batch_size)
+        if self.on_bad_image == "skip":
+            self.scan_images(split)  # so every evaluated image is decodable and the skips are known up front
+        return self._pixel_loader(self._records(split))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -153,7 +233,7 @@ class TextToImageDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        return [] if self.val_records is None else self._image_loader("val", self.val_records)
+        return [] if self.val_records is None else self._image_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._image_loader("test", self.test_records)
+        return self._image_loader("test")

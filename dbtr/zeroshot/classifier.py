@@ -30,6 +30,14 @@ def validate_class_names(class_names: Sequence[str], source: str = "class list")
     return names
 
 
+# Label names that are not words: the text the class is prompted with (VOC's devkit names).
+PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+
+
+def prompt_name(name: str) -> str:
+    return PROMPT_NAMES.get(name, name)
+
+
 @torch.no_grad()
 def build_class_embeddings(
     encoder, class_names: Sequence[str], templates: str | Sequence[str] = "imagenet", batch_size: int = 256
@@ -37,7 +45,7 @@ def build_class_embeddings(
     """Return T0 (C, D): per class, the mean of the L2-normalised template embeddings, renormalised."""
     names = validate_class_names(class_names)
     temps = get_templates(templates if isinstance(templates, str) else list(templates))
-    prompts = [t.format(n) for n in names for t in temps]
+    prompts = [t.format(prompt_name(n)) for n in names for t in temps]
     emb = encoder.encode_texts(prompts, batch_size=batch_size, normalize=True)
     emb = emb.view(len(names), len(temps), -1).mean(1)
     return F.normalize(emb, dim=-1).float()
