@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,11 +33,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path} (a dbtr-train run keeps them in <run>/checkpoints/)")
+    if not zipfile.is_zipfile(path):  # torch.save (and so Lightning) writes zip archives
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (not the zip archive torch.save writes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: refused by safe loading (weights_only=True): {first}. dbtr checkpoints hold "
+        # torch's message is long; its "Unsupported global: GLOBAL x.Y" line names the offending object
+        reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
+        reason = reason.split(" was not")[0].removeprefix("WeightsUnpickler error: ") or "non-plain objects"
+        raise ValueError(f"{path}: refused by safe loading (weights_only=True): {reason}. dbtr checkpoints hold "
                          "only tensors and plain values; this file holds other objects") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
