@@ -96,7 +96,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         torch.load(ckpt_path, map_location="cpu", weights_only=True).get("dbtr") or {}, model, datamodule, ckpt_path,
         bool(cfg.get("allow_mismatch", False)),
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+                                     logger=instantiate_group(cfg.get("logger")) or False)
     if cfg.get("cache_image_features"):
         cache_dir = image_cache_dir(cfg)
         datamodule.setup("test")

@@ -28,6 +28,7 @@ __all__ = [
     "evaluate_scores",
     "mean_average_precision",
     "multilabel_f1",
+    "precision_recall_curves",
     "relative_threshold_predictions",
 ]
 
@@ -115,6 +116,30 @@ def average_precision_per_class(scores: ArrayLike, labels: ArrayLike, difficult:
         ap = (tp * p_group).sum(axis=1) / n_pos
     ap[n_pos == 0] = np.nan
     return ap
+
+
+def precision_recall_curves(
+    scores: ArrayLike, labels: ArrayLike, difficult: str = "negative"
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per class, ``(precision, recall)`` at each distinct score threshold, highest threshold first.
+
+    The points ``average_precision_per_class`` sums over: ``AP = sum_k (R_k - R_{k-1}) P_k`` with ``R_0 = 0``
+    (tied scores form one point, ignored entries are dropped). ``None`` for a class without any positive.
+    """
+    s, positive, valid = _prepare(scores, labels, difficult)
+    curves: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for c in range(s.shape[1]):
+        sc, pos = s[valid[:, c], c], positive[valid[:, c], c]
+        if not pos.any():
+            curves.append(None)
+            continue
+        order = np.argsort(-sc, kind="stable")
+        sc, pos = sc[order], pos[order]
+        group_end = np.r_[sc[:-1] != sc[1:], True]
+        tp = np.cumsum(pos, dtype=np.float64)[group_end]
+        count = np.arange(1, sc.size + 1, dtype=np.float64)[group_end]
+        curves.append((tp / count, tp / tp[-1]))
+    return curves
 
 
 def _classes_without_positive_warning(missing: np.ndarray, total: int, what: str) -> None:

@@ -125,9 +125,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             log.warning("no validation split: keeping the last epoch (the test split is never used for selection)")
             cb.monitor = None
     no_val = {} if has_val else {"limit_val_batches": 0}
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False, **no_val
-    )
+    loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses to run without a logger
+        callbacks = [cb for cb in callbacks if not isinstance(cb, L.pytorch.callbacks.LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_val)
+    for logger in trainer.loggers:  # the resolved config, as in .hydra/config.yaml
+        logger.log_hyperparams(to_container(cfg))
 
     t0 = time.perf_counter()
     prepare_data_once(datamodule, trainer)  # generated datasets (the toy world) are built on first use

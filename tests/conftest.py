@@ -36,3 +36,33 @@ def encoder(clip_dir):
 
     torch.manual_seed(0)
     return ClipEncoder.from_pretrained(str(clip_dir), dense="clearclip")
+
+
+def run_cli(name: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None):
+    """A console script (``dbtr-x`` from the venv, else ``python -m dbtr.x``), offline, output captured."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / name
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"dbtr.{name.split('-')[1]}"]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([*cmd, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def wandb_run(demo_dir, tmp_path_factory) -> Path:
+    """A short dbtr-train of the full method on the tiny data, logged to wandb in offline mode (no network)."""
+    root = tmp_path_factory.mktemp("wandb_run")
+    run = root / "run"
+    wandb_dirs = {k: str(root / k.lower()) for k in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}
+    run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}",
+            "trainer.max_epochs=3", "seed=3", "logger=wandb", cwd=root, env={"WANDB_MODE": "offline", **wandb_dirs})
+    return run

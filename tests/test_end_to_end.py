@@ -76,6 +76,7 @@ def test_eval_cli_matches_train_test(trained, demo_dir, tmp_path):
     want = json.loads((trained / "metrics.json").read_text())["test"]
     assert got["test/mAP"] == pytest.approx(want["test/mAP"], abs=1e-9)
     assert got["test/per_class_AP"] == want["test/per_class_AP"]
+    assert (tmp_path / "eval" / "plots" / "pr_curves.png").is_file()  # dbtr-eval draws the test plots too
 
 
 def test_eval_refuses_other_class_list(trained, demo_dir, tmp_path):

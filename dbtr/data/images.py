@@ -113,14 +113,18 @@ class ClipImageTransform:
     def identity(self) -> str:
         return f"size={self.size}|mean={self.mean.flatten().tolist()}|std={self.std.flatten().tolist()}|draft={self.draft}"
 
-    def __call__(self, image: Image.Image) -> Tensor:
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The RGB ``size`` x ``size`` view the model sees (heatmaps are drawn over it, patch for patch)."""
         image = image.convert("RGB")
         w, h = image.size
         scale = self.size / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         image = image.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        image = self.crop(image)
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         return (x - self.mean) / self.std
 

@@ -187,6 +187,29 @@ class DualBranchHead(nn.Module):
         z = self.logit_scale * (self.beta2 * z2 + self.beta3 * z3)
         return z - z.mean(dim=1, keepdim=True) if self.pfa_center else z
 
+    def _local_scores(self, feats: Tensor, t_l: Tensor, mask: Tensor | None, modality: str) -> tuple[Tensor, Tensor]:
+        tau = self.tau_text if modality == "text" else self.tau_image
+        return spatial_aggregation(feats @ t_l.t(), mask, tau, self.logit_scale)
+
+    @torch.no_grad()
+    def local_attention(
+        self, local_embeds: Tensor, local_mask: Tensor | None = None, modality: Literal["text", "image"] = "image"
+    ) -> Tensor:
+        """The local branch's spatial softmax (B, N, C): per class, how its score is spread over positions.
+
+        The same weights ``forward`` uses for ``z_l`` (``HeadOutput.local_attention``), without the global
+        branch and the attention terms: the "where did it see class c" map drawn by the heatmaps.
+        """
+        if not self.use_local:
+            raise ValueError("this head has no local branch (use_local=false): there is no spatial attention to show")
+        if not bool(self.class_embeds_ready):
+            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        if modality not in ("text", "image"):
+            raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
+        mask = None if local_mask is None else local_mask.bool()
+        t_l = self.local_classifier(self.class_embeds)
+        return self._local_scores(local_embeds.float(), t_l, mask, modality)[1]
+
     def forward(
         self,
         global_embeds: Tensor,
@@ -211,8 +234,7 @@ class DualBranchHead(nn.Module):
         z_l, attention = None, None
         if self.use_local:
             t_l = self.local_classifier(base)
-            tau = self.tau_text if modality == "text" else self.tau_image
-            z_l, attention = spatial_aggregation(feats @ t_l.t(), mask, tau, self.logit_scale)
+            z_l, attention = self._local_scores(feats, t_l, mask, modality)
             if self.pfa in ("local", "both"):
                 query = f_g if self.pfa_local_query == "global" else F.normalize(masked_mean(feats, None if mask is None else mask[..., None], 1), dim=-1)
                 z_l = z_l + self._pfa_logits(query, feats, t_l, mask)

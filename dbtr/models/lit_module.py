@@ -27,6 +27,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _BRANCHES = ("merged", "global", "local")
 
 
+def attention_grid(attention: Tensor) -> Tensor:
+    """(B, N, C) spatial attention over N = g * g patches (row-major, as CLIP flattens them) -> (B, C, g, g)."""
+    b, n, c = attention.shape
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"{n} patch positions do not form a square grid (non-square input images?)")
+    return attention.permute(0, 2, 1).reshape(b, c, g, g)
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint's classes or embedding size do not match the data or the CLIP model."""
 
@@ -88,6 +97,8 @@ class DbtrLitModule(L.LightningModule):
             {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in _BRANCHES}
         )
         self.results: dict[str, dict[str, Any]] = {}
+        # the last epoch's merged (scores, labels) per stage, for plots (PR curves) drawn after the epoch
+        self.eval_scores: dict[str, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ set-up
     def ensure_class_embeddings(self) -> None:
@@ -157,6 +168,15 @@ class DbtrLitModule(L.LightningModule):
         g, loc, mask, modality = self.features(batch)
         return self.head(g, loc, mask, modality=modality)
 
+    @torch.no_grad()
+    def attention_maps(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, g, g): the local branch's spatial attention of every class over the g x g patch grid.
+
+        The head's own spatial softmax (``DualBranchHead.local_attention``), so each map sums to 1.
+        """
+        self.ensure_class_embeddings()
+        return attention_grid(self.head.local_attention(self.encoder.encode_image(pixel_values).patch_embeds))
+
     # ---------------------------------------------------------------- training
     def branch_losses(self, out: HeadOutput, labels: Tensor) -> dict[str, Tensor]:
         targets, known = split_labels(labels, signed=True)  # dbtr label matrices are {1, 0 unknown, -1}
@@ -200,6 +220,7 @@ class DbtrLitModule(L.LightningModule):
             for name, value in metrics.items():
                 result[f"{stage}/{name}{suffix}"] = float(value)
             if branch == "merged":
+                self.eval_scores[stage] = (scores, labels)
                 result[f"{stage}/per_class_AP"] = {
                     n: (None if math.isnan(a) else round(100.0 * float(a), 4)) for n, a in zip(self.class_names, ap)
                 }

@@ -101,7 +101,8 @@ def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str,
 
 def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, datamodule, count: int = 6) -> Path:
     from dbtr.data.images import load_image
-    from dbtr.toyworld.localization import heatmap_grid
+    from dbtr.models.lit_module import attention_grid
+    from dbtr.viz import heatmap_figure, save_figure
 
     rows = []
     records = datamodule.test_records
@@ -109,10 +110,10 @@ def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, 
         image = load_image(records.root / records.file_names[i])
         true = np.flatnonzero(records.labels[i] == 1).tolist()
         top = [c for c in np.argsort(-scores[i]).tolist() if c not in true][:1]
-        panels = [(datamodule.class_names[c] + ("" if c in true else " (x)"), model_attention[i, :, c]) for c in true + top]
+        grid = attention_grid(torch.from_numpy(model_attention[i : i + 1]))[0].numpy()  # (C, g, g)
+        panels = [(datamodule.class_names[c] + ("" if c in true else " (wrong)"), grid[c]) for c in true + top]
         rows.append((image, panels))
-    heatmap_grid(rows).save(path)
-    return path
+    return save_figure(heatmap_figure(rows, title="local-branch attention: true classes, then the best wrong one"), path)
 
 
 def summarise(values: list[float]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 
 def box_masks(boxes: Sequence[dict], class_names: Sequence[str], grid: int, image_size: int) -> np.ndarray:
@@ -52,32 +51,3 @@ def localization_scores(attention: np.ndarray, labels: np.ndarray, boxes: Sequen
         "pairs": len(mass),
     }
 
-
-def heatmap_panel(image: Image.Image, attention: np.ndarray, scale: int = 3) -> Image.Image:
-    """The image lit by a (grid x grid) attention map: attended regions bright, the rest dimmed (any colours)."""
-    size = image.size[0] * scale
-    grid = int(round(attention.size**0.5))
-    heat = attention.reshape(grid, grid)
-    heat = (255 * heat / max(float(heat.max()), 1e-8)).astype(np.uint8)
-    heat = np.asarray(Image.fromarray(heat).resize((size, size), Image.BILINEAR), dtype=np.float32)[..., None] / 255
-    base = np.asarray(image.convert("RGB").resize((size, size), Image.NEAREST), dtype=np.float32)
-    return Image.fromarray((base * (0.15 + 0.85 * heat)).clip(0, 255).astype(np.uint8))
-
-
-def heatmap_grid(rows: list[tuple[Image.Image, list[tuple[str, np.ndarray]]]], scale: int = 3) -> Image.Image:
-    """One row per image: the image, then one panel per (class name, attention map). Names are drawn above."""
-    from PIL import ImageDraw
-
-    tile = rows[0][0].size[0] * scale
-    cols = 1 + max(len(panels) for _, panels in rows)
-    label_h = 12
-    sheet = Image.new("RGB", (cols * (tile + 4), len(rows) * (tile + label_h + 4)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for r, (image, panels) in enumerate(rows):
-        y = r * (tile + label_h + 4)
-        sheet.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (0, y + label_h))
-        draw.text((2, y), "image", fill=(0, 0, 0))
-        for c, (name, att) in enumerate(panels, start=1):
-            sheet.paste(heatmap_panel(image, att, scale), (c * (tile + 4), y + label_h))
-            draw.text((c * (tile + 4) + 2, y), name, fill=(0, 0, 0))
-    return sheet

@@ -1,0 +1,85 @@
+"""Lightning callbacks of dbtr: the test-time plots, saved as PNG and sent to wandb when it is a logger."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+log = logging.getLogger("dbtr")
+
+
+class EvalPlots(L.Callback):
+    """After a test run: per-class AP, precision-recall curves and local-attention heatmaps.
+
+    PNG files go to ``dirpath`` whatever the logger (so nothing needs wandb to be seen); a wandb logger also
+    gets them as images, plus the per-class AP as a ``wandb.Table``.
+
+    :param dirpath: output folder (``<run>/plots``).
+    :param num_images: test images drawn in ``heatmaps.png`` (the first ones of the split).
+    :param top_k: classes per image in the heatmaps (the best-scored ones).
+    """
+
+    def __init__(self, dirpath: str, num_images: int = 4, top_k: int = 3):
+        self.dirpath, self.num_images, self.top_k = Path(dirpath), int(num_images), int(top_k)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero or "test" not in pl_module.eval_scores:
+            return
+        from dbtr.metrics import average_precision_per_class, precision_recall_curves
+        from dbtr.viz import per_class_ap_figure, pr_curves_figure, save_figure
+
+        scores, labels = pl_module.eval_scores["test"]
+        names, difficult = pl_module.class_names, pl_module.eval_cfg["difficult"]
+        ap = average_precision_per_class(scores, labels, difficult=difficult)
+        paths = {
+            "per_class_ap": save_figure(per_class_ap_figure(names, ap, title="test per-class AP"),
+                                        self.dirpath / "per_class_ap.png"),
+            "pr_curves": save_figure(pr_curves_figure(names, precision_recall_curves(scores, labels, difficult)),
+                                     self.dirpath / "pr_curves.png"),
+        }
+        heatmaps = self._heatmaps(trainer, pl_module)
+        if heatmaps is not None:
+            paths["heatmaps"] = heatmaps
+        log.info("plots written to %s", self.dirpath)
+        self._to_wandb(trainer, names, ap, paths)
+
+    @torch.no_grad()
+    def _heatmaps(self, trainer: L.Trainer, pl_module) -> Path | None:
+        from dbtr.data.images import ClipImageTransform, load_image
+        from dbtr.models.lit_module import attention_grid
+        from dbtr.viz import heatmap_figure, save_figure, top_panels
+
+        dm = trainer.datamodule
+        records = getattr(dm, "test_records", None)
+        if not pl_module.head.use_local or records is None or self.num_images <= 0:
+            return None
+        transform = ClipImageTransform(dm.image_size, dm.mean, dm.std)
+        images = [load_image(records.root / f) for f in records.file_names[: self.num_images]]
+        was_training = pl_module.training
+        pl_module.eval()
+        out = pl_module(torch.stack([transform(im) for im in images]).to(pl_module.device))
+        pl_module.train(was_training)
+        scores, attention = out.logits.float().cpu().numpy(), attention_grid(out.local_attention).cpu().numpy()
+        k = min(self.top_k, len(pl_module.class_names))
+        rows = []
+        for i, image in enumerate(images):
+            true = np.flatnonzero(records.labels[i] == 1).tolist()
+            rows.append((transform.crop(image), top_panels(pl_module.class_names, scores[i], attention[i], k, marks=true)))
+        title = f"local-branch attention, top-{k} classes (✓ = true label)"
+        return save_figure(heatmap_figure(rows, title=title), self.dirpath / "heatmaps.png")
+
+    @staticmethod
+    def _to_wandb(trainer: L.Trainer, names, ap: np.ndarray, paths: dict[str, Path]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                rows = [[n, None if math.isnan(a) else round(100.0 * float(a), 4)] for n, a in zip(names, ap)]
+                logger.log_table("test/per_class_AP", columns=["class", "AP"], data=rows)
+                for key, path in paths.items():
+                    logger.log_image(f"plots/{key}", [str(path)])
