@@ -248,6 +248,33 @@ def multilabel_f1(
     }
 
 
+def minmax(scores: Tensor) -> Tensor:
+    """Min-max normalisation over the whole score matrix (not per class or image), as TaI-DPT's ensemble does."""
+    lo, hi = scores.min(), scores.max()
+    return (scores - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def f1_at_k(scores: ArrayLike, labels: ArrayLike, k: int) -> dict[str, float]:
+    """Precision, recall and F1 of the top-``k`` classes per image, pooled over all images (percent).
+
+    The zero-shot multi-label definition (LESA, BiAM, DualCoOp ZSL/GZSL): every image predicts exactly k
+    classes, P = correct / (N * k), R = correct / positives, F1 = 2PR / (P + R). Unlike ``OP@k`` of
+    :func:`multilabel_f1` there is no per-class Np = 1 substitution. Only label 1 is positive.
+    """
+    s = _to_numpy(scores, np.float64)
+    y = _to_numpy(labels, np.int64)
+    if s.shape != y.shape or s.ndim != 2:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} must be the same (N, C) shape")
+    if not 1 <= k <= s.shape[1]:
+        raise ValueError(f"k={k} must lie in [1, {s.shape[1]}] (the number of classes)")
+    positive = y == 1
+    if not positive.any():
+        raise ValueError("no positive label: recall is undefined")
+    correct = float((_top_k_predictions(s, k) & positive).sum())
+    p, r = correct / (s.shape[0] * k), correct / float(positive.sum())
+    return {"P": 100.0 * p, "R": 100.0 * r, "F1": 100.0 * (2 * p * r / (p + r) if p + r > 0 else 0.0)}
+
+
 def evaluate_scores(
     scores: ArrayLike, labels: ArrayLike, difficult: str = "negative", top_k: Sequence[int] = (3,),
     per_class: bool = False,

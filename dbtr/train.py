@@ -136,7 +136,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     prepare_data_once(datamodule, trainer)  # generated datasets (the toy world) are built on first use
     timings["prepare_data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names)
+    subsets = {"class_subsets": datamodule.class_subsets} if datamodule.class_subsets else {}
+    model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names, **subsets)
     datamodule.attach_encoder(model.encoder)
     # Caches and T0 are built before fit: run the frozen CLIP on the accelerator Lightning will use.
     model.encoder.to(trainer.strategy.root_device)
@@ -145,7 +146,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     if cfg.get("cache_image_features"):
         t0 = time.perf_counter()
-        datamodule.setup("validate")
+        datamodule.setup("fit" if getattr(datamodule, "train_on", "captions") == "images" else "validate")
         if cfg.test:
             datamodule.setup("test")
         cache_dir = image_cache_dir(cfg)
@@ -157,7 +158,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.train and not model.head.trainable:
         log.info("model has no learnable residual (training-free baseline): skipping fit")
     elif cfg.train:
-        prepare_captions(cfg, datamodule, model, trainer.is_global_zero, output_dir, timings)
+        if getattr(datamodule, "train_on", "captions") == "captions":
+            prepare_captions(cfg, datamodule, model, trainer.is_global_zero, output_dir, timings)
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.get("ckpt_path"), output_dir))
         timings["fit_s"] = time.perf_counter() - t0

@@ -107,8 +107,18 @@ class TextToImageDataModule(L.LightningDataModule):
         images, labels = {"val": (self.val_images, self.val_labels), "test": (self.test_images, self.test_labels)}[split]
         return None if images is None else read_image_jsonl(images, labels, self.class_names)
 
+    @property
+    def class_subsets(self) -> dict[str, list[str]]:
+        """Named subsets of the classes that the test also reports on (e.g. seen / unseen)."""
+        return {}
+
+    @property
+    def image_splits(self) -> tuple[str, ...]:
+        """The splits served as images (their features can be cached)."""
+        return ("val", "test")
+
     def _records(self, split: str) -> ImageRecords | None:
-        return {"val": self.val_records, "test": self.test_records}[split]
+        return getattr(self, f"{split}_records", None)
 
     def _set_records(self, split: str, records: ImageRecords) -> None:
         setattr(self, f"{split}_records", records)
@@ -128,7 +138,7 @@ class TextToImageDataModule(L.LightningDataModule):
     def set_caption_features(self, features: CaptionFeatures) -> None:
         self.caption_features = features
 
-    def cache_image_features(self, encoder, splits: Sequence[str] = ("val", "test"), cache_dir: str | None = None
+    def cache_image_features(self, encoder, splits: Sequence[str] | None = None, cache_dir: str | None = None
                              ) -> dict[str, str]:
         """Encode the listed image splits once; their loaders then serve features instead of pixels.
 
@@ -139,7 +149,7 @@ class TextToImageDataModule(L.LightningDataModule):
         from dbtr.data.feature_cache import cached_image_features
 
         status = {}
-        for split in splits:
+        for split in splits or self.image_splits:
             records = self._records(split)
             if records is None or split in self.image_features:
                 continue
@@ -154,11 +164,12 @@ class TextToImageDataModule(L.LightningDataModule):
             self._scanned.add(split)
         return status
 
-    def _pixel_loader(self, records: ImageRecords, scan: bool = False) -> DataLoader:
+    def _pixel_loader(self, records: ImageRecords, scan: bool = False, batch_size: int | None = None,
+                      shuffle: bool = False) -> DataLoader:
         return DataLoader(
             ImageDataset(records, self._transform(), "skip" if scan else self.on_bad_image),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
+            batch_size=batch_size or self.eval_batch_size,
+            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0 and not scan,
         )
@@ -214,13 +225,14 @@ class TextToImageDataModule(L.LightningDataModule):
             raise RuntimeError("image_size is unknown: set data.image_size or call attach_encoder(encoder)")
         return ClipImageTransform(self.image_size, self.mean, self.std, draft=self.fast_decode)
 
-    def _image_loader(self, split: str) -> DataLoader:
+    def _image_loader(self, split: str, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
+        batch_size = batch_size or self.eval_batch_size
         if split in self.image_features:
             return DataLoader(CachedImageDataset(self._records(split), self.image_features[split]),
-                              batch_size=self.eval_batch_size)
+                              batch_size=batch_size, shuffle=shuffle)
         if self.on_bad_image == "skip":
             self.scan_images(split)  # so every evaluated image is decodable and the skips are known up front
-        return self._pixel_loader(self._records(split))
+        return self._pixel_loader(self._records(split), batch_size=batch_size, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

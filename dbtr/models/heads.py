@@ -86,17 +86,32 @@ def parameter_free_attention(
 
 
 class TaskResidual(nn.Module):
-    """TaskRes classifier ``T = norm(T0 + alpha * X)`` with ``X`` zero-initialised (or off: ``T = T0``)."""
+    """TaskRes classifier ``T = norm(T0 + alpha * X)`` with ``X`` zero-initialised (or off: ``T = T0``).
 
-    def __init__(self, num_classes: int, embed_dim: int, alpha: float = 0.5, enabled: bool = True):
+    ``X`` is a free (C, D) parameter, or with ``generator_hidden > 0`` a small shared map ``X = g(T0)`` (last
+    layer zero-initialised) that also gives a residual to class names never trained on. ``row_mask`` zeroes the
+    free residual of classes that must keep T0 (unseen classes in the seen/unseen protocol).
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, alpha: float = 0.5, enabled: bool = True,
+                 generator_hidden: int = 0):
         super().__init__()
         self.alpha = float(alpha)
-        self.residual = nn.Parameter(torch.zeros(num_classes, embed_dim)) if enabled else None
+        self.residual = nn.Parameter(torch.zeros(num_classes, embed_dim)) if enabled and not generator_hidden else None
+        self.generator = None
+        if enabled and generator_hidden:
+            self.generator = nn.Sequential(nn.Linear(embed_dim, generator_hidden), nn.GELU(),
+                                           nn.Linear(generator_hidden, embed_dim))
+            nn.init.zeros_(self.generator[2].weight)
+            nn.init.zeros_(self.generator[2].bias)
+        self.register_buffer("row_mask", torch.ones(num_classes), persistent=False)
 
     def forward(self, base: Tensor) -> Tensor:
+        if self.generator is not None:
+            return F.normalize(base + self.alpha * self.generator(base), dim=-1)
         if self.residual is None:
             return base
-        return F.normalize(base + self.alpha * self.residual.to(base.dtype), dim=-1)
+        return F.normalize(base + self.alpha * (self.residual * self.row_mask[:, None]).to(base.dtype), dim=-1)
 
 
 class DualBranchHead(nn.Module):
@@ -119,6 +134,8 @@ class DualBranchHead(nn.Module):
     :param merge_weight: w in ``w * z_g + (1 - w) * z_l``.
     :param feature_noise_std: Gaussian noise added to normalised caption features in training, then renormalised.
     :param center_scores: subtract each sample's mean over classes from the merged score (a training-free baseline).
+    :param residual_generator: hidden width of a shared residual generator ``X = g(T0)`` instead of free per-class
+        residuals (0 = free); it transfers what was learned to class names without training labels.
     """
 
     def __init__(
@@ -142,6 +159,7 @@ class DualBranchHead(nn.Module):
         merge_weight: float = 0.5,
         feature_noise_std: float = 0.0,
         center_scores: bool = False,
+        residual_generator: int = 0,
     ):
         super().__init__()
         if pfa not in PFA_MODES:
@@ -153,8 +171,10 @@ class DualBranchHead(nn.Module):
         if not 0.0 <= merge_weight <= 1.0:
             raise ValueError(f"merge_weight must be in [0, 1], got {merge_weight}")
         self.num_classes, self.embed_dim = int(num_classes), int(embed_dim)
-        self.global_classifier = TaskResidual(num_classes, embed_dim, alpha_global, enabled=global_residual)
-        self.local_classifier = TaskResidual(num_classes, embed_dim, alpha_local, enabled=use_local and local_residual)
+        self.global_classifier = TaskResidual(num_classes, embed_dim, alpha_global, enabled=global_residual,
+                                              generator_hidden=residual_generator)
+        self.local_classifier = TaskResidual(num_classes, embed_dim, alpha_local, enabled=use_local and local_residual,
+                                             generator_hidden=residual_generator)
         self.use_local = use_local
         self.pfa, self.pfa_temperature, self.beta2, self.beta3 = pfa, pfa_temperature, beta2, beta3
         self.pfa_local_query, self.pfa_center = pfa_local_query, pfa_center
@@ -172,6 +192,11 @@ class DualBranchHead(nn.Module):
             )
         self.class_embeds.copy_(F.normalize(class_embeds.float(), dim=-1))
         self.class_embeds_ready.fill_(True)
+
+    def set_residual_classes(self, learned: Tensor) -> None:
+        """Only classes with ``learned[c]`` True use their free residual; the others keep T0 (zero residual)."""
+        for branch in (self.global_classifier, self.local_classifier):
+            branch.row_mask.copy_(learned.to(branch.row_mask))
 
     @property
     def trainable(self) -> bool:

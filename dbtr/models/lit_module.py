@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dbtr.losses import get_loss, split_labels
-from dbtr.metrics import ScoreCollector, evaluate_scores
+from dbtr.metrics import ScoreCollector, evaluate_scores, f1_at_k, minmax
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
@@ -50,7 +50,16 @@ class DbtrLitModule(L.LightningModule):
     :param loss: ``ranking`` | ``asl`` | ``bce``; ``loss_kwargs`` are passed to it.
     :param optimizer: ``{"name": adam|adamw|sgd, "lr", "weight_decay", "momentum"}``.
     :param scheduler: ``{"name": cosine|constant, "warmup_epochs", "warmup_lr"}`` (TaI-DPT: constant warm-up, cosine).
-    :param evaluation: ``{"difficult": negative|ignore, "top_k": [3]}`` metric conventions.
+    :param evaluation: ``{"difficult": negative|ignore, "top_k": [3], "f1_at": [], "val_subset": null}`` metric
+        conventions: ``f1_at`` adds the zero-shot literature's F1@k (:func:`dbtr.metrics.f1_at_k`); ``val_subset``
+        computes validation metrics (hence model selection) on one class subset only, e.g. ``seen``.
+    :param class_subsets: named subsets of ``class_names`` (``{"seen": [...], "unseen": [...]}``); the test then
+        also reports ``test/<subset>/mAP`` and F1@k on each (ZSL = unseen; GZSL = all classes).
+    :param residual_classes: the classes that learn a residual (a subset name or a list); the others keep T0
+        (default: all). With ``head.residual_generator`` every class gets ``g(T0)`` instead.
+    :param init_from: a checkpoint whose head tensors initialise this one (e.g. text-trained residuals).
+    :param ensemble: ``{"text_ckpt": path, "rate": r}``: also score with that (text-only) model and report
+        ``(1 - r) * minmax(text) + r * minmax(this)``, min-max over the whole score matrix (TaI-DPT's ensemble).
     :param encoder: an already built :class:`ClipEncoder` (tests, notebooks); not saved in the checkpoint.
     """
 
@@ -65,6 +74,10 @@ class DbtrLitModule(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         evaluation: dict[str, Any] | None = None,
+        class_subsets: dict[str, Sequence[str]] | None = None,
+        residual_classes: str | Sequence[str] | None = None,
+        init_from: str | None = None,
+        ensemble: dict[str, Any] | None = None,
         encoder: ClipEncoder | None = None,
     ):
         super().__init__()
@@ -88,19 +101,77 @@ class DbtrLitModule(L.LightningModule):
         self.loss_kwargs = dict(loss_kwargs or {})
         self.optimizer_cfg = {"name": "adam", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, **(optimizer or {})}
         self.scheduler_cfg = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, **(scheduler or {})}
-        self.eval_cfg = {"difficult": "negative", "top_k": [3], **(evaluation or {})}
+        self.eval_cfg = {"difficult": "negative", "top_k": [3], "f1_at": [], "val_subset": None, **(evaluation or {})}
         too_big = [k for k in self.eval_cfg["top_k"] if not 1 <= int(k) <= len(class_names)]
         if too_big:
             raise ValueError(f"evaluation.top_k {too_big} must lie in [1, {len(class_names)}] (the number of classes)")
+        self.class_subsets = self._subset_columns(class_subsets or {})
+        if self.eval_cfg["val_subset"] is not None and self.eval_cfg["val_subset"] not in self.class_subsets:
+            raise ValueError(f"evaluation.val_subset={self.eval_cfg['val_subset']!r} is not one of the class subsets "
+                             f"{sorted(self.class_subsets)}")
+        if residual_classes is not None:
+            learned = torch.zeros(len(class_names), dtype=torch.bool)
+            learned[self._columns(residual_classes, "residual_classes")] = True
+            self.head.set_residual_classes(learned)
+        self.init_from = init_from
+        self.ensemble_cfg = dict(ensemble or {})
+        self.text_model: DbtrLitModule | None = None
+        if self.ensemble_cfg.get("text_ckpt"):
+            rate = float(self.ensemble_cfg.get("rate", 0.9))
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"model.ensemble.rate must be in [0, 1], got {rate}")
         self.templates = templates
         self.collectors = torch.nn.ModuleDict(
-            {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in _BRANCHES}
+            {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in (*_BRANCHES, "text")}
         )
         self.results: dict[str, dict[str, Any]] = {}
         # the last epoch's merged (scores, labels) per stage, for plots (PR curves) drawn after the epoch
         self.eval_scores: dict[str, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ set-up
+    def _columns(self, names: str | Sequence[str], what: str) -> list[int]:
+        if isinstance(names, str):
+            if names not in self.class_subsets:
+                raise ValueError(f"model.{what}={names!r} is not one of the class subsets {sorted(self.class_subsets)}")
+            return self.class_subsets[names]
+        index = {n: i for i, n in enumerate(self.class_names)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise ValueError(f"model.{what} names classes that are not in class_names: {unknown[:5]}")
+        return [index[n] for n in names]
+
+    def _subset_columns(self, subsets: dict[str, Sequence[str]]) -> dict[str, list[int]]:
+        index = {n: i for i, n in enumerate(self.class_names)}
+        out = {}
+        for name, names in subsets.items():
+            unknown = [n for n in names if n not in index]
+            if unknown:
+                raise ValueError(f"class subset {name!r} names classes that are not in class_names: {unknown[:5]}")
+            out[str(name)] = [index[n] for n in names]
+        return out
+
+    def load_companions(self, stage: str) -> None:
+        """Initialise the head from ``init_from`` (at the start of a fresh fit only: never over trained or resumed
+        weights) and load the ensemble's text-only model."""
+        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
+        if self.init_from and stage == "fit" and not resuming:
+            state = torch.load(self.init_from, map_location="cpu", weights_only=True)["state_dict"]
+            head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+            mine = self.head.state_dict()
+            bad = {k: tuple(v.shape) for k, v in head_state.items() if k not in mine or v.shape != mine[k].shape}
+            if bad or not head_state:
+                raise CheckpointMismatchError(f"model.init_from={self.init_from}: head tensors {bad or 'none'} do not "
+                                              "fit this head (same classes, CLIP and residual settings needed)")
+            self.head.load_state_dict(head_state, strict=False)
+        if self.ensemble_cfg.get("text_ckpt") and self.text_model is None:
+            text = DbtrLitModule.load_from_checkpoint(self.ensemble_cfg["text_ckpt"], map_location="cpu",
+                                                      encoder=self.encoder)
+            if text.class_names != self.class_names:
+                raise CheckpointMismatchError(f"model.ensemble.text_ckpt={self.ensemble_cfg['text_ckpt']} was "
+                                              "trained on other classes than this model")
+            text.head.requires_grad_(False)
+            object.__setattr__(self, "text_model", text)  # not a submodule: never saved, never optimised
+
     def ensure_class_embeddings(self) -> None:
         """Build T0 from the frozen text encoder once per class list (cheap to redo, so never saved)."""
         if not bool(self.head.class_embeds_ready):
@@ -109,6 +180,7 @@ class DbtrLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.ensure_class_embeddings()
+        self.load_companions(stage)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what the residuals depend on beyond hparams, so evaluation can refuse a silent mismatch."""
@@ -198,8 +270,16 @@ class DbtrLitModule(L.LightningModule):
 
     # -------------------------------------------------------------- evaluation
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        out = self(batch)
+        self.ensure_class_embeddings()
+        g, loc, mask, modality = self.features(batch)
+        out = self.head(g, loc, mask, modality=modality)
         labels, idx = batch["labels"], batch.get("index")
+        if self.text_model is not None:
+            text = self.text_model
+            text.head.to(g.device)
+            if not bool(text.head.class_embeds_ready):
+                text.head.set_class_embeddings(self.head.class_embeds)
+            self.collectors[f"{stage}_text"].update(text.head(g, loc, mask, modality=modality).logits, labels, idx)
         self.collectors[f"{stage}_merged"].update(out.logits, labels, idx)
         self.collectors[f"{stage}_global"].update(out.logits_global, labels, idx)
         if out.logits_local is not None:
@@ -207,30 +287,52 @@ class DbtrLitModule(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
         result: dict[str, Any] = {}
-        for branch in _BRANCHES:
+        collected = {}
+        for branch in (*_BRANCHES, "text"):
             collector = self.collectors[f"{stage}_{branch}"]
-            if collector.update_count == 0:
-                continue
-            scores, labels = collector.compute()
-            collector.reset()
-            metrics = evaluate_scores(scores, labels, difficult=self.eval_cfg["difficult"],
-                                      top_k=tuple(self.eval_cfg["top_k"]), per_class=True)
+            if collector.update_count:
+                collected[branch] = collector.compute()
+                collector.reset()
+        if "text" in collected and "merged" in collected:
+            r = float(self.ensemble_cfg.get("rate", 0.9))
+            (text, labels), (mine, _) = collected["text"], collected["merged"]
+            collected["ensemble"] = ((1 - r) * minmax(text) + r * minmax(mine), labels)
+        subset = self.eval_cfg["val_subset"] if stage == "val" else None
+        for branch, (scores, labels) in collected.items():
+            if subset is not None:  # selection sees only these classes (e.g. seen ones in the ZSL protocol)
+                cols = self.class_subsets[subset]
+                scores, labels = scores[:, cols], labels[:, cols]
+            metrics = self._metrics(scores, labels)
             ap = metrics.pop("AP")
             suffix = "" if branch == "merged" else f"_{branch}"
             for name, value in metrics.items():
                 result[f"{stage}/{name}{suffix}"] = float(value)
             if branch == "merged":
                 self.eval_scores[stage] = (scores, labels)
+                names = [self.class_names[c] for c in self.class_subsets[subset]] if subset else self.class_names
                 result[f"{stage}/per_class_AP"] = {
-                    n: (None if math.isnan(a) else round(100.0 * float(a), 4)) for n, a in zip(self.class_names, ap)
+                    n: (None if math.isnan(a) else round(100.0 * float(a), 4)) for n, a in zip(names, ap)
                 }
                 result[f"{stage}/num_images"] = int(scores.shape[0])
+                if stage == "test":
+                    for name, cols in self.class_subsets.items():
+                        sub = self._metrics(scores[:, cols], labels[:, cols], with_f1=False)
+                        sub.pop("AP")
+                        result.update({f"{stage}/{name}/{k}": float(v) for k, v in sub.items()})
         # Loggers get the headline numbers; precision/recall and per-class AP go to metrics.json.
         for key, value in result.items():
-            if isinstance(value, float) and key.split("/")[1].startswith(("mAP", "CF1", "OF1")):
+            if isinstance(value, float) and key.split("/")[-1].startswith(("mAP", "CF1", "OF1", "F1@")):
                 self.log(key, value, prog_bar=key.endswith("/mAP"), sync_dist=False)
         self.results[stage] = result
         return result
+
+    def _metrics(self, scores: Tensor, labels: Tensor, with_f1: bool = True) -> dict[str, Any]:
+        top_k = tuple(k for k in self.eval_cfg["top_k"] if k <= scores.shape[1]) if with_f1 else ()
+        metrics = evaluate_scores(scores, labels, difficult=self.eval_cfg["difficult"], top_k=top_k, per_class=True)
+        for k in self.eval_cfg["f1_at"]:
+            if int(k) <= scores.shape[1] and bool((labels == 1).any()):
+                metrics.update({f"{m}@{k}": v for m, v in f1_at_k(scores, labels, int(k)).items()})
+        return metrics
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)

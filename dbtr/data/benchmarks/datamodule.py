@@ -42,6 +42,9 @@ class BenchmarkDataModule(TextToImageDataModule):
     :param partial_seed / partial_file: the mask seed, and the file it is saved to and reloaded from.
     :param image_list: a frozen list of test images (one relative path per line) to evaluate exactly.
     :param on_missing_image: ``error`` | ``skip`` for annotated images that are not on disk (skips are counted).
+    :param train_on: ``captions`` (text-only training, the zero-shot protocol) or ``images``: the training images
+        with their (partial) labels (partial-label and seen/unseen protocols).
+    :param train_classes: ``all`` | ``seen``: with ``seen``, labels of the other classes are unknown (0) in training.
     Remaining keyword arguments go to :class:`TextToImageDataModule` (captions/corpus, image size, batches...).
     """
 
@@ -64,8 +67,17 @@ class BenchmarkDataModule(TextToImageDataModule):
         partial_file: str | None = None,
         image_list: str | None = None,
         on_missing_image: str = "error",
+        train_on: str = "captions",
+        train_classes: str = "all",
         **kwargs,
     ):
+        if train_on not in ("captions", "images"):
+            raise ValueError(f"data.train_on must be 'captions' or 'images', got {train_on!r}")
+        if train_classes not in ("all", "seen"):
+            raise ValueError(f"data.train_classes must be 'all' or 'seen', got {train_classes!r}")
+        if train_classes == "seen" and class_split is None:
+            raise ValueError("data.train_classes=seen needs data.class_split")
+        self.train_on, self.train_classes = train_on, train_classes
         if not isinstance(classes, str) or classes not in ("all", "seen", "unseen"):
             raise ValueError(f"data.classes must be 'all', 'seen' or 'unseen' here, got {classes!r}")
         if classes != "all" and class_split is None:
@@ -88,7 +100,7 @@ class BenchmarkDataModule(TextToImageDataModule):
         else:
             names = space
         super().__init__(classes=names, **kwargs)
-        self._train_records: ImageRecords | None = None
+        self.train_records: ImageRecords | None = None
 
     # -------------------------------------------------------------- subclass hooks
     def label_space(self) -> list[str]:
@@ -103,6 +115,17 @@ class BenchmarkDataModule(TextToImageDataModule):
     @property
     def has_val(self) -> bool:
         return bool(self.val_size)
+
+    @property
+    def image_splits(self) -> tuple[str, ...]:
+        return ("train", "val", "test") if self.train_on == "images" else ("val", "test")
+
+    @property
+    def class_subsets(self) -> dict[str, list[str]]:
+        if self.class_split is None:
+            return {}
+        present = set(self.class_names)
+        return {k: [c for c in self.class_split.select(k) if c in present] for k in ("seen", "unseen")}
 
     @property
     def seen_classes(self) -> list[str] | None:
@@ -134,15 +157,33 @@ class BenchmarkDataModule(TextToImageDataModule):
         return records
 
     def train_images(self) -> ImageRecords:
-        """The training images minus the validation hold-out, with partial labels applied (unknown = 0)."""
-        if self._train_records is None:
+        """The training images minus the validation hold-out, with partial labels applied (unknown = 0) and, with
+        ``train_classes=seen``, every label outside the seen classes unknown."""
+        if self.train_records is None:
             records = self._holdout()[0]
             if self.label_proportion < 1.0:
                 records, path = apply_partial_labels(records, self.label_proportion, self.partial_seed, self.partial_file)
                 log.info("partial labels: p=%.2f, %.1f%% of labels known (mask %s)", self.label_proportion,
                          100.0 * (records.labels != 0).mean(), path or "not saved: set data.partial_file")
-            self._train_records = records
-        return self._train_records
+            if self.train_classes == "seen":
+                seen = set(self.class_split.seen)
+                records.labels[:, [i for i, c in enumerate(self.class_names) if c not in seen]] = 0
+            self.train_records = records
+        return self.train_records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_on == "images" and stage in (None, "fit"):
+            self.train_images()
+            super().setup("validate")
+            if stage is None:
+                super().setup("test")
+            return
+        super().setup(stage)
+
+    def train_dataloader(self):
+        if self.train_on == "captions":
+            return super().train_dataloader()
+        return self._image_loader("train", batch_size=self.batch_size, shuffle=True)
 
 
 class VOC2007DataModule(BenchmarkDataModule):

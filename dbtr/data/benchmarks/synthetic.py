@@ -115,3 +115,28 @@ def write_nuswide(root: str | os.PathLike, concepts: Sequence[str], tags: Sequen
     (root / "ImageList" / "Imagelist.txt").write_text(crlf(everything), newline="")
     (root / "NUS_WID_Tags" / "AllTags1k.txt").write_text(crlf(tag_rows), newline="")
     return root
+
+
+def random_coco2014(root: str | os.PathLike, num_train: int, num_val: int, seed: int = 0) -> Path:
+    from dbtr.text.synonyms import builtin_vocabulary
+
+    names = builtin_vocabulary("coco2014").class_names
+    rng = np.random.default_rng(seed)
+    for split, n in (("train2014", num_train), ("val2014", num_val)):
+        images = [list(rng.choice(80, int(rng.integers(1, 4)), replace=False)) for _ in range(n)]
+        write_coco2014(root, split, names, images, seed=seed)
+    return Path(root)
+
+
+def random_nuswide(root: str | os.PathLike, num_train: int, num_test: int, seed: int = 0) -> Path:
+    from dbtr.data.benchmarks.protocol import SPLIT_DIR
+    from dbtr.text.synonyms import builtin_vocabulary
+
+    concepts = builtin_vocabulary("nuswide").class_names
+    tags = json.loads((SPLIT_DIR / "nuswide_925_81.json").read_text())["tag_list_1k"]
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("Train", num_train), ("Test", num_test)):
+        splits[split] = [(f"{concepts[i % 81]}/{split}_{i:04d}.jpg", list(rng.choice(81, int(rng.integers(1, 4)), replace=False)),
+                          list(rng.choice(1000, int(rng.integers(2, 8)), replace=False))) for i in range(n)]
+    return write_nuswide(root, concepts, tags, splits, seed=seed)
