@@ -117,8 +117,10 @@ class ImageFeatures:
 @torch.no_grad()
 def encode_image_features(encoder, loader, dtype=torch.float32) -> ImageFeatures:
     """Run the frozen image tower once over ``loader`` (in its order) and keep global + dense features."""
+    from dbtr.utils.progress import track
+
     glob, dense = [], []
-    for batch in loader:
+    for batch in track(loader, f"encoding {len(loader.dataset)} images", total=len(loader)):
         out = encoder.encode_image(batch["pixel_values"])
         glob.append(out.image_embeds.to("cpu", dtype))
         dense.append(out.patch_embeds.to("cpu", dtype))

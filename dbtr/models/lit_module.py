@@ -19,6 +19,7 @@ from dbtr.losses import get_loss, split_labels
 from dbtr.metrics import ScoreCollector, evaluate_scores
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
+from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,11 @@ class DbtrLitModule(L.LightningModule):
         if out.logits_local is not None:
             losses["local"] = self.loss_fn(out.logits_local, targets, known, **self.loss_kwargs)
         return losses
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Checkpoints do not hold the global RNG: seed each step from its restored position, so a resumed run
+        # draws the same feature noise as an uninterrupted one (and each DDP process its own).
+        torch.manual_seed(derive_seed("train-step", run_seed(), self.global_step, batch_idx, self.global_rank))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         g, loc, mask, modality = self.features(batch)
