@@ -12,8 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from cli_helpers import run_cli
-from dbtr.utils.cluster import SlurmLayoutCheck, SlurmLayoutError
+from dbtr.utils.cluster import SlurmLayoutError, check_slurm_layout
 from dbtr.utils.hydra_utils import CONFIG_DIR
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from dbtr.utils.objective import optimized_value
 
 
@@ -74,18 +75,22 @@ def test_objective_is_the_selection_metric_not_the_test():
 SLURM = ["launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.partition=gpu"]
 
 
-def test_slurm_launcher_follows_the_trainer_layout(tmp_path):
+def test_slurm_launcher_follows_the_trainer_layout(tmp_path, monkeypatch):
     cfg = _compose(SLURM + [f"hydra.sweep.dir={tmp_path}"])
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.dbtr_launcher.checked_slurm.CheckedSlurmLauncher"
     assert (launcher.tasks_per_node, launcher.nodes, launcher.gpus_per_node) == (4, 2, 4)
     assert launcher.partition == "gpu" and launcher.timeout_min > 0
-    SlurmLayoutCheck().on_multirun_start(cfg)  # a consistent layout passes
+    check_slurm_layout(cfg)  # a consistent layout passes
 
     # the launcher builds (no cluster needed) and its parameters give the expected sbatch header
     import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # pretend srun exists
 
     plugin = instantiate(launcher)
+    assert isinstance(plugin, SlurmLauncher)
     params = {k: v for k, v in plugin.params.items() if k not in ("submitit_folder", "max_num_timeout")}
     base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
             "stderr_to_stdout"}
@@ -104,7 +109,7 @@ def test_slurm_launcher_follows_the_trainer_layout(tmp_path):
 def test_slurm_layout_mismatch_is_refused_before_submitting(override, message):
     cfg = _compose(SLURM + [override])
     with pytest.raises(SlurmLayoutError, match=message):
-        SlurmLayoutCheck().on_multirun_start(cfg)
+        check_slurm_layout(cfg)
 
 
 def test_slurm_mismatch_fails_from_the_cli_without_submitting(demo_dir, tmp_path):

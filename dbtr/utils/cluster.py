@@ -3,14 +3,13 @@
 Lightning runs one process per device and, under SLURM, lets SLURM start them (SLURMEnvironment): so
 ``hydra.launcher.tasks_per_node`` must equal ``trainer.devices`` and ``hydra.launcher.nodes`` must equal
 ``trainer.num_nodes``. Lightning notices a mismatch only once the job runs on the cluster; this check refuses
-it at submission time.
+it at submission time (``hydra_plugins/dbtr_launcher``: the launcher of ``launcher=slurm``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 
@@ -54,10 +53,3 @@ def check_slurm_layout(config: DictConfig) -> None:
             + ". Keep the defaults of launcher=slurm (tasks_per_node=${trainer.devices}, nodes=${trainer.num_nodes}) "
             "and set trainer.devices / trainer.num_nodes instead."
         )
-
-
-class SlurmLayoutCheck(Callback):
-    """Hydra callback (``hydra.callbacks``): refuses a mismatched layout before any job is submitted."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_slurm_layout(config)
