@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Sequence
 
 import lightning as L
@@ -23,6 +24,11 @@ from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
 
 log = logging.getLogger(__name__)
+# Under DDP the evaluation scores are all-gathered before the metrics are computed (ScoreCollector, padding
+# repeats dropped), so every process logs the same whole-split value: Lightning's advice to sync_dist them, and
+# its warning that DistributedSampler repeats test samples, do not apply here.
+warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True.*")
+warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`.*")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BRANCHES = ("merged", "global", "local")
