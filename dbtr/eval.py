@@ -20,6 +20,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from dbtr.train import image_cache_dir, write_data_report, write_metrics
+from dbtr.utils.progress import is_quiet, quiet_trainer_args, set_quiet
 from dbtr.utils.report import print_metrics_table
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
 
@@ -76,6 +77,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     from dbtr.models.lit_module import DbtrLitModule
 
+    set_quiet(cfg.get("quiet", False))
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = str(cfg.ckpt_path)
     if not Path(ckpt_path).is_file():
@@ -96,14 +98,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         torch.load(ckpt_path, map_location="cpu", weights_only=True).get("dbtr") or {}, model, datamodule, ckpt_path,
         bool(cfg.get("allow_mismatch", False)),
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-                                     logger=instantiate_group(cfg.get("logger")) or False)
+    callbacks, quiet_args = quiet_trainer_args(instantiate_group(cfg.get("callbacks")))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False,
+                                     **quiet_args)
     if cfg.get("cache_image_features"):
         cache_dir = image_cache_dir(cfg)
         datamodule.setup("test")
         model.encoder.to(trainer.strategy.root_device)
         log.info("image features: %s", datamodule.cache_image_features(model.encoder, ("test",), cache_dir=cache_dir))
-    trainer.test(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=not is_quiet())
     metrics = model.results.get("test", {})
     if trainer.is_global_zero:
         write_data_report(Path(cfg.paths.output_dir), datamodule)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
 from dbtr.utils.io import atomic_write_json
+from dbtr.utils.progress import is_quiet, quiet_trainer_args, set_quiet
 from dbtr.utils.report import print_metrics_table
 
 log = logging.getLogger("dbtr")
@@ -33,8 +34,13 @@ def _resolve_resume(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path == "last":
         last = output_dir / "checkpoints" / "last.ckpt"
         if not last.is_file():
-            raise FileNotFoundError(f"ckpt_path=last but {last} does not exist (pass hydra.run.dir=<the run to resume>)")
+            raise FileNotFoundError(
+                f"ckpt_path=last but {last} does not exist: pass hydra.run.dir=<the run folder to resume> "
+                "(a run writes checkpoints/last.ckpt after each epoch)"
+            )
         return str(last)
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file (or pass ckpt_path=last)")
     return ckpt_path
 
 
@@ -97,7 +103,8 @@ def prepare_captions(cfg: DictConfig, datamodule, model, is_global_zero: bool, o
     if datamodule.corpus_report is not None and is_global_zero:
         datamodule.corpus_report.truncated = truncated
         atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
-        Console().print(report_table(datamodule.corpus_report))
+        if not is_quiet():
+            Console().print(report_table(datamodule.corpus_report))
     if cfg.cache_caption_features:
         t0 = time.perf_counter()
         if cfg.get("cache_dir"):
@@ -113,8 +120,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (unless training-free), test, and return ``(metrics, objects)``."""
     from dbtr.models.lit_module import DbtrLitModule
 
+    set_quiet(cfg.get("quiet", False))
     timings: dict[str, float] = {}
     output_dir = Path(cfg.paths.output_dir)
+    resume = _resolve_resume(cfg.get("ckpt_path"), output_dir) if cfg.train else None  # fail before any work
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -128,7 +137,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_val)
+    callbacks, quiet_args = quiet_trainer_args(callbacks)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_val, **quiet_args)
     for logger in trainer.loggers:  # the resolved config, as in .hydra/config.yaml
         logger.log_hyperparams(to_container(cfg))
 
@@ -161,7 +171,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if getattr(datamodule, "train_on", "captions") == "captions":
             prepare_captions(cfg, datamodule, model, trainer.is_global_zero, output_dir, timings)
         t0 = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg.get("ckpt_path"), output_dir))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         timings["fit_s"] = time.perf_counter() - t0
         callback = trainer.checkpoint_callback
         best_ckpt = (callback.best_model_path or None) if callback else None
@@ -174,10 +184,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if best_ckpt:
             log.info("testing checkpoint %s", best_ckpt)
             class_embeds = model.head.class_embeds.clone()
-            model = DbtrLitModule.load_from_checkpoint(best_ckpt, map_location="cpu", encoder=model.encoder)
+            model = DbtrLitModule.load_from_checkpoint(best_ckpt, map_location="cpu", weights_only=True,
+                                                       encoder=model.encoder)
             model.head.set_class_embeddings(class_embeds)  # same CLIP, classes and templates: no need to rebuild T0
         t0 = time.perf_counter()
-        trainer.test(model, datamodule=datamodule)
+        trainer.test(model, datamodule=datamodule, verbose=not is_quiet())
         timings["test_s"] = time.perf_counter() - t0
         metrics.update(model.results.get("test", {}))
         if trainer.is_global_zero:
@@ -199,13 +210,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 "config": to_container(cfg),
             },
         )
-    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "selection": selection,
+                     "val_last": val_last}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = task_wrapper(train)(cfg)
-    return metrics.get(cfg.get("optimized_metric", "test/mAP"))
+    """Returns the selection metric (``optimized_metric``, default the best val/mAP) for sweepers such as Optuna."""
+    from dbtr.utils.objective import optimized_value
+
+    metrics, objects = task_wrapper(train)(cfg)
+    return optimized_value(cfg.get("optimized_metric"), metrics, objects["selection"], objects["val_last"])
 
 
 if __name__ == "__main__":

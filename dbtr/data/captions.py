@@ -80,9 +80,9 @@ def encode_caption_features(encoder, texts: Sequence[str], batch_size: int = 256
     glob, toks, lengths = [], [], []
     starts = range(0, len(texts), batch_size)
     if progress:
-        from rich.progress import track
+        from dbtr.utils.progress import track
 
-        starts = track(starts, description=f"encoding {len(texts)} captions", transient=True)
+        starts = track(starts, description=f"encoding {len(texts)} captions")
     for start in starts:
         batch = encoder.tokenize(texts[start : start + batch_size])
         out = encoder.encode_text(**batch)

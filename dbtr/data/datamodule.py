@@ -24,6 +24,8 @@ from dbtr.data.images import (
     read_image_jsonl,
 )
 from dbtr.data.labels import load_class_names
+from dbtr.data.sampling import GlobalBatchSampler
+from dbtr.utils.seeding import run_seed
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class TextToImageDataModule(L.LightningDataModule):
         self.val_images, self.val_labels = val_images, val_labels
         self.test_images, self.test_labels = test_images, test_labels
         self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
+        self.global_batch_size = batch_size
         self.num_workers, self.mean, self.std = num_workers, tuple(mean), tuple(std)
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
@@ -235,10 +238,14 @@ class TextToImageDataModule(L.LightningDataModule):
         return self._pixel_loader(self._records(split), batch_size=batch_size, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        dataset = CaptionDataset(self.captions, self.caption_features)
+        # Order from (seed, epoch), sliced per process: DDP steps see the single-process batches, resumes the same order
+        sampler = GlobalBatchSampler(len(dataset), self.global_batch_size, world, rank, seed=run_seed())
         return DataLoader(
-            CaptionDataset(self.captions, self.caption_features),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers if self.caption_features is None else 0,
             drop_last=False,

@@ -190,14 +190,14 @@ def encode_image_features(encoder, loader, out: tuple[Any, Any] | None = None, p
     preallocated (N, D) / (N, P, D) arrays, e.g. memory maps) rows are written in place as they come, so a large
     split never has to fit in memory.
     """
-    from rich.progress import Progress
+    from dbtr.utils.progress import track
 
     n = len(loader.dataset)
     ok = np.zeros(n, dtype=bool)
     glob, dense = [], []
-    with Progress(transient=True, disable=progress is None) as bar:
-        task = bar.add_task(progress or "", total=n)
-        for batch in loader:
+    batches = loader if progress is None else track(loader, f"encoding {n} {progress}", total=len(loader))
+    if True:
+        for batch in batches:
             good = batch["ok"].numpy().astype(bool) if "ok" in batch else np.ones(len(batch["index"]), bool)
             idx = batch["index"].numpy()
             ok[idx] = good
@@ -209,7 +209,6 @@ def encode_image_features(encoder, loader, out: tuple[Any, Any] | None = None, p
                 else:
                     out[0][idx[good]] = emb.image_embeds.to("cpu", torch.float32).numpy().astype(out[0].dtype)
                     out[1][idx[good]] = emb.patch_embeds.to("cpu", torch.float32).numpy().astype(out[1].dtype)
-            bar.advance(task, len(idx))
     if out is not None:
         return ImageFeatures(out[0], out[1], np.flatnonzero(ok)), ok
     if not glob:

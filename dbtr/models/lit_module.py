@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Sequence
 
 import lightning as L
@@ -19,9 +20,15 @@ from dbtr.losses import get_loss, split_labels
 from dbtr.metrics import ScoreCollector, evaluate_scores, f1_at_k, minmax
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
+from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
 
 log = logging.getLogger(__name__)
+# Under DDP the evaluation scores are all-gathered before the metrics are computed (ScoreCollector, padding
+# repeats dropped), so every process logs the same whole-split value: Lightning's advice to sync_dist them, and
+# its warning that DistributedSampler repeats test samples, do not apply here.
+warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True.*")
+warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`.*")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BRANCHES = ("merged", "global", "local")
@@ -164,7 +171,7 @@ class DbtrLitModule(L.LightningModule):
                                               "fit this head (same classes, CLIP and residual settings needed)")
             self.head.load_state_dict(head_state, strict=False)
         if self.ensemble_cfg.get("text_ckpt") and self.text_model is None:
-            text = DbtrLitModule.load_from_checkpoint(self.ensemble_cfg["text_ckpt"], map_location="cpu",
+            text = DbtrLitModule.load_from_checkpoint(self.ensemble_cfg["text_ckpt"], map_location="cpu", weights_only=True,
                                                       encoder=self.encoder)
             if text.class_names != self.class_names:
                 raise CheckpointMismatchError(f"model.ensemble.text_ckpt={self.ensemble_cfg['text_ckpt']} was "
@@ -256,6 +263,11 @@ class DbtrLitModule(L.LightningModule):
         if out.logits_local is not None:
             losses["local"] = self.loss_fn(out.logits_local, targets, known, **self.loss_kwargs)
         return losses
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Checkpoints do not hold the global RNG: seed each step from its restored position, so a resumed run
+        # draws the same feature noise as an uninterrupted one (and each DDP process its own).
+        torch.manual_seed(derive_seed("train-step", run_seed(), self.global_step, batch_idx, self.global_rank))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         g, loc, mask, modality = self.features(batch)

@@ -1,0 +1,65 @@
+"""Caption order for training: one shuffle per epoch, each global batch split across the DDP processes.
+
+With ``data.batch_size`` the global batch, step ``k`` of a run on W processes sees exactly the captions of
+step ``k`` of a single-process run with the same seed: process ``r`` takes the ``r``-th slice of that global
+batch. DDP averages the per-process mean losses, so (with equal slices) the gradients equal the
+single-process ones up to float rounding. Torch's DistributedSampler instead deals captions round-robin over
+the whole epoch, which gives other batches than one process would.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from dbtr.utils.seeding import derive_seed
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """Shuffles ``range(num_items)`` from ``(seed, epoch)`` and yields this process's slice of every global batch.
+
+    A subclass of DistributedSampler so Lightning keeps it under DDP (it only swaps in its own sampler when
+    none is distributed) and calls ``set_epoch`` before every epoch, including the first one after a resume.
+    Every process yields ``ceil(num_items / global_batch_size)`` batches of ``global_batch_size / W`` (the last
+    may be smaller); a last global batch with fewer items than processes is padded from the epoch's start so
+    every process takes the same number of steps.
+    """
+
+    def __init__(self, num_items: int, global_batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        if num_items <= 0:
+            raise ValueError("there are no training captions to sample from")
+        if global_batch_size <= 0 or global_batch_size % num_replicas:
+            raise ValueError(
+                f"data.batch_size={global_batch_size} (the global batch) must be a positive multiple of the "
+                f"{num_replicas} processes"
+            )
+        super().__init__(range(num_items), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.num_items, self.global_batch_size = num_items, global_batch_size
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed("captions", self.seed, self.epoch))
+            order = torch.randperm(self.num_items, generator=g)
+        else:
+            order = torch.arange(self.num_items)
+        mine: list[int] = []
+        for start in range(0, self.num_items, self.global_batch_size):
+            batch = order[start : start + self.global_batch_size]
+            if len(batch) < self.num_replicas:
+                batch = torch.cat([batch, order[torch.arange(self.num_replicas - len(batch)) % self.num_items]])
+            mine.extend(batch.tensor_split(self.num_replicas)[self.rank].tolist())
+        return mine
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_items, self.global_batch_size)
+        per = self.global_batch_size // self.num_replicas
+        if rest == 0:
+            return full * per
+        rest = max(rest, self.num_replicas)
+        return full * per + rest // self.num_replicas + (self.rank < rest % self.num_replicas)
