@@ -35,6 +35,7 @@ test-full: install  ## every test, slow ones included
 bench: install  ## performance ratios (printed)
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_cached_training.py
+	$(BIN)/python benchmarks/bench_image_eval.py
 
 clean:  ## remove runs and generated data
 	rm -rf logs .toyworld .tiny
