@@ -107,7 +107,8 @@ def find_run_dirs(inputs: Iterable[str]) -> list[Path]:
     for raw in inputs:
         paths = [Path(p) for p in sorted(glob.glob(raw, recursive=True))] if glob.has_magic(raw) else [Path(raw)]
         if not paths or not paths[0].exists():
-            raise ResultsError(f"{raw}: no such file or folder" + (" (the glob matched nothing)" if glob.has_magic(raw) else ""))
+            why = " (the glob matched nothing)" if glob.has_magic(raw) else ""
+            raise ResultsError(f"{raw}: no such file or folder{why}")
         for path in paths:
             if path.is_file():
                 if path.name != "metrics.json":
@@ -198,7 +199,8 @@ def load_run(run_dir: Path, ignored: Sequence[str] = IGNORED_OVERRIDES) -> Run:
     if not isinstance(choices, dict) or not choices.get("model") or not isinstance(overrides, list):
         raise SkippedRun("no config-group choices: neither metrics.json['choices'] nor .hydra/hydra.yaml")
     config = payload["config"]
-    own = [o for o in overrides if _override_key(o) not in ("experiment", "model", "data") and not _ignored(_override_key(o), ignored)]
+    own = [o for o in overrides
+           if _override_key(o) not in ("experiment", "model", "data") and not _ignored(_override_key(o), ignored)]
     experiment = choices.get("experiment")
     made_by = " ".join([f"experiment={experiment}"] * bool(experiment) + [f"model={choices['model']}"] + own)
     method, seed = choices["model"], payload.get("seed", config.get("seed"))
@@ -315,18 +317,41 @@ class Table:
     num_runs: int
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_difference(a: Run, b: Run, ignored: Sequence[str] = IGNORED_OVERRIDES, limit: int = 5) -> str:
+    """Resolved-config entries that differ between two runs of one cell, leaving out the ignored keys and
+    entries naming the run's own folder (checkpoint and log dirs)."""
+    def flat(run: Run) -> dict[str, Any]:
+        own = {str(run.path), str(_get(run.payload["config"], "paths.output_dir"))}
+        return {k: v for k, v in _flatten(run.payload["config"]).items()
+                if not _ignored(k, ignored) and not (isinstance(v, str) and any(o in v for o in own))}
+
+    fa, fb = flat(a), flat(b)
+    keys = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    text = "; ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys[:limit])
+    return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def build_table(runs: list[Run], metrics: Sequence[str], allow_mixed: bool = False,
-                skipped: Sequence[tuple[Path, str]] = (), sort: str | None = None) -> Table:
+                skipped: Sequence[tuple[Path, str]] = (), sort: str | None = None,
+                ignored: Sequence[str] = IGNORED_OVERRIDES) -> Table:
     columns_by_key = columns_for(runs, allow_mixed)
     columns = list(columns_by_key.values())
     index = {key: i for i, key in enumerate(columns_by_key)}
     rows: dict[tuple, dict] = {}
     missing, notes = [], []
     for run in runs:
-        row = rows.setdefault(run.row_key, {"method": run.method, "made_by": run.made_by, "data": [], "cells": {}})
+        row = rows.setdefault(run.row_key, {"method": run.method, "made_by": run.made_by, "data": [], "cells": {},
+                                            "runs": {}})
         if run.data_overridden and run.data not in row["data"]:
             row["data"].append(run.data)
         col = index[(run.data, _signature(run))]
+        row["runs"].setdefault(col, []).append(run)
         for metric in metrics:
             cell = row["cells"].setdefault((col, metric), ([], [], []))
             value = run.metric(metric)
@@ -342,6 +367,11 @@ def build_table(runs: list[Run], metrics: Sequence[str], allow_mixed: bool = Fal
             if repeated and metric == metrics[0]:
                 notes.append(f"{row['method']} ({row['made_by']}) on {columns[col].label}: seed {', '.join(repeated)} "
                              f"appears in {len(paths)} runs; every run is counted")
+        for col, group in row["runs"].items():
+            for other in group[1:]:
+                if diff := config_difference(group[0], other, ignored):
+                    notes.append(f"{_show(group[0].path)} and {_show(other.path)} share a cell but their configs "
+                                 f"differ beyond the seed ({diff}): was a config file edited between them?")
     ordered = sorted(rows.values(), key=lambda r: (r["made_by"], r["method"]))
     if sort:
         ordered = _sorted(ordered, columns, sort)
@@ -374,8 +404,8 @@ def to_markdown(table: Table, digits: int = 2) -> str:
         cells = [format_mean_std(row["cells"].get((i, m), ([],))[0], digits)
                  for i in range(len(table.columns)) for m in table.metrics]
         lines.append("| " + " | ".join([row["method"], f"`{row['made_by']}`", *cells]) + " |")
-    lines += ["", f"Mean ± sample std over seeds (number of runs); {table.num_runs} runs. "
-              "Made by `dbtr-train <made by> seed=...`; made with `dbtr-results`."]
+    lines += ["", f"Mean ± sample std over seeds (number of runs), {table.num_runs} runs, tabulated by `dbtr-results`. "
+              "A row is reproduced by `dbtr-train -m <made by> seed=<seeds>` (dbtr-eval rows name their command)."]
     if table.skipped:
         lines += ["", f"Skipped {len(table.skipped)} run folder(s):"]
         lines += [f"- `{_show(p)}`: {why}" for p, why in table.skipped]
@@ -416,7 +446,9 @@ def replace_readme_block(text: str, block: str, name: str = "README") -> str:
 
 # ---------------------------------------------------------------- command line
 
-def collect(inputs: Sequence[str], ignored: Sequence[str] = IGNORED_OVERRIDES) -> tuple[list[Run], list[tuple[Path, str]]]:
+def collect(inputs: Sequence[str],
+            ignored: Sequence[str] = IGNORED_OVERRIDES) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Every run under ``inputs``, and the (folder, reason) of each that cannot be read."""
     runs, skipped = [], []
     for run_dir in find_run_dirs(inputs):
         try:
@@ -443,13 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     metrics = a.metric or ["test/mAP"]
     try:
-        runs, skipped = collect(a.inputs, (*IGNORED_OVERRIDES, *a.ignore))
+        ignored = (*IGNORED_OVERRIDES, *a.ignore)
+        runs, skipped = collect(a.inputs, ignored)
         for path, why in skipped:
             print(f"dbtr-results: skipped {_show(path)}: {why}", file=sys.stderr)
         if not runs:
-            print(f"dbtr-results: no readable run under {' '.join(a.inputs)} ({len(skipped)} skipped)", file=sys.stderr)
+            print(f"dbtr-results: no readable run under {' '.join(a.inputs)} ({len(skipped)} skipped)",
+                  file=sys.stderr)
             return 1
-        table = build_table(runs, metrics, a.allow_mixed, skipped, a.sort)
+        table = build_table(runs, metrics, a.allow_mixed, skipped, a.sort, ignored)
         markdown, table_csv = to_markdown(table, a.digits), to_csv(table)
         readme_text = None
         if a.readme is not None:
@@ -463,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for path, why in table.missing:
         print(f"dbtr-results: {_show(path)}: {why}", file=sys.stderr)
+    for note in table.notes:
+        print(f"dbtr-results: note: {note}", file=sys.stderr)
     written = []
     if a.out is not None:
         stem = a.out.with_suffix("") if a.out.suffix in (".md", ".csv") else a.out

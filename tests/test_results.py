@@ -59,7 +59,7 @@ def _row(markdown: str, method: str) -> list[str]:
 
 def test_metrics_json_records_choices_and_overrides(runs):
     m = _metrics(runs / "multirun" / "sweep" / "0")
-    assert m["choices"]["model"] == "dbtr" and m["choices"]["data"] == "tiny" and m["choices"]["experiment"] == "tiny_full"
+    assert (m["choices"]["model"], m["choices"]["data"], m["choices"]["experiment"]) == ("dbtr", "tiny", "tiny_full")
     assert not any(k.startswith("hydra/") for k in m["choices"])
     assert "seed=1" in m["overrides"] and "model.optimizer.lr=0.01" in m["overrides"]
 
@@ -114,7 +114,8 @@ def test_sort_puts_the_best_first(runs, capsys):
     "edit, expected",
     [
         (lambda m: m.update(class_names=m["class_names"][:-1]), ["class_names: 6 classes vs 5 classes", "'orange'"]),
-        (lambda m: m["config"]["model"]["evaluation"].update(difficult="ignore"), ["difficult: 'negative' vs 'ignore'"]),
+        (lambda m: m["config"]["model"]["evaluation"].update(difficult="ignore"),
+         ["difficult: 'negative' vs 'ignore'"]),
         (lambda m: m["test"].update({"test/num_images": 10}), ["num_images: 32 vs 10"]),
     ],
     ids=["class_names", "difficult", "num_images"],
@@ -146,6 +147,19 @@ def test_broken_and_unfinished_runs_are_listed_as_skipped(runs, capsys, tmp_path
     assert _row(out, "zsclip")[2].endswith("(1)")  # the broken copy did not count
     rc, out, err = _run(capsys, tmp_path)
     assert rc == 1 and "no readable run" in err
+
+
+def test_a_config_changed_behind_the_overrides_is_noted(runs, capsys, tmp_path):
+    def edit(m):  # same command line, other learning rate: an experiment file edited between two seeds
+        m["config"]["model"]["optimizer"]["lr"] = 0.5
+        m["seed"] = m["config"]["seed"] = 3
+
+    _copy(runs / "multirun" / "sweep" / "1", tmp_path / "edited", edit)
+    rc, out, _ = _run(capsys, runs / "multirun", tmp_path)
+    assert rc == 0 and _row(out, "dbtr")[2].endswith("(3)")
+    assert "differ beyond the seed (model.optimizer.lr: 0.01 vs 0.5)" in out
+    rc, out, _ = _run(capsys, runs / "multirun")
+    assert "differ beyond the seed" not in out  # real seed sweeps differ only in the seed and their own folders
 
 
 def test_missing_metric_shows_a_dash_and_is_reported(runs, capsys):
