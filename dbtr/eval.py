@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from dbtr.train import image_cache_dir, write_data_report, write_metrics
 from dbtr.utils.progress import is_quiet, quiet_trainer_args, set_quiet
 from dbtr.utils.report import print_metrics_table
-from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
+from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, run_identity, task_wrapper, to_container
 
 log = logging.getLogger("dbtr")
 
@@ -119,6 +119,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 "class_names": datamodule.class_names,
                 "test": metrics,
                 "config": to_container(cfg),
+                **run_identity(),  # choices + overrides: what dbtr-results groups and labels runs by
             },
         )
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}

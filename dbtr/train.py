@@ -20,7 +20,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, task_wrapper, to_container
+from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, run_identity, task_wrapper, to_container
 from dbtr.utils.io import atomic_write_json
 from dbtr.utils.progress import is_quiet, quiet_trainer_args, set_quiet
 from dbtr.utils.report import print_metrics_table
@@ -208,6 +208,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                 "test": metrics,
                 "timings": timings,
                 "config": to_container(cfg),
+                **run_identity(),  # choices + overrides: what dbtr-results groups and labels runs by
             },
         )
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "selection": selection,

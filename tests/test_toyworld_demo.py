@@ -61,3 +61,16 @@ def test_local_branch_attends_inside_the_true_boxes(reduced_demo):
     assert loc["pointing_accuracy"] > loc["mass_in_box_uniform"]
     assert (out / "demo" / "heatmaps.png").stat().st_size > 1000
     assert "| full method" in (out / "demo" / "results.md").read_text()
+
+
+def test_demo_runs_tabulate_with_dbtr_results(reduced_demo):
+    from dbtr.results import build_table, collect
+
+    out, summary = reduced_demo
+    runs, skipped = collect([str(out / "demo" / "runs")])
+    assert not skipped and sorted(r.method for r in runs) == ["dbtr", "zsclip"]
+    rows = {row["method"]: row for row in build_table(runs, ["test/mAP"]).rows}
+    for method in ("zsclip", "dbtr"):
+        assert rows[method]["cells"][(0, "test/mAP")][0] == summary["methods"][method]["mAP"]
+    assert rows["dbtr"]["made_by"] == ("experiment=toyworld model=dbtr data.num_captions=4000 data.num_val=200 "
+                                       "data.num_test=500 trainer.max_epochs=6")

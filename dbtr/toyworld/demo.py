@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -116,10 +115,27 @@ def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, 
     return save_figure(heatmap_figure(rows, title="local-branch attention: true classes, then the best wrong one"), path)
 
 
+def write_run_metrics(run_dir: Path, cfg, method: str, overrides: list[str], result: dict, class_names) -> None:
+    """A metrics.json per method and seed, shaped like dbtr-train's, so `dbtr-results <out>/runs` tabulates them."""
+    from omegaconf import OmegaConf
+
+    from dbtr.utils.io import atomic_write_json
+
+    # paths.output_dir needs a Hydra run to resolve: store the groups that define the method and the protocol
+    config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("clip", "data", "model")}
+    config["trainer"] = {"max_epochs": cfg.trainer.max_epochs}
+    atomic_write_json(run_dir / "metrics.json", {
+        "task_name": cfg.task_name, "seed": cfg.seed, "class_names": list(class_names),
+        "test": {k: v for k, v in result.items() if k != "best_epoch"}, "best_epoch": result["best_epoch"],
+        "config": {**config, "seed": cfg.seed}, "overrides": overrides,
+        "choices": {"experiment": "toyworld", "model": method, "data": "toyworld", "clip": "toyworld"},
+    })
+
+
 def summarise(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    from dbtr.results import format_mean_std  # the same mean ± sample std as dbtr-results, without the n
+
+    return format_mean_std(values, show_n=False)
 
 
 def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | None = None,
@@ -154,8 +170,11 @@ def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | No
     for method in methods:
         per_seed = []
         for seed in seeds:
-            cfg = compose_config(["experiment=toyworld", f"model={method}", f"seed={seed}", *overrides])
-            result, model = fit_and_test(cfg, encoder, datamodule, out / "runs" / method / f"seed{seed}", class_embeds)
+            run_overrides = ["experiment=toyworld", f"model={method}", f"seed={seed}", *overrides]
+            cfg = compose_config(run_overrides)
+            run_dir = out / "runs" / method / f"seed{seed}"
+            result, model = fit_and_test(cfg, encoder, datamodule, run_dir, class_embeds)
+            write_run_metrics(run_dir, cfg, method, run_overrides, result, datamodule.class_names)
             per_seed.append(result)
             if method == "dbtr" and full_model is None:
                 full_model = model

@@ -67,6 +67,19 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
     return wrapped
 
 
+def run_identity() -> dict[str, Any]:
+    """What made this run, for metrics.json: the config-group choices (``model: dbtr``) and the command-line
+    overrides. The resolved config alone does not say which ``model=`` file was chosen. {} outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except Exception:  # outside a Hydra app (tests calling train(cfg) directly)
+        return {}
+    choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")}
+    return {"choices": choices, "overrides": list(hc.overrides.task)}
+
+
 def _output_dir() -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
