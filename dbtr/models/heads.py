@@ -119,6 +119,8 @@ class DualBranchHead(nn.Module):
     :param merge_weight: w in ``w * z_g + (1 - w) * z_l``.
     :param feature_noise_std: Gaussian noise added to normalised caption features in training, then renormalised.
     :param center_scores: subtract each sample's mean over classes from the merged score (a training-free baseline).
+    :param prompts: a :class:`~dbtr.models.prompts.PromptLearner` whose contexts are trained with the head; its
+        class embeddings are passed to ``forward`` as ``bases`` (they need the text tower, which the head has not).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class DualBranchHead(nn.Module):
         merge_weight: float = 0.5,
         feature_noise_std: float = 0.0,
         center_scores: bool = False,
+        prompts: nn.Module | None = None,
     ):
         super().__init__()
         if pfa not in PFA_MODES:
@@ -160,6 +163,7 @@ class DualBranchHead(nn.Module):
         self.pfa_local_query, self.pfa_center = pfa_local_query, pfa_center
         self.logit_scale, self.tau_text, self.tau_image = logit_scale, tau_text, tau_image
         self.merge_weight, self.feature_noise_std, self.center_scores = merge_weight, feature_noise_std, center_scores
+        self.prompts = prompts
         # T0 depends on the CLIP model and the class names, both known from hyper-parameters: rebuilt, not saved.
         self.register_buffer("class_embeds", torch.zeros(num_classes, embed_dim), persistent=False)
         self.register_buffer("class_embeds_ready", torch.tensor(False), persistent=False)
@@ -191,9 +195,18 @@ class DualBranchHead(nn.Module):
         tau = self.tau_text if modality == "text" else self.tau_image
         return spatial_aggregation(feats @ t_l.t(), mask, tau, self.logit_scale)
 
+    def _bases(self, bases: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Per-branch base class embeddings: T0 for both, or the given (e.g. learned-prompt) pair."""
+        if bases is not None:
+            return bases[0].float(), bases[1].float()
+        if not bool(self.class_embeds_ready):
+            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        return self.class_embeds, self.class_embeds
+
     @torch.no_grad()
     def local_attention(
-        self, local_embeds: Tensor, local_mask: Tensor | None = None, modality: Literal["text", "image"] = "image"
+        self, local_embeds: Tensor, local_mask: Tensor | None = None, modality: Literal["text", "image"] = "image",
+        bases: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The local branch's spatial softmax (B, N, C): per class, how its score is spread over positions.
 
@@ -202,12 +215,11 @@ class DualBranchHead(nn.Module):
         """
         if not self.use_local:
             raise ValueError("this head has no local branch (use_local=false): there is no spatial attention to show")
-        if not bool(self.class_embeds_ready):
-            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        base_l = self._bases(bases)[1]
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
         mask = None if local_mask is None else local_mask.bool()
-        t_l = self.local_classifier(self.class_embeds)
+        t_l = self.local_classifier(base_l)
         return self._local_scores(local_embeds.float(), t_l, mask, modality)[1]
 
     def forward(
@@ -216,24 +228,26 @@ class DualBranchHead(nn.Module):
         local_embeds: Tensor,
         local_mask: Tensor | None = None,
         modality: Literal["text", "image"] = "image",
+        bases: tuple[Tensor, Tensor] | None = None,
     ) -> HeadOutput:
-        """``global_embeds`` (B, D), ``local_embeds`` (B, N, D), ``local_mask`` (B, N) bool (True = valid)."""
-        if not bool(self.class_embeds_ready):
-            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        """``global_embeds`` (B, D), ``local_embeds`` (B, N, D), ``local_mask`` (B, N) bool (True = valid).
+
+        ``bases`` = (global, local) class embeddings (C, D) used instead of T0 (TaI-DPT's learned prompts).
+        """
+        base_g, base_l = self._bases(bases)
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
         f_g, feats = global_embeds.float(), local_embeds.float()
         mask = None if local_mask is None else local_mask.bool()
         if self.training and modality == "text" and self.feature_noise_std > 0:
             f_g, feats = self._noise(f_g), self._noise(feats)
-        base = self.class_embeds
-        t_g = self.global_classifier(base)
+        t_g = self.global_classifier(base_g)
         z_g = self.logit_scale * f_g @ t_g.t()
         if self.pfa in ("global", "both"):
             z_g = z_g + self._pfa_logits(f_g, feats, t_g, mask)
         z_l, attention = None, None
         if self.use_local:
-            t_l = self.local_classifier(base)
+            t_l = self.local_classifier(base_l)
             z_l, attention = self._local_scores(feats, t_l, mask, modality)
             if self.pfa in ("local", "both"):
                 query = f_g if self.pfa_local_query == "global" else F.normalize(masked_mean(feats, None if mask is None else mask[..., None], 1), dim=-1)
