@@ -10,7 +10,9 @@ EOT embedding) and a set of local vectors (image patches, or caption tokens with
                     z_b += beta2 * s * <q_b, T_a>  +  beta3 * s * (mean_N F_a + max_N F_a) T_b^T
     score = w * z_g + (1 - w) * z_l
 
-Every baseline of the paper is a setting of this one module (see ``conf/model/``), not a code fork.
+With learned prompts (TaI-DPT, ``dbtr/models/prompts.py``) the branches start from the prompts' class embeddings
+(``bases``) instead of T0. Every baseline of the paper is a setting of this one module (see ``conf/model/``),
+not a code fork.
 """
 
 from __future__ import annotations
