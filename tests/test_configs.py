@@ -12,6 +12,7 @@ from dbtr.models.heads import DualBranchHead
 from dbtr.utils.hydra_utils import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "from_checkpoint")
 
@@ -37,7 +38,8 @@ def test_model_config_builds_head(model):
     cfg = _compose("train.yaml", [f"model={model}"])
     head = DualBranchHead(6, 32, **OmegaConf.to_container(cfg.model.head))
     training_free = model.startswith(("zsclip", "calip"))
-    assert head.trainable is not training_free
+    learns_prompts = cfg.model.get("prompts") is not None  # the contexts are built with CLIP (tests/test_prompts.py)
+    assert (head.trainable or learns_prompts) is not training_free
 
 
 @pytest.mark.parametrize("debug", ["fdr", "limit"])
@@ -64,3 +66,12 @@ def test_caption_corpus_configs_compose(data):
     corpus = OmegaConf.to_container(cfg.data.corpus, resolve=True)
     assert corpus["sources"][0]["path"].startswith("/data/") and corpus["class_sentences"] == 9
     assert (corpus["max_per_class"] == 1000) == (data == "nuswide_captions")
+
+
+@pytest.mark.parametrize("overrides", [[f"data={d}"] for d in DATA] + [[f"experiment={e}"] for e in EXPERIMENTS])
+def test_taidpt_composes_with_every_data_config_and_experiment(overrides):
+    cfg = _compose("train.yaml", [*overrides, "model=taidpt", "paths.data_dir=/data"])
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    assert model["prompts"] == {"n_ctx": 16, "ctx_init": None, "ctx_std": 0.02, "class_specific": False}
+    assert model["head"]["global_residual"] is model["head"]["local_residual"] is False and model["head"]["pfa"] == "none"
+    assert model["optimizer"]["name"] == "sgd" and model["loss"] == "ranking"

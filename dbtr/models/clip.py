@@ -180,6 +180,28 @@ class ClipEncoder(nn.Module):
             tokens, eot = F.normalize(tokens, dim=-1), F.normalize(eot, dim=-1)
         return TextEmbeddings(eot, tokens, attention_mask.bool())
 
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """Input token embeddings (B, L, W) of the text tower, before positions are added."""
+        return self.model.text_model.embeddings.token_embedding(input_ids.to(self.device))
+
+    def encode_text_embeddings(self, inputs_embeds: Tensor, eot_index: Tensor, normalize: bool = True) -> Tensor:
+        """EOT embeddings (B, D) of sequences given as input token embeddings (B, L, W): prompt learning.
+
+        The same computation as ``encode_text``'s global output (``CLIPTextModel.forward`` of transformers 5:
+        positions added, causal mask, final layer norm, projection), but differentiable with respect to
+        ``inputs_embeds``. No padding mask is needed: the model is causal, so positions after ``eot_index``
+        cannot change it, and callers may cut sequences just after their EOT.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        tm = self.model.text_model
+        hidden = tm.embeddings(inputs_embeds=inputs_embeds)
+        mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        hidden = tm.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        eot = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot_index.to(hidden.device)]
+        out = self.model.text_projection(tm.final_layer_norm(eot))
+        return F.normalize(out, dim=-1) if normalize else out
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> Tensor:
         """Global (EOT) embeddings of raw strings, batched."""

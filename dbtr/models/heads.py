@@ -10,7 +10,9 @@ EOT embedding) and a set of local vectors (image patches, or caption tokens with
                     z_b += beta2 * s * <q_b, T_a>  +  beta3 * s * (mean_N F_a + max_N F_a) T_b^T
     score = w * z_g + (1 - w) * z_l
 
-Every baseline of the paper is a setting of this one module (see ``conf/model/``), not a code fork.
+With learned prompts (TaI-DPT, ``dbtr/models/prompts.py``) the branches start from the prompts' class embeddings
+(``bases``) instead of T0. Every baseline of the paper is a setting of this one module (see ``conf/model/``),
+not a code fork.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ class DualBranchHead(nn.Module):
     :param center_scores: subtract each sample's mean over classes from the merged score (a training-free baseline).
     :param residual_generator: hidden width of a shared residual generator ``X = g(T0)`` instead of free per-class
         residuals (0 = free); it transfers what was learned to class names without training labels.
+    :param prompts: a :class:`~dbtr.models.prompts.PromptLearner` whose contexts are trained with the head; its
+        class embeddings are passed to ``forward`` as ``bases`` (they need the text tower, which the head has not).
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class DualBranchHead(nn.Module):
         feature_noise_std: float = 0.0,
         center_scores: bool = False,
         residual_generator: int = 0,
+        prompts: nn.Module | None = None,
     ):
         super().__init__()
         if pfa not in PFA_MODES:
@@ -180,6 +185,7 @@ class DualBranchHead(nn.Module):
         self.pfa_local_query, self.pfa_center = pfa_local_query, pfa_center
         self.logit_scale, self.tau_text, self.tau_image = logit_scale, tau_text, tau_image
         self.merge_weight, self.feature_noise_std, self.center_scores = merge_weight, feature_noise_std, center_scores
+        self.prompts = prompts
         # T0 depends on the CLIP model and the class names, both known from hyper-parameters: rebuilt, not saved.
         self.register_buffer("class_embeds", torch.zeros(num_classes, embed_dim), persistent=False)
         self.register_buffer("class_embeds_ready", torch.tensor(False), persistent=False)
@@ -216,9 +222,18 @@ class DualBranchHead(nn.Module):
         tau = self.tau_text if modality == "text" else self.tau_image
         return spatial_aggregation(feats @ t_l.t(), mask, tau, self.logit_scale)
 
+    def _bases(self, bases: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Per-branch base class embeddings: T0 for both, or the given (e.g. learned-prompt) pair."""
+        if bases is not None:
+            return bases[0].float(), bases[1].float()
+        if not bool(self.class_embeds_ready):
+            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        return self.class_embeds, self.class_embeds
+
     @torch.no_grad()
     def local_attention(
-        self, local_embeds: Tensor, local_mask: Tensor | None = None, modality: Literal["text", "image"] = "image"
+        self, local_embeds: Tensor, local_mask: Tensor | None = None, modality: Literal["text", "image"] = "image",
+        bases: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The local branch's spatial softmax (B, N, C): per class, how its score is spread over positions.
 
@@ -227,12 +242,11 @@ class DualBranchHead(nn.Module):
         """
         if not self.use_local:
             raise ValueError("this head has no local branch (use_local=false): there is no spatial attention to show")
-        if not bool(self.class_embeds_ready):
-            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        base_l = self._bases(bases)[1]
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
         mask = None if local_mask is None else local_mask.bool()
-        t_l = self.local_classifier(self.class_embeds)
+        t_l = self.local_classifier(base_l)
         return self._local_scores(local_embeds.float(), t_l, mask, modality)[1]
 
     def forward(
@@ -241,24 +255,26 @@ class DualBranchHead(nn.Module):
         local_embeds: Tensor,
         local_mask: Tensor | None = None,
         modality: Literal["text", "image"] = "image",
+        bases: tuple[Tensor, Tensor] | None = None,
     ) -> HeadOutput:
-        """``global_embeds`` (B, D), ``local_embeds`` (B, N, D), ``local_mask`` (B, N) bool (True = valid)."""
-        if not bool(self.class_embeds_ready):
-            raise RuntimeError("class embeddings are not set: call set_class_embeddings(T0) first")
+        """``global_embeds`` (B, D), ``local_embeds`` (B, N, D), ``local_mask`` (B, N) bool (True = valid).
+
+        ``bases`` = (global, local) class embeddings (C, D) used instead of T0 (TaI-DPT's learned prompts).
+        """
+        base_g, base_l = self._bases(bases)
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
         f_g, feats = global_embeds.float(), local_embeds.float()
         mask = None if local_mask is None else local_mask.bool()
         if self.training and modality == "text" and self.feature_noise_std > 0:
             f_g, feats = self._noise(f_g), self._noise(feats)
-        base = self.class_embeds
-        t_g = self.global_classifier(base)
+        t_g = self.global_classifier(base_g)
         z_g = self.logit_scale * f_g @ t_g.t()
         if self.pfa in ("global", "both"):
             z_g = z_g + self._pfa_logits(f_g, feats, t_g, mask)
         z_l, attention = None, None
         if self.use_local:
-            t_l = self.local_classifier(base)
+            t_l = self.local_classifier(base_l)
             z_l, attention = self._local_scores(feats, t_l, mask, modality)
             if self.pfa in ("local", "both"):
                 query = f_g if self.pfa_local_query == "global" else F.normalize(masked_mean(feats, None if mask is None else mask[..., None], 1), dim=-1)

@@ -20,6 +20,7 @@ from dbtr.losses import get_loss, split_labels
 from dbtr.metrics import ScoreCollector, evaluate_scores, f1_at_k, minmax
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
+from dbtr.models.prompts import PromptLearner
 from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
 
@@ -67,6 +68,8 @@ class DbtrLitModule(L.LightningModule):
     :param init_from: a checkpoint whose head tensors initialise this one (e.g. text-trained residuals).
     :param ensemble: ``{"text_ckpt": path, "rate": r}``: also score with that (text-only) model and report
         ``(1 - r) * minmax(text) + r * minmax(this)``, min-max over the whole score matrix (TaI-DPT's ensemble).
+    :param prompts: ``{"n_ctx", "ctx_init", "ctx_std", "class_specific"}`` of a :class:`PromptLearner` (TaI-DPT):
+        learned prompts then give the branches' class embeddings instead of T0; None = no prompt learning.
     :param encoder: an already built :class:`ClipEncoder` (tests, notebooks); not saved in the checkpoint.
     """
 
@@ -86,6 +89,7 @@ class DbtrLitModule(L.LightningModule):
         init_from: str | None = None,
         ensemble: dict[str, Any] | None = None,
         encoder: ClipEncoder | None = None,
+        prompts: dict[str, Any] | None = None,
     ):
         super().__init__()
         class_names = validate_class_names(class_names, source="model class_names")
@@ -103,7 +107,9 @@ class DbtrLitModule(L.LightningModule):
             )
         self.encoder = encoder
         self.class_names = list(class_names)
-        self.head = DualBranchHead(len(class_names), encoder.embed_dim, **(head or {}))
+        prompt_learner = None if prompts is None else PromptLearner(encoder, class_names, **prompts)
+        self.head = DualBranchHead(len(class_names), encoder.embed_dim, prompts=prompt_learner, **(head or {}))
+        self._bases_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self.loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
         self.optimizer_cfg = {"name": "adam", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, **(optimizer or {})}
@@ -189,6 +195,19 @@ class DbtrLitModule(L.LightningModule):
         self.ensure_class_embeddings()
         self.load_companions(stage)
 
+    def branch_bases(self) -> tuple[Tensor, Tensor] | None:
+        """The learned prompts' (T_g, T_l), or None (T0). Recomputed with gradients while grad is enabled (a
+        training step: C x 2 prompts through the text tower); otherwise computed once per context version."""
+        prompts = self.head.prompts
+        if prompts is None:
+            return None
+        if torch.is_grad_enabled():
+            return prompts(self.encoder)
+        key = prompts.version()
+        if self._bases_cache is None or self._bases_cache[0] != key:
+            self._bases_cache = (key, prompts(self.encoder))
+        return self._bases_cache[1]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what the residuals depend on beyond hparams, so evaluation can refuse a silent mismatch."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -207,6 +226,12 @@ class DbtrLitModule(L.LightningModule):
         expected = dict(self.state_dict())
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.") and not k.startswith("collectors.")}
         for key, value in state_dict.items():
+            if key in expected and tuple(value.shape) != tuple(expected[key].shape) and key.startswith("head.prompts."):
+                raise CheckpointMismatchError(
+                    f"checkpoint prompt context {key!r} has shape {tuple(value.shape)} but this model expects "
+                    f"{tuple(expected[key].shape)} (model.prompts.n_ctx / class_specific, text width "
+                    f"{self.encoder.model.config.text_config.hidden_size}): use the training prompts and CLIP model."
+                )
             if key in expected and tuple(value.shape) != tuple(expected[key].shape):
                 c, d = tuple(value.shape) if value.ndim == 2 else (None, None)
                 raise CheckpointMismatchError(
@@ -220,7 +245,7 @@ class DbtrLitModule(L.LightningModule):
         if strict and (missing or unexpected):
             raise CheckpointMismatchError(
                 f"checkpoint does not match the head configuration: missing {missing}, unexpected {unexpected} "
-                "(was it trained with other head.global_residual/local_residual/use_local settings?)"
+                "(was it trained with other head.global_residual/local_residual/use_local or model.prompts settings?)"
             )
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         result.missing_keys[:] = [k for k in result.missing_keys if k in expected]  # CLIP keys are never stored
@@ -245,7 +270,7 @@ class DbtrLitModule(L.LightningModule):
             batch = {"pixel_values": batch}
         self.ensure_class_embeddings()
         g, loc, mask, modality = self.features(batch)
-        return self.head(g, loc, mask, modality=modality)
+        return self.head(g, loc, mask, modality=modality, bases=self.branch_bases())
 
     @torch.no_grad()
     def attention_maps(self, pixel_values: Tensor) -> Tensor:
@@ -254,7 +279,8 @@ class DbtrLitModule(L.LightningModule):
         The head's own spatial softmax (``DualBranchHead.local_attention``), so each map sums to 1.
         """
         self.ensure_class_embeddings()
-        return attention_grid(self.head.local_attention(self.encoder.encode_image(pixel_values).patch_embeds))
+        patches = self.encoder.encode_image(pixel_values).patch_embeds
+        return attention_grid(self.head.local_attention(patches, bases=self.branch_bases()))
 
     # ---------------------------------------------------------------- training
     def branch_losses(self, out: HeadOutput, labels: Tensor) -> dict[str, Tensor]:
@@ -271,7 +297,7 @@ class DbtrLitModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         g, loc, mask, modality = self.features(batch)
-        out = self.head(g, loc, mask, modality=modality)
+        out = self.head(g, loc, mask, modality=modality, bases=self.branch_bases())
         losses = self.branch_losses(out, batch["labels"])
         loss = sum(losses.values())
         bs = batch["labels"].shape[0]
@@ -284,14 +310,14 @@ class DbtrLitModule(L.LightningModule):
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         self.ensure_class_embeddings()
         g, loc, mask, modality = self.features(batch)
-        out = self.head(g, loc, mask, modality=modality)
+        out = self.head(g, loc, mask, modality=modality, bases=self.branch_bases())
         labels, idx = batch["labels"], batch.get("index")
         if self.text_model is not None:
             text = self.text_model
             text.head.to(g.device)
             if not bool(text.head.class_embeds_ready):
                 text.head.set_class_embeddings(self.head.class_embeds)
-            self.collectors[f"{stage}_text"].update(text.head(g, loc, mask, modality=modality).logits, labels, idx)
+            self.collectors[f"{stage}_text"].update(text.head(g, loc, mask, modality=modality, bases=text.branch_bases()).logits, labels, idx)
         self.collectors[f"{stage}_merged"].update(out.logits, labels, idx)
         self.collectors[f"{stage}_global"].update(out.logits_global, labels, idx)
         if out.logits_local is not None:

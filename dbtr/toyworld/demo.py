@@ -29,6 +29,7 @@ METHODS: tuple[tuple[str, str], ...] = (
     ("calip", "CALIP (training-free attention)"),
     ("taskres_global", "TaskRes, global only"),
     ("dual_noattn", "dual branch, no attention"),
+    ("taidpt", "TaI-DPT (double-grained prompts)"),
     ("dbtr", "full method (dual branch + PFA)"),
 )
 
