@@ -76,15 +76,14 @@ def save_caption_features(folder: Path, features: CaptionFeatures, key: str) -> 
     with atomic_directory(folder) as tmp:
         meta = {"version": CACHE_VERSION, "key": key, "num_captions": len(features),
                 "embed_dim": int(features.text_embeds.shape[1]), "num_tokens": int(features.token_embeds.shape[0]),
-                "checksums": {}}
+                }
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(features, name)))
-            meta["checksums"][name] = _checksum(tmp / f"{name}.npy")
-        atomic_write_json(tmp / "meta.json", meta)
+        _write_checksums(tmp, _ARRAYS, meta)
 
 
-def load_caption_features(folder: Path, key: str, verify: bool = True) -> CaptionFeatures | None:
-    """The cached features, or None when absent; raises ``ValueError`` when present but damaged or foreign."""
+def _load_arrays(folder: Path, key: str, names: Sequence[str], verify: bool) -> tuple[dict, dict] | None:
+    """``(meta, memory-mapped arrays)`` of a cache folder, None when absent; ``ValueError`` when damaged or foreign."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return None
@@ -92,13 +91,22 @@ def load_caption_features(folder: Path, key: str, verify: bool = True) -> Captio
     if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
         raise ValueError(f"{folder}: cache key or version differs from the requested one")
     arrays = {}
-    for name in _ARRAYS:
+    for name in names:
         path = folder / f"{name}.npy"
         if not path.is_file():
             raise ValueError(f"{path} is missing")
         if verify and _checksum(path) != meta["checksums"][name]:
             raise ValueError(f"{path} does not match its checksum (truncated or corrupted)")
         arrays[name] = np.load(path, mmap_mode="r")
+    return meta, arrays
+
+
+def load_caption_features(folder: Path, key: str, verify: bool = True) -> CaptionFeatures | None:
+    """The cached features, or None when absent; raises ``ValueError`` when present but damaged or foreign."""
+    found = _load_arrays(folder, key, _ARRAYS, verify)
+    if found is None:
+        return None
+    meta, arrays = found
     feats = CaptionFeatures(**arrays)
     n, d, t = meta["num_captions"], meta["embed_dim"], meta["num_tokens"]
     if feats.text_embeds.shape != (n, d) or feats.token_embeds.shape != (t, d) or feats.offsets.shape != (n + 1,):
@@ -162,20 +170,10 @@ def load_image_features(folder: Path, key: str, verify: bool = True):
     """``(ImageFeatures, ok)`` from ``folder``, or None when absent; ``ValueError`` when damaged or foreign."""
     from dbtr.data.images import ImageFeatures
 
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
+    found = _load_arrays(folder, key, IMAGE_ARRAYS, verify)
+    if found is None:
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
-        raise ValueError(f"{folder}: cache key or version differs from the requested one")
-    arrays = {}
-    for name in IMAGE_ARRAYS:
-        path = folder / f"{name}.npy"
-        if not path.is_file():
-            raise ValueError(f"{path} is missing")
-        if verify and _checksum(path) != meta["checksums"][name]:
-            raise ValueError(f"{path} does not match its checksum (truncated or corrupted)")
-        arrays[name] = np.load(path, mmap_mode="r")
+    meta, arrays = found
     n = meta["num_images"]
     if arrays["image_embeds"].shape != (n, meta["embed_dim"]) or arrays["patch_embeds"].shape != (n, meta["num_patches"], meta["embed_dim"]) or arrays["ok"].shape != (n,):
         raise ValueError(f"{folder}: array shapes do not match meta.json")
