@@ -3,8 +3,11 @@
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain Python values only, no code
 runs while loading (dbtr checkpoints hold nothing else: residuals, hyper-parameters, Lightning's loop state).
 
-The vocabulary can be replaced at inference (open vocabulary): a class the model was trained on keeps its
-learned residuals, a new name gets zero residuals, i.e. its classifier is the plain template embedding T0.
+The vocabulary can be replaced at inference (open vocabulary): a class the model was trained on keeps what it
+learned, and a new name is scored the way the model scores any class without training labels
+(:func:`new_class_rule`): a zero residual (plain template embedding T0) for free residuals, ``g(T0)`` with a
+residual generator, the learned shared contexts with TaI-DPT prompts. Class-specific prompt contexts exist only
+for trained names, so a vocabulary with new names is refused for them.
 """
 
 from __future__ import annotations
@@ -66,18 +69,44 @@ def parse_class_list(spec: str) -> list[str]:
 
 
 def remap_residuals(state_dict: dict[str, Tensor], trained: Sequence[str], names: Sequence[str]) -> dict[str, Tensor]:
-    """Residual rows reordered to ``names``: a trained name keeps its row, a new name gets zeros."""
+    """Per-class rows (free residuals, class-specific prompt contexts) reordered to ``names``: a trained name
+    keeps its row, a new name gets zeros (callers refuse new names where a zero row means nothing)."""
     index = {n: i for i, n in enumerate(trained)}
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(".residual") and value.ndim == 2 and value.shape[0] == len(trained):
-            new = value.new_zeros(len(names), value.shape[1])
+        per_class = (key.endswith(".residual") and value.ndim == 2) or (key.startswith("head.prompts.ctx_")
+                                                                         and value.ndim == 3)
+        if per_class and value.shape[0] == len(trained):
+            new = value.new_zeros(len(names), *value.shape[1:])
             for i, name in enumerate(names):
                 if name in index:
                     new[i] = value[index[name]]
             value = new
         out[key] = value
     return out
+
+
+def new_class_rule(hp: dict[str, Any]) -> str:
+    """How a checkpoint's model scores a class name it has no training labels for."""
+    prompts = hp.get("prompts")
+    if prompts:
+        if prompts.get("class_specific"):
+            return "none"  # one learned context per trained class: nothing to give a new name
+        return "the learned prompt contexts (shared by all classes)"
+    head = hp.get("head") or {}
+    if head.get("residual_generator"):
+        return "the residual generator g(T0)"
+    return "a zero residual (plain zero-shot T0)"
+
+
+def _learned_residual_classes(hp: dict[str, Any], trained: Sequence[str]) -> list[str]:
+    """The trained names whose free residual was learned (``residual_classes``; default all)."""
+    chosen = hp.get("residual_classes")
+    if chosen is None:
+        return list(trained)
+    if isinstance(chosen, str):
+        return list((hp.get("class_subsets") or {}).get(chosen, []))
+    return list(chosen)
 
 
 @dataclass
@@ -89,7 +118,8 @@ class LoadedModel:
     checkpoint: str
     clip: str
     trained_classes: list[str]
-    unseen: list[str] = field(default_factory=list)  # names scored with zero residuals
+    new_classes: list[str] = field(default_factory=list)  # names not trained on, scored by ``new_class_rule``
+    new_class_rule: str = ""
 
     @property
     def class_names(self) -> list[str]:
@@ -137,6 +167,18 @@ def load_model(
     names = trained if classes is None else validate_class_names(classes, source="class list")
     evaluation = dict(hp.get("evaluation") or {})
     evaluation["top_k"] = sorted({min(int(k), len(names)) for k in evaluation.get("top_k", [3])})
+    new = [n for n in names if n not in trained]
+    rule = new_class_rule(hp)
+    if new and rule == "none":
+        raise ValueError(f"{ckpt_path} learned one prompt context per training class (prompts.class_specific): "
+                         f"new class names {new[:5]} have none; use a subset of the trained classes "
+                         f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})")
+    if names != trained:
+        # subsets, selection subset and residual_classes name the training vocabulary; carry over which names
+        # kept T0 in training (unseen classes of a seen/unseen run) and drop the rest
+        learned = set(_learned_residual_classes(hp, trained))
+        hp.update(class_subsets=None, residual_classes=[n for n in names if n in learned])
+        evaluation["val_subset"] = None
     hp.update(clip=clip_cfg, class_names=names, evaluation=evaluation)
     model = DbtrLitModule(**hp)
     model.load_state_dict(remap_residuals(ckpt["state_dict"], trained, names))
@@ -152,5 +194,5 @@ def load_model(
                                    prep.get("mean", CLIP_MEAN), prep.get("std", CLIP_STD))
     model = model.eval().to(device)
     model.ensure_class_embeddings()
-    return LoadedModel(model, transform, str(ckpt_path), clip_cfg["name_or_path"], trained,
-                       [n for n in names if n not in trained])
+    return LoadedModel(model, transform, str(ckpt_path), clip_cfg["name_or_path"], trained, new,
+                       rule if new else "")

@@ -2,10 +2,13 @@
 
     dbtr-predict ckpt.ckpt photos/                          # -> predictions.jsonl
     dbtr-predict ckpt.ckpt 'shots/*.jpg' a.png -o out.csv -k 3 --heatmaps heat/
-    dbtr-predict ckpt.ckpt photos/ --classes "dog,cat,zebra"      # a new vocabulary (zebra: zero residual)
+    dbtr-predict ckpt.ckpt photos/ --classes "dog,cat,zebra"      # a new vocabulary (zebra: see below)
 
 Unreadable images are skipped and listed (summary, ``<output>.skipped.txt``); the exit status is 0 unless no
 image could be read (1) or the arguments are wrong (2). Every output file is written atomically.
+A name the model was not trained on is scored as the model scores any class without training labels: zero
+residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for TaI-DPT
+prompts (``dbtr.inference.new_class_rule``); it is reported on stderr and in the summary.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None, help="CLIP folder or hub id (default: the one recorded in the checkpoint)")
     p.add_argument("--classes", default=None,
                    help="replace the vocabulary: a text file (one name per line) or 'name1,name2,...'; names the model "
-                        "was not trained on get a zero residual (plain zero-shot classifier)")
+                        "was not trained on are scored like any class without labels (zero residual = plain zero-shot "
+                        "T0; residual generator g(T0); TaI-DPT: the shared learned prompts)")
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
                    help="also write one PNG per image: the local branch's attention for each of its top-k classes")
     p.add_argument("--batch-size", type=int, default=32)
@@ -178,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"skipped {len(skipped)} missing or unreadable image(s):")
         for path, why in skipped:
             say(f"  {path}: {why}")
-    if loaded.unseen:
-        say(f"classes without a learned residual (zero-shot T0): {', '.join(loaded.unseen)}")
+    if loaded.new_classes:
+        say(f"classes not trained on, scored with {loaded.new_class_rule}: {', '.join(loaded.new_classes)}")
     if args.heatmaps is not None and records and "heatmap" not in records[0]:
         say("no heatmaps: this model has no local branch (use_local=false)")
     if not to_stdout:
@@ -193,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         if records:
             atomic_write_json(out.with_name(out.name + ".summary.json"), {
                 "checkpoint": loaded.checkpoint, "clip": loaded.clip, "output": str(out), "format": fmt,
-                "top_k": top_k, "classes": loaded.class_names, "classes_without_residual": loaded.unseen,
+                "top_k": top_k, "classes": loaded.class_names, "new_classes": loaded.new_classes,
+                "new_class_rule": loaded.new_class_rule,
                 "num_scored": len(records), "skipped": [{"image": p, "reason": why} for p, why in skipped],
             })
     if not records:

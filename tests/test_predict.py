@@ -79,7 +79,7 @@ def test_cli_top_k_are_the_models_scores_and_bad_images_are_skipped(ckpt, demo_d
     assert "broken.png\tcannot decode image" in skipped and "missing.jpg\tno such file" in skipped
     assert "scored 3 of 5 image(s)" in proc.stderr and "broken.png" in proc.stderr
     summary = json.loads(out.with_name("preds.jsonl.summary.json").read_text())
-    assert summary["num_scored"] == 3 and summary["classes_without_residual"] == [] and len(summary["skipped"]) == 2
+    assert summary["num_scored"] == 3 and summary["new_classes"] == [] and len(summary["skipped"]) == 2
 
 
 def test_csv_output_with_a_new_vocabulary(ckpt, demo_dir, tmp_path, capsys):
@@ -92,8 +92,9 @@ def test_csv_output_with_a_new_vocabulary(ckpt, demo_dir, tmp_path, capsys):
     assert len(rows) == 10 * 2 and {r["rank"] for r in rows} == {"1", "2"}
     assert {r["label"] for r in rows} <= {"blue", "zebra", "red"}
     summary = json.loads((tmp_path / "preds.csv.summary.json").read_text())
-    assert summary["classes_without_residual"] == ["zebra"] and summary["format"] == "csv"
-    assert "without a learned residual (zero-shot T0): zebra" in capsys.readouterr().err
+    assert summary["new_classes"] == ["zebra"] and summary["format"] == "csv"
+    assert summary["new_class_rule"] == "a zero residual (plain zero-shot T0)"
+    assert "not trained on, scored with a zero residual (plain zero-shot T0): zebra" in capsys.readouterr().err
     assert not (tmp_path / "preds.csv.skipped.txt").exists()
 
 
@@ -108,7 +109,7 @@ def test_a_new_name_scores_as_plain_zero_shot_and_trained_names_keep_their_resid
     torch.save(raw, path)
     opened = load_model(path, classes=["blue", "zebra", "red"])
     trained = load_model(path)
-    assert opened.unseen == ["zebra"] and trained.unseen == []
+    assert opened.new_classes == ["zebra"] and trained.new_classes == [] and trained.new_class_rule == ""
     hp = {**raw["hyper_parameters"], "evaluation": {"top_k": [1]}}
     zero_shot = {name: DbtrLitModule(**{**hp, "class_names": [name]}, encoder=trained.model.encoder).eval()
                  for name in ("zebra", "blue")}
@@ -119,6 +120,29 @@ def test_a_new_name_scores_as_plain_zero_shot_and_trained_names_keep_their_resid
         torch.testing.assert_close(got[:, 1], zero_shot["zebra"](pixels).logits[:, 0])
         torch.testing.assert_close(got[:, [0, 2]], want[:, [TINY_CLASSES.index("blue"), TINY_CLASSES.index("red")]])
         assert not torch.allclose(got[:, 0], zero_shot["blue"](pixels).logits[:, 0])  # the residual is kept
+
+
+def test_a_new_vocabulary_keeps_the_seen_unseen_training_rule(ckpt, demo_dir, tmp_path):
+    # A seen/unseen checkpoint: "unseen" classes kept T0 in training (row_mask), even where their residual rows
+    # hold values. A new vocabulary drops the training subsets (they name other classes) but must keep that rule.
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    seen, unseen = list(TINY_CLASSES[:2]), list(TINY_CLASSES[2:])
+    hp = raw["hyper_parameters"]
+    hp.update(head={**hp["head"], "pfa": "none"}, class_subsets={"seen": seen, "unseen": unseen},
+              residual_classes="seen", evaluation={**hp["evaluation"], "val_subset": "seen"})
+    for key in ("head.global_classifier.residual", "head.local_classifier.residual"):
+        raw["state_dict"][key] = torch.randn_like(raw["state_dict"][key])  # nonzero rows for the unseen classes too
+    path = tmp_path / "zsl.ckpt"
+    torch.save(raw, path)
+    trained = load_model(path)
+    vocab = [unseen[0], "zebra", seen[1]]
+    opened = load_model(path, classes=vocab)
+    assert opened.new_classes == ["zebra"]
+    assert opened.model.head.global_classifier.row_mask.tolist() == [0.0, 0.0, 1.0]  # unseen and new keep T0
+    images = [load_image(demo_dir / "images" / f"test_{i:04d}.png") for i in range(6)]
+    got, want = opened.score(images)[0], trained.score(images)[0]
+    columns = [TINY_CLASSES.index(unseen[0]), TINY_CLASSES.index(seen[1])]
+    torch.testing.assert_close(got[:, [0, 2]], want[:, columns])
 
 
 def test_wrong_inputs_give_clear_errors(ckpt, demo_dir, tmp_path, capsys):

@@ -230,3 +230,44 @@ def test_reloaded_checkpoint_and_dbtr_eval_reproduce_the_test_map(taidpt_run, de
     got = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     assert got["test/mAP"] == pytest.approx(metrics["test"]["test/mAP"], abs=1e-9)
     assert got["test/per_class_AP"] == metrics["test"]["test/per_class_AP"]
+
+
+def test_a_new_class_name_is_scored_with_the_learned_shared_prompts(taidpt_run, demo_dir):
+    from dbtr.data.images import load_image
+    from dbtr.inference import load_model
+
+    ckpt = json.loads((taidpt_run / "metrics.json").read_text())["checkpoint"]
+    trained = load_model(ckpt)
+    opened = load_model(ckpt, classes=[trained.class_names[1], "zebra"])
+    assert opened.new_classes == ["zebra"] and "learned prompt contexts" in opened.new_class_rule
+    # TaI-DPT has no attention across classes, so a one-class model with the same contexts is the reference
+    hp = torch.load(ckpt, map_location="cpu", weights_only=True)
+    alone = DbtrLitModule(**{**hp["hyper_parameters"], "class_names": ["zebra"], "evaluation": {"top_k": [1]}},
+                          encoder=trained.model.encoder)
+    alone.load_state_dict(hp["state_dict"])
+    alone.eval()
+    images = [load_image(demo_dir / "images" / f"test_{i:04d}.png") for i in range(6)]
+    got, want = opened.score(images)[0], trained.score(images)[0]
+    pixels = torch.stack([trained.transform(im) for im in images])
+    with torch.no_grad():
+        torch.testing.assert_close(got[:, 1], alone(pixels).logits[:, 0])
+        fresh = _taidpt(trained.model.encoder, ["zebra", "red", "green"])  # random contexts: the learned ones matter
+        assert not torch.allclose(got[:, 1], fresh.eval()(pixels).logits[:, 0])
+    torch.testing.assert_close(got[:, 0], want[:, 1])
+
+
+def test_class_specific_prompts_refuse_new_names_but_allow_a_subset(encoder, clip_dir, tmp_path):
+    from dbtr.inference import load_model
+
+    names = ["red", "green", "blue"]
+    model = _taidpt(encoder, names, class_specific=True)
+    with torch.no_grad():
+        model.head.prompts.ctx_global.normal_()
+    path = tmp_path / "csc.ckpt"
+    hp = {**model.hparams, "clip": {"name_or_path": str(clip_dir)}}
+    torch.save({"hyper_parameters": hp, "state_dict": model.state_dict()}, path)
+    with pytest.raises(ValueError, match=r"one prompt context per training class.*new class names \['zebra'\]"):
+        load_model(path, classes=["red", "zebra"])
+    subset = load_model(path, classes=["blue", "red"]).model.head.prompts
+    torch.testing.assert_close(subset.ctx_global, model.head.prompts.ctx_global[[2, 0]])
+    torch.testing.assert_close(subset.ctx_local, model.head.prompts.ctx_local[[2, 0]])
