@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dbtr.results import END, START, format_mean_std, main, mean_std
+from dbtr.results import END, START, format_mean_std, main, mean_std, replace_readme_block
 
 TRAIN = ["trainer.max_epochs=1", "model.scheduler.warmup_epochs=0", "model.optimizer.lr=0.01"]
 QUIET = ["logger=none", "callbacks=none"]  # no checkpoints or plots: seconds per run
@@ -231,3 +231,17 @@ def test_mean_std_format():
     assert format_mean_std(values) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (3)"
     assert format_mean_std([88.071]) == "88.07 (1)" and format_mean_std([]) == "—"
     assert format_mean_std([1.0, 2.0], show_n=False) == "1.50 ± 0.71"
+
+
+def test_the_readme_results_block_is_a_dbtr_results_table():
+    # `dbtr-results --readme README.md` must find exactly one marked block, and what sits there is its output
+    from dbtr.toyworld.demo import METHODS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split(START)[1].split(END)[0]
+    assert replace_readme_block(readme, block.strip()) == readme
+    lines = block.strip().splitlines()
+    assert lines[0].startswith("| method | made by | toyworld test/mAP |")
+    assert "tabulated by `dbtr-results`" in block
+    rows = {line.split(" | ")[0].strip("| ") for line in lines[2:] if line.startswith("| ")}
+    assert rows == {name for name, _ in METHODS}
