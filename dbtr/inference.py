@@ -68,7 +68,7 @@ def parse_class_list(spec: str) -> list[str]:
     return validate_class_names(spec.split(","), source=f"class list {spec!r}")
 
 
-def remap_residuals(state_dict: dict[str, Tensor], trained: Sequence[str], names: Sequence[str]) -> dict[str, Tensor]:
+def remap_class_rows(state_dict: dict[str, Tensor], trained: Sequence[str], names: Sequence[str]) -> dict[str, Tensor]:
     """Per-class rows (free residuals, class-specific prompt contexts) reordered to ``names``: a trained name
     keeps its row, a new name gets zeros (callers refuse new names where a zero row means nothing)."""
     index = {n: i for i, n in enumerate(trained)}
@@ -86,27 +86,15 @@ def remap_residuals(state_dict: dict[str, Tensor], trained: Sequence[str], names
     return out
 
 
-def new_class_rule(hp: dict[str, Any]) -> str:
-    """How a checkpoint's model scores a class name it has no training labels for."""
+def new_class_rule(hp: dict[str, Any]) -> str | None:
+    """How a checkpoint's model scores a class name it has no training labels for; None: it cannot."""
     prompts = hp.get("prompts")
     if prompts:
-        if prompts.get("class_specific"):
-            return "none"  # one learned context per trained class: nothing to give a new name
-        return "the learned prompt contexts (shared by all classes)"
-    head = hp.get("head") or {}
-    if head.get("residual_generator"):
+        # class-specific contexts exist for trained names only
+        return None if prompts.get("class_specific") else "the learned prompt contexts (shared by all classes)"
+    if (hp.get("head") or {}).get("residual_generator"):
         return "the residual generator g(T0)"
     return "a zero residual (plain zero-shot T0)"
-
-
-def _learned_residual_classes(hp: dict[str, Any], trained: Sequence[str]) -> list[str]:
-    """The trained names whose free residual was learned (``residual_classes``; default all)."""
-    chosen = hp.get("residual_classes")
-    if chosen is None:
-        return list(trained)
-    if isinstance(chosen, str):
-        return list((hp.get("class_subsets") or {}).get(chosen, []))
-    return list(chosen)
 
 
 @dataclass
@@ -153,7 +141,7 @@ def load_model(
     :param classes: replace the vocabulary (see module docstring); default the trained classes.
     :param allow_mismatch: warn instead of failing when the CLIP weights are not the ones trained on.
     """
-    from dbtr.models.lit_module import CheckpointMismatchError, DbtrLitModule
+    from dbtr.models.lit_module import CheckpointMismatchError, DbtrLitModule, residual_columns
     from dbtr.zeroshot.classifier import validate_class_names
 
     ckpt = read_checkpoint(ckpt_path)
@@ -169,19 +157,21 @@ def load_model(
     evaluation["top_k"] = sorted({min(int(k), len(names)) for k in evaluation.get("top_k", [3])})
     new = [n for n in names if n not in trained]
     rule = new_class_rule(hp)
-    if new and rule == "none":
+    if new and rule is None:
         raise ValueError(f"{ckpt_path} learned one prompt context per training class (prompts.class_specific): "
                          f"new class names {new[:5]} have none; use a subset of the trained classes "
                          f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})")
     if names != trained:
         # subsets, selection subset and residual_classes name the training vocabulary; carry over which names
         # kept T0 in training (unseen classes of a seen/unseen run) and drop the rest
-        learned = set(_learned_residual_classes(hp, trained))
+        chosen = hp.get("residual_classes")
+        learned = set(trained) if chosen is None else {
+            trained[i] for i in residual_columns(chosen, trained, hp.get("class_subsets") or {})}
         hp.update(class_subsets=None, residual_classes=[n for n in names if n in learned])
         evaluation["val_subset"] = None
     hp.update(clip=clip_cfg, class_names=names, evaluation=evaluation)
     model = DbtrLitModule(**hp)
-    model.load_state_dict(remap_residuals(ckpt["state_dict"], trained, names))
+    model.load_state_dict(remap_class_rows(ckpt["state_dict"], trained, names))
     trained_on = (ckpt.get("dbtr") or {}).get("clip_fingerprint")
     if trained_on and trained_on != model.encoder.fingerprint():
         message = (f"the CLIP at {clip_cfg['name_or_path']!r} is not the one {ckpt_path} was trained on "

@@ -141,6 +141,17 @@ def test_ensemble_equals_direct_minmax_combination(encoder):
     assert result["test/mAP_text"] == pytest.approx(mean_average_precision(a, batch["labels"]), abs=1e-9)
 
 
+def test_residual_classes_are_checked_against_subsets_and_names(encoder):
+    classes = ["red", "green", "blue", "yellow"]
+    subsets = {"seen": ["red", "green"], "unseen": ["blue", "yellow"]}
+    listed = _module(encoder, classes, residual_classes=["yellow", "red"])
+    assert listed.head.global_classifier.row_mask.tolist() == [1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match=r"residual_classes='seen' is not one of the class subsets \[\]"):
+        _module(encoder, classes, residual_classes="seen")
+    with pytest.raises(ValueError, match=r"residual_classes names classes that are not in class_names: \['pink'\]"):
+        _module(encoder, classes, class_subsets=subsets, residual_classes=["red", "pink"])
+
+
 def test_unseen_classes_keep_t0_and_the_generator_transfers(encoder):
     classes = ["red", "green", "blue", "yellow"]
     subsets = {"seen": ["red", "green"], "unseen": ["blue", "yellow"]}

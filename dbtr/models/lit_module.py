@@ -44,6 +44,20 @@ def attention_grid(attention: Tensor) -> Tensor:
     return attention.permute(0, 2, 1).reshape(b, c, g, g)
 
 
+def residual_columns(chosen: str | Sequence[str], class_names: Sequence[str],
+                     subsets: dict[str, Sequence[str]]) -> list[int]:
+    """Columns of ``model.residual_classes`` (a subset name or a list of names) in ``class_names``."""
+    if isinstance(chosen, str):
+        if chosen not in subsets:
+            raise ValueError(f"model.residual_classes={chosen!r} is not one of the class subsets {sorted(subsets)}")
+        chosen = subsets[chosen]
+    index = {n: i for i, n in enumerate(class_names)}
+    unknown = [n for n in chosen if n not in index]
+    if unknown:
+        raise ValueError(f"model.residual_classes names classes that are not in class_names: {unknown[:5]}")
+    return [index[n] for n in chosen]
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint's classes or embedding size do not match the data or the CLIP model."""
 
@@ -124,7 +138,7 @@ class DbtrLitModule(L.LightningModule):
                              f"{sorted(self.class_subsets)}")
         if residual_classes is not None:
             learned = torch.zeros(len(class_names), dtype=torch.bool)
-            learned[self._columns(residual_classes, "residual_classes")] = True
+            learned[residual_columns(residual_classes, self.class_names, class_subsets or {})] = True
             self.head.set_residual_classes(learned)
         self.init_from = init_from
         self.ensemble_cfg = dict(ensemble or {})
@@ -142,17 +156,6 @@ class DbtrLitModule(L.LightningModule):
         self.eval_scores: dict[str, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ set-up
-    def _columns(self, names: str | Sequence[str], what: str) -> list[int]:
-        if isinstance(names, str):
-            if names not in self.class_subsets:
-                raise ValueError(f"model.{what}={names!r} is not one of the class subsets {sorted(self.class_subsets)}")
-            return self.class_subsets[names]
-        index = {n: i for i, n in enumerate(self.class_names)}
-        unknown = [n for n in names if n not in index]
-        if unknown:
-            raise ValueError(f"model.{what} names classes that are not in class_names: {unknown[:5]}")
-        return [index[n] for n in names]
-
     def _subset_columns(self, subsets: dict[str, Sequence[str]]) -> dict[str, list[int]]:
         index = {n: i for i, n in enumerate(self.class_names)}
         out = {}
