@@ -74,5 +74,5 @@ def test_taidpt_composes_with_every_data_config_and_experiment(overrides):
     model = OmegaConf.to_container(cfg.model, resolve=False)
     assert model["prompts"] == {"n_ctx": 16, "ctx_init": None, "ctx_std": 0.02, "class_specific": False}
     assert model["head"]["global_residual"] is model["head"]["local_residual"] is False and model["head"]["pfa"] == "none"
-    image_trained = any(x in o for o in overrides for x in ("_partial", "_zsl"))  # those protocols train with ASL
+    image_trained = any(x in o for o in overrides for x in ("_partial", "_seen_unseen"))  # those protocols train with ASL
     assert model["optimizer"]["name"] == "sgd" and model["loss"] == ("asl" if image_trained else "ranking")
