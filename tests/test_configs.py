@@ -1,5 +1,5 @@
-"""Every config composes into what it claims: experiments build their datamodule and head, debug presets really
-shorten the run, and no config file restates a value its composition would have without it."""
+"""Every config composes into what it claims: experiments build their datamodule and head, debug presets
+really shorten the run, and no config file restates a value its composition would have without it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ PROTOCOLS = sorted(p.stem for p in (CONF / "protocol").glob("*.yaml"))
 # groups whose files override other files (a parent in their defaults list, or the entry config's choices)
 CHECKED_GROUPS = ("experiment", "protocol", "model", "data", "trainer", "callbacks", "debug")
 
-# what each benchmark experiment must build without touching the disk: datamodule class, classes, training signal
+# what each benchmark experiment builds without touching the disk: datamodule class, classes, training signal
 BENCHMARKS = {
     "voc2007_captions": ("VOC2007DataModule", 20, "captions"),
     "coco2014_captions": ("Coco2014DataModule", 80, "captions"),
@@ -46,7 +46,7 @@ def test_there_is_something_to_compose():
     assert set(BENCHMARKS) <= set(EXPERIMENTS)
 
 
-# --------------------------------------------------------------------------- experiments build what they claim
+# ------------------------------------------------------------------------ experiments build what they claim
 def _own(group: str, name: str, conf: Path = CONF) -> dict:
     """The file's own content (its defaults list left out), placed at its package."""
     path = conf / group / f"{name}.yaml"
@@ -114,7 +114,7 @@ def test_debug_presets_shorten_the_run(tmp_path):
                                                       limit.limit_test_batches) == (3, 2, 2)
     fdr_cfg, fdr = _trainer(["debug=fdr"], tmp_path)
     assert fdr.fast_dev_run and fdr.max_epochs == 1 and fdr.limit_train_batches == fdr.limit_test_batches == 1
-    assert default_cfg.callbacks and default_cfg.get("logger")  # the default run writes checkpoints and a CSV log
+    assert default_cfg.callbacks and default_cfg.get("logger")  # the default run writes checkpoints, a CSV log
     assert not fdr_cfg.callbacks and fdr_cfg.get("logger") is None  # the fast dev run writes neither
 
 
@@ -151,7 +151,8 @@ def _parents(group: str, name: str, conf: Path) -> list[str]:
 
 
 def _contexts(group: str, name: str, conf: Path) -> list[list[str]]:
-    """The compositions a file takes part in: selected on its own, and (protocols) under each experiment using it."""
+    """The compositions a file takes part in: selected on its own, and (protocols) under each experiment
+    using it."""
     contexts = [[f"{group}={name}"]]
     if group == "protocol":
         for exp in sorted(p.stem for p in (conf / "experiment").glob("*.yaml")):
@@ -172,8 +173,8 @@ def _restated(own, base, key: str = "") -> list[str]:
 
 
 def restated_defaults(group: str, name: str, conf: Path) -> list[str]:
-    """``group/name.yaml: key = value`` for every key of that file equal to what the composition has without the
-    file's own content (its defaults list kept). The file is emptied in ``conf``, a throw-away copy."""
+    """``group/name.yaml: key = value`` for every key of that file equal to what the composition has without
+    the file's own content (its defaults list kept). The file is emptied in ``conf``, a throw-away copy."""
     path = conf / group / f"{name}.yaml"
     text = path.read_text()
     own = _own(group, name, conf)
@@ -188,8 +189,9 @@ def restated_defaults(group: str, name: str, conf: Path) -> list[str]:
             cfg = _compose("train.yaml", overrides, conf)
             base = OmegaConf.to_container(cfg, resolve=False)
             for key in _restated(own, base):
-                found.append(f"{group}/{name}.yaml: {key} = {OmegaConf.select(cfg, key)!r} restates the value "
-                             f"it has without this line (with {' '.join(overrides)})")
+                value = OmegaConf.select(cfg, key)
+                found.append(f"{group}/{name}.yaml: {key} = {value!r} restates the value it has without this "
+                             f"line (with {' '.join(overrides)})")
     finally:
         path.write_text(text)
     return sorted(set(found))
@@ -214,7 +216,7 @@ def test_no_config_file_restates_a_default(group, conf_copy):
 
 
 def test_restated_defaults_are_found(conf_copy):
-    """The check above can fail: restated lines added to an experiment, a protocol and a model are reported."""
+    """The check above can fail: restated lines added to an experiment, a protocol and a model are found."""
     exp = conf_copy / "experiment" / "tiny_zsclip.yaml"
     exp.write_text(exp.read_text() + "trainer:\n  max_epochs: 20\n  min_epochs: 2\n")
     model = conf_copy / "model" / "zsclip_centered.yaml"
@@ -224,6 +226,7 @@ def test_restated_defaults_are_found(conf_copy):
     assert [line.split(" = ")[0] for line in restated_defaults("experiment", "tiny_zsclip", conf_copy)] == [
         "experiment/tiny_zsclip.yaml: trainer.max_epochs"]
     assert [line.split(" = ")[0] for line in restated_defaults("model", "zsclip_centered", conf_copy)] == [
-        "model/zsclip_centered.yaml: model.head.merge_weight", "model/zsclip_centered.yaml: model.head.tau_text"]
+        "model/zsclip_centered.yaml: model.head.merge_weight",
+        "model/zsclip_centered.yaml: model.head.tau_text"]
     assert {line.split(" = ")[0] for line in restated_defaults("protocol", "partial", conf_copy)} == {
         "protocol/partial.yaml: data.train_on"}

@@ -15,8 +15,8 @@ from dbtr.data.benchmarks import synthetic
 from dbtr.losses import get_loss, split_labels
 from dbtr.metrics import f1_at_k, mean_average_precision, minmax
 
-EXPERIMENTS = ("voc2007_captions", "coco2014_captions", "nuswide_captions", "voc2007_partial", "coco2014_partial",
-               "nuswide_partial", "coco2014_seen_unseen", "nuswide_seen_unseen")
+EXPERIMENTS = ("voc2007_captions", "coco2014_captions", "nuswide_captions", "voc2007_partial",
+               "coco2014_partial", "nuswide_partial", "coco2014_seen_unseen", "nuswide_seen_unseen")
 
 
 @pytest.fixture(scope="module")
