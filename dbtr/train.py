@@ -3,7 +3,7 @@
     dbtr-train                                   # the demo data and model (run `dbtr-demo` first)
     dbtr-train model=taskres_global seed=2       # a baseline, another seed
     dbtr-train -m model=dbtr,dual_noattn seed=1,2,3
-    dbtr-train experiment=voc2007_zs clip.name_or_path=/weights/clip-b16 paths.data_dir=/data
+    dbtr-train experiment=voc2007_captions clip.name_or_path=/weights/clip-b16 paths.data_dir=/data
 
 Writes ``<run dir>/metrics.json`` (final numbers), ``.hydra/config.yaml`` and ``checkpoints/``.
 """

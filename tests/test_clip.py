@@ -25,7 +25,7 @@ def _reference_last_block_input(model, pixel_values):
 
 
 def _reference_dense(model, pixel_values, mode):
-    """Per-head loops, written independently of dbtr's vectorised code (method.md section 6.2)."""
+    """Per-head loops, written independently of dbtr's vectorised code (docs/method.md §2.2)."""
     x = _reference_last_block_input(model, pixel_values)
     layer = model.vision_model.encoder.layers[-1]
     attn = layer.self_attn

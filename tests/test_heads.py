@@ -1,4 +1,4 @@
-"""Head equations against straightforward per-sample, per-class loop references (method.md section 5)."""
+"""Head equations against straightforward per-sample, per-class loop references (docs/method.md §3)."""
 
 from __future__ import annotations
 

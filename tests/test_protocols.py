@@ -15,8 +15,8 @@ from dbtr.data.benchmarks import synthetic
 from dbtr.losses import get_loss, split_labels
 from dbtr.metrics import f1_at_k, mean_average_precision, minmax
 
-EXPERIMENTS = ("voc2007_zs", "coco2014_zs", "nuswide_zs", "voc2007_partial", "coco2014_partial", "nuswide_partial",
-               "coco2014_zsl", "nuswide_zsl")
+EXPERIMENTS = ("voc2007_captions", "coco2014_captions", "nuswide_captions", "voc2007_partial",
+               "coco2014_partial", "nuswide_partial", "coco2014_seen_unseen", "nuswide_seen_unseen")
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +48,14 @@ def test_experiment_runs_tiny_version(experiment, data_dir, demo_dir, tmp_path):
     dm = objects["datamodule"]
     assert saved["test"]["test/mAP"] == pytest.approx(metrics["test/mAP"]) and 0 < metrics["test/mAP"] <= 100
     assert json.loads((tmp_path / "run" / "data_report.json").read_text())["val"]["num_items"] == 6
-    if experiment.endswith("_zs"):
+    if experiment.endswith("_captions"):
         assert dm.train_on == "captions" and (tmp_path / "run" / "corpus_report.json").is_file()
     else:
         assert dm.train_on == "images" and len(dm.train_records) == 18  # 24 training images minus 6 held out
     if experiment.endswith("_partial"):
         known = (dm.train_records.labels != 0).mean()
         assert 0.3 < known < 0.7 and Path(cfg.data.partial_file).is_file()
-    if experiment.endswith("_zsl"):
+    if experiment.endswith("_seen_unseen"):
         unseen = dm.class_subsets["unseen"]
         cols = [dm.class_names.index(c) for c in unseen]
         assert (dm.train_records.labels[:, cols] == 0).all()  # no unseen label reaches training
@@ -71,7 +71,7 @@ def test_partial_then_ensemble_through_the_cli(data_dir, demo_dir, tmp_path):
     from test_end_to_end import _cli
 
     common = [o for o in tiny_overrides(data_dir, demo_dir, tmp_path / "x") if not o.startswith("paths.output_dir")]
-    _cli("dbtr-train", "experiment=voc2007_zs", *common, f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
+    _cli("dbtr-train", "experiment=voc2007_captions", *common, f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
     zs = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     ckpt = zs["checkpoint"]
     _cli("dbtr-train", "experiment=voc2007_partial", *common, "data.label_proportion=0.3", f"model.init_from='{ckpt}'",

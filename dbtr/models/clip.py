@@ -1,7 +1,7 @@
 """Frozen HF CLIP wrapper: text EOT + token embeddings, image global + dense patch embeddings.
 
 Everything the heads consume comes out of this one module, projected into the joint space and
-L2-normalised. Dense image features follow method.md section 6: the last vision block is recomputed
+L2-normalised. Dense image features follow docs/method.md §2.2: the last vision block is recomputed
 for the patch tokens (``naive`` = standard block, ``maskclip`` = identity attention, ``clearclip`` =
 q-q attention; the last two drop the residual and the MLP), while the global embedding is the
 untouched CLS path. Running the first L-1 blocks once and splitting only the last block keeps the

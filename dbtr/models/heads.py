@@ -1,4 +1,4 @@
-"""Dual-branch task-residual head with parameter-free attention (pure torch, method.md section 5).
+"""Dual-branch task-residual head with parameter-free attention (pure torch, docs/method.md §3).
 
 Inputs are L2-normalised CLIP features: a global vector per sample (image CLS embedding, or a caption's
 EOT embedding) and a set of local vectors (image patches, or caption tokens with a padding mask).

@@ -1,4 +1,4 @@
-"""TaI-DPT's double-grained prompts (method.md 2.4): two learned CoOp contexts through the frozen text tower.
+"""TaI-DPT's double-grained prompts (docs/method.md §4): two learned CoOp contexts, through the frozen CLIP.
 
     prompt_c = [SOS] ctx_1 .. ctx_n {class name} . [EOS]        n = 16 learned token embeddings
     T_g = norm(TextEnc(ctx_global ⊕ name_c)),  T_l = norm(TextEnc(ctx_local ⊕ name_c))       (C, D) each

@@ -1,4 +1,4 @@
-"""Caption sources for text-only training and their assembly into a labelled corpus (method.md section 2.1-2.2).
+"""Caption sources for text-only training assembled into a labelled corpus (docs/method.md §5.1, §5.2).
 
 Sources yield ``(where, text)`` pairs, ``where`` being "file:line" (or file#index) for error messages:
 - ``coco_captions``: ``captions_train2017.json`` layout (``{"annotations": [{"caption": ...}, ...]}``);

@@ -1,4 +1,4 @@
-"""Caption -> multi-hot labels by synonym matching on lemmas (TaI-DPT protocol, method.md section 2.2).
+"""Caption -> multi-hot labels by synonym matching on lemmas (TaI-DPT protocol, docs/method.md §5.2).
 
 TaI-DPT lemmatises with NLTK's POS tagger + WordNet, whose data cannot be downloaded here. We use
 lemminflect (its data ships in the wheel) and, lacking a tagger, give every token the set of its possible
