@@ -27,14 +27,14 @@ def _reference_path() -> Path:
     override = os.environ.get("DBTR_REFERENCE_DIR")
     if override:
         return Path(override) / REFERENCE_NAME
-    return Path(__file__).resolve().parents[2] / "shared/data/reference" / REFERENCE_NAME
+    return Path(__file__).resolve().parent / "data/reference" / REFERENCE_NAME
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, np.ndarray]:
     path = _reference_path()
     if not path.is_file():
-        # Part of the project's shared data: its absence is a broken checkout, not a reason to skip.
+        # Shipped in tests/data/reference: its absence is a broken checkout, not a reason to skip.
         pytest.fail(f"reference predictions not found at {path} (set DBTR_REFERENCE_DIR to the folder holding {REFERENCE_NAME})")
     with np.load(path) as d:
         data = {k: d[k] for k in ("labels", "global_scores", "local_scores")}
