@@ -15,9 +15,9 @@ import torch
 
 from dbtr.data.captions import encode_caption_features
 from dbtr.data.feature_cache import (
-    caption_cache_key,
     cached_caption_features,
     cached_image_features,
+    caption_cache_key,
     image_cache_key,
     save_caption_features,
 )
@@ -42,7 +42,7 @@ def _image_loader(demo_dir, encoder, root=None):
 
 
 def test_build_then_hit_returns_the_same_memory_mapped_features(encoder, tmp_path):
-    feats, status = cached_caption_features(encoder, TEXTS, tmp_path)
+    _, status = cached_caption_features(encoder, TEXTS, tmp_path)
     assert status == "built"
     again, status = cached_caption_features(encoder, TEXTS, tmp_path)
     assert status == "hit" and isinstance(again.token_embeds, np.memmap)
@@ -144,7 +144,7 @@ def test_an_image_replaced_by_another_of_the_same_size_is_a_new_key(encoder, dem
     root = tmp_path / "images"
     shutil.copytree(demo_dir / "images", root)
     loader = _image_loader(demo_dir, encoder, root)
-    before, _, status = cached_image_features(encoder, loader, tmp_path / "cache")
+    _, _, status = cached_image_features(encoder, loader, tmp_path / "cache")
     assert status == "built"
     key = image_cache_key(encoder, loader.dataset.records, loader.dataset.transform)
     first, other = (root / n for n in loader.dataset.records.file_names[:2])
