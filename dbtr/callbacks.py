@@ -21,7 +21,8 @@ class EvalPlots(L.Callback):
 
     :param dirpath: output folder (``<run>/plots``).
     :param num_images: test images drawn in ``heatmaps.png`` (the first ones of the split).
-    :param top_k: classes per image in the heatmaps (the best-scored ones).
+    :param top_k: classes per image in the heatmaps (the best-scored ones). Where the labels file has ``boxes``
+        (the toy world), the true boxes are drawn on the image and on the panel of their class.
     """
 
     def __init__(self, dirpath: str, num_images: int = 4, top_k: int = 3):
@@ -52,26 +53,31 @@ class EvalPlots(L.Callback):
     def _heatmaps(self, trainer: L.Trainer, pl_module) -> Path | None:
         from dbtr.data.images import ClipImageTransform, load_image
         from dbtr.models.lit_module import attention_grid
-        from dbtr.viz import heatmap_figure, save_figure, top_panels
+        from dbtr.viz import crop_boxes, heatmap_figure, read_boxes, save_figure, top_panels
 
         dm = trainer.datamodule
         records = getattr(dm, "test_records", None)
         if not pl_module.head.use_local or records is None or self.num_images <= 0:
             return None
         transform = ClipImageTransform(dm.image_size, dm.mean, dm.std)
-        images = [load_image(records.root / f) for f in records.file_names[: self.num_images]]
+        files = records.file_names[: self.num_images]
+        images = [load_image(records.root / f) for f in files]
+        labels_file = getattr(dm, "test_labels", None)
+        boxes = read_boxes(labels_file, files) if labels_file and str(labels_file).endswith(".jsonl") else {}
         was_training = pl_module.training
         pl_module.eval()
         out = pl_module(torch.stack([transform(im) for im in images]).to(pl_module.device))
         pl_module.train(was_training)
         scores, attention = out.logits.float().cpu().numpy(), attention_grid(out.local_attention).cpu().numpy()
         k = min(self.top_k, len(pl_module.class_names))
-        rows = []
-        for i, image in enumerate(images):
+        names, rows = pl_module.class_names, []
+        for i, (file, image) in enumerate(zip(files, images)):
             true = np.flatnonzero(records.labels[i] == 1).tolist()
-            rows.append((transform.crop(image), top_panels(pl_module.class_names, scores[i], attention[i], k, marks=true)))
-        title = f"local-branch attention, top-{k} classes (✓ = true label)"
-        return save_figure(heatmap_figure(rows, title=title), self.dirpath / "heatmaps.png")
+            shown = crop_boxes(boxes.get(file, []), image.size, transform.size, names)
+            rows.append((transform.crop(image), top_panels(names, scores[i], attention[i], k, marks=true, boxes=shown),
+                         shown))
+        title = f"local-branch attention, top-{k} classes (✓ = true label" + ("; boxes: true objects)" if boxes else ")")
+        return save_figure(heatmap_figure(rows, title=title, class_names=names), self.dirpath / "heatmaps.png")
 
     @staticmethod
     def _to_wandb(trainer: L.Trainer, names, ap: np.ndarray, paths: dict[str, Path]) -> None:

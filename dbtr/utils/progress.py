@@ -1,18 +1,62 @@
-"""Console output in one place: rich progress bars for the slow loops, and the quiet switch.
+"""Console output in one place: rich progress bars for the slow loops, the quiet switch, and library noise.
 
 ``quiet=true`` hides every progress bar (ours, Lightning's, Hugging Face's) and drops console log records
-below WARNING; the log file of the run (Hydra's ``<run dir>/<task>.log``) still gets everything. The final
-metrics table is printed either way.
+below WARNING; the log file of the run (Hydra's ``<run dir>/<task>.log``) still gets everything. One line
+names the run folder, and the final metrics table is printed either way.
+
+In every mode :func:`silence_library_noise` drops what the libraries print on each run without it saying
+anything about the run: Lightning's accelerator banners (GPU/TPU/HPU available), its add-on tips, and a
+deprecation inside Lightning itself. Real warnings are kept.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import warnings
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 _quiet = False
+_silenced = False
+
+# Lightning's info lines that are the same on every run (matched at the start of the message)
+_BANNERS = re.compile(r"(GPU|TPU|HPU|IPU) available|💡 Tip:|Loading `\w+` to estimate number of stepping batches")
+# Lightning routes rank_zero_info through these loggers (whichever module was imported last sets it)
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                      "lightning_utilities.core.rank_zero")
+# lightning/pytorch/utilities/_pytree.py calls a torch API deprecated in torch 2.10: not ours to fix, twice a run
+_LIBRARY_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _DropBanners(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _BANNERS.match(record.getMessage())
+
+
+def silence_library_noise() -> None:
+    """Drop Lightning's per-run banners and tips and the library deprecations above (idempotent)."""
+    global _silenced
+    if not _silenced:
+        _silenced = True
+        for name in _RANK_ZERO_LOGGERS:
+            logging.getLogger(name).addFilter(_DropBanners())
+    for message in _LIBRARY_DEPRECATIONS:  # re-adding a filter moves it to the front instead of duplicating it
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+
+
+def _run_folder() -> tuple[str, str | None] | None:
+    """The Hydra run folder and the run's log file, None outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        folder = HydraConfig.get().runtime.output_dir
+    except Exception:  # not inside a Hydra app (a test calling train(cfg) directly)
+        return None
+    logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return folder, (logs[0] if logs else None)
 _CONSOLE_STREAMS = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
 
 
@@ -21,9 +65,13 @@ def is_quiet() -> bool:
 
 
 def set_quiet(quiet: bool) -> None:
-    """Apply (or lift) quiet mode for this process."""
+    """Apply (or lift) quiet mode for this process; every CLI calls it first (it also silences library noise)."""
     global _quiet
     _quiet = bool(quiet)
+    silence_library_noise()
+    run = _run_folder() if quiet else None
+    if run is not None:  # quiet hides the INFO line naming the outputs: say once where they go
+        print(f"run folder: {run[0]}" + (f" (full log: {run[1]})" if run[1] else ""), flush=True)
     level = logging.WARNING if quiet else logging.NOTSET
     for handler in logging.getLogger().handlers:  # console handlers only: the run's log file stays complete
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
