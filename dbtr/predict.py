@@ -25,11 +25,12 @@ from typing import Sequence
 from PIL import Image
 
 from dbtr.inference import IMAGE_SUFFIXES, LoadedModel
+from dbtr.utils.errors import UserError
 
 FORMATS = ("jsonl", "csv")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Wrong arguments or inputs that make the whole run pointless (exit status 2)."""
 
 

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from dbtr.utils.errors import UserError
+
 # Overrides that change where or how a run is written, never its numbers (prefixes of the override key).
 IGNORED_OVERRIDES = ("seed", "hydra", "paths", "cache_dir", "cache_image_features", "logger")
 # Protocol field -> config paths tried in order (the first that is set wins).
@@ -67,7 +69,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 MISSING = "—"
 
 
-class ResultsError(Exception):
+class ResultsError(UserError):
     """A refusal or bad input: printed as one message, exit status 2."""
 
 

@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dbtr.utils.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DenseMode = Literal["naive", "maskclip", "clearclip"]
 DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip")
 
 
-class ClipWeightsNotFound(FileNotFoundError):
+class ClipWeightsNotFound(UserError, FileNotFoundError):
     """Raised when a CLIP checkpoint cannot be loaded from a folder or the (offline) hub cache."""
 
 

@@ -21,6 +21,7 @@ from dbtr.metrics import ScoreCollector, evaluate_scores, f1_at_k, minmax
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.models.prompts import PromptLearner
+from dbtr.utils.errors import UserError
 from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
 
@@ -58,7 +59,7 @@ def residual_columns(chosen: str | Sequence[str], class_names: Sequence[str],
     return [index[n] for n in chosen]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint's classes or embedding size do not match the data or the CLIP model."""
 
 

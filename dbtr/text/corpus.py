@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from dbtr.data.labels import DataFormatError, iter_jsonl, load_json, signed_row
+from dbtr.data.labels import DataFormatError, iter_jsonl, iter_lines, load_json, signed_row
 from dbtr.text.synonyms import SynonymVocabulary
 from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
 
@@ -51,10 +51,9 @@ def text_lines(path: str | os.PathLike) -> Iterator[Caption]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption text file not found: {path} (expected one caption per line)")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                yield f"{path}:{lineno}", line.strip()
+    for lineno, line in iter_lines(path):
+        if line.strip():
+            yield f"{path}:{lineno}", line.strip()
 
 
 def hf_dataset(path: str, column: str = "caption", split: str = "train", data_files=None, **kwargs) -> Iterator[Caption]:

@@ -19,10 +19,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dbtr.utils.errors import UserError
+
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError):
     """A synonym vocabulary is malformed (the message names the file and the classes involved)."""
 
 

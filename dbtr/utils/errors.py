@@ -1,0 +1,202 @@
+"""User errors and the one boundary that turns them into a clean message and a non-zero exit status.
+
+A *user error* is something the user can fix: a config value, an input file (missing, malformed, not UTF-8), an
+output that cannot be written, a checkpoint that does not fit. Every console script prints it as one paragraph,
+``<prog>: error: <what, where, what to do>``, with no traceback, and exits with status 2. Anything else (a
+``TypeError``, an ``IndexError``, ...) is a bug and keeps its full traceback.
+
+What counts (:func:`user_message`): :class:`UserError` and its subclasses (``DataFormatError``,
+``ClipWeightsNotFound``, ``CheckpointMismatchError``, ...), ``OSError`` on a named file (read or write), a
+``FileNotFoundError`` raised with our own message, ``UnicodeDecodeError``, OmegaConf config errors (a missing
+``???`` value, a wrong type), and a target's signature refusing a config key. Hydra's ``InstantiationException``
+is unwrapped to the exception the ``_target_`` raised.
+
+``HYDRA_FULL_ERROR=1`` (or ``DBTR_TRACEBACK=1``) re-raises instead, for the full trace, in every script.
+
+Hydra multirun (``-m``): a job that fails on a user error logs the paragraph to its own log file and stderr and
+is marked failed; the remaining jobs still run, and at the end Hydra reports the first failed job's overrides and
+the paragraph (no traceback) and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Iterator
+
+EXIT_USER_ERROR = 2
+_TRACEBACK_VARS = ("HYDRA_FULL_ERROR", "DBTR_TRACEBACK")
+
+
+class UserError(ValueError):
+    """An error the user can fix; its message says what was wrong, where, and what to do.
+
+    A ValueError, so callers (and tests) that catch ValueError for bad values keep working."""
+
+
+class ConfigError(UserError):
+    """A config value or command-line option is not allowed (the message lists the allowed values)."""
+
+
+def traceback_requested() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in _TRACEBACK_VARS)
+
+
+def choice_error(key: str, value: Any, allowed: Any) -> ConfigError:
+    """``key=value`` is not one of ``allowed``: the message lists them in the form to type."""
+    return ConfigError(f"{key}={value} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception a Hydra ``_target_`` raised, not the ``InstantiationException`` around it."""
+    try:
+        from hydra.errors import InstantiationException
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return exc
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one-paragraph message of a user error, or None for a bug (which keeps its traceback)."""
+    outer, exc = exc, unwrap(exc)
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a text input is not UTF-8 ({exc.reason} at byte {exc.start}): save the file as UTF-8 "
+                "(UTF-8 with a byte-order mark is fine)")
+    if isinstance(exc, OSError):
+        return _os_message(exc)
+    if _is_config_error(exc):
+        return _one_paragraph(str(exc))
+    if isinstance(exc, TypeError) and outer is not exc and _signature_refusal(exc):
+        where = str(outer).rsplit("full_key: ", 1)[-1].strip() if "full_key: " in str(outer) else "the config"
+        return f"{where}: {exc} (check the keys given under {where} on the command line or in the config)"
+    return None
+
+
+def _os_message(exc: OSError) -> str | None:
+    if exc.filename is None:
+        # raised by our code (or a library) with a message and no errno: that message is the explanation
+        return str(exc) if exc.errno is None and str(exc) else None
+    verb = "write" if _writing(exc) else "read"
+    what = exc.strerror or str(exc)
+    hint = {errno.EACCES: " (check its permissions, or choose another location)",
+            errno.EPERM: " (check its permissions, or choose another location)",
+            errno.EROFS: " (the file system is read-only: choose another location)",
+            errno.ENOSPC: " (free some space, or choose another location)"}.get(exc.errno or -1, "")
+    return f"cannot {verb} {exc.filename}: {what}{hint}"
+
+
+_WRITE_FRAME = re.compile(r"write|save|dump|mkdir|makedirs|mkstemp|replace|rename|atomic|copy")
+_READ_FRAME = re.compile(r"read|load|scandir|listdir|iterdir|glob|stat")
+
+
+def _writing(exc: OSError) -> bool:
+    """Whether the failed call was writing: the innermost frame whose name says read or write decides."""
+    if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    tb, names = exc.__traceback__, []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    for name in reversed(names):
+        if _WRITE_FRAME.search(name):
+            return True
+        if _READ_FRAME.search(name):
+            return False
+    return False
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    try:
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return False
+    return isinstance(exc, OmegaConfBaseException)
+
+
+def _signature_refusal(exc: TypeError) -> bool:
+    """A TypeError raised by the call itself (``unexpected keyword argument``), not inside the callee."""
+    tb = exc.__traceback__
+    return tb is not None and tb.tb_next is None and "argument" in str(exc)
+
+
+def _one_paragraph(text: str) -> str:
+    """OmegaConf messages are several lines (``full_key: ...``, ``object_type=...``): one line, joined by '; '."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("object_type=")]
+    return "; ".join(lines)
+
+
+def format_error(prog: str, message: str) -> str:
+    return f"{prog}: error: {message.rstrip()}"
+
+
+@contextlib.contextmanager
+def user_errors(prog: str) -> Iterator[None]:
+    """The boundary of an argparse console script: a user error becomes one paragraph on stderr and exit 2."""
+    try:
+        yield
+    except Exception as exc:
+        message = None if traceback_requested() else user_message(exc)
+        if message is None:
+            raise
+        print(format_error(prog, message), file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def cli(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator form of :func:`user_errors` for a ``main(argv)``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with user_errors(prog):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
+
+
+def hydra_job_failed(prog: str, exc: BaseException, log: logging.Logger) -> BaseException | None:
+    """Inside a Hydra task: report a user error and return what to raise instead (None: a bug, re-raise it).
+
+    Single run: SystemExit(2) after the paragraph on stderr. Multirun: a compact Hydra exception, so Hydra
+    marks the job failed, runs the other jobs, and finally prints the paragraph (not a traceback) and exits 1.
+    """
+    message = None if traceback_requested() else user_message(exc)
+    if message is None:
+        return None
+    text = format_error(prog, message)
+    _log_to_files(log, text)
+    print(text, file=sys.stderr, flush=True)
+    if _in_multirun():
+        from hydra.errors import CompactHydraException
+
+        return CompactHydraException(text)
+    return SystemExit(EXIT_USER_ERROR)
+
+
+def _log_to_files(log: logging.Logger, text: str) -> None:
+    """The run's log file keeps the error too (the console already gets it on stderr, once)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, (), None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # outside a Hydra app
+        return False
