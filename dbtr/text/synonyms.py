@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dbtr.utils.errors import UserError
+from dbtr.utils.errors import ConfigError, UserError
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -127,7 +127,7 @@ def builtin_vocabulary(name: str) -> SynonymVocabulary:
     dataset's standard label order). VOC's "diningtable", "tvmonitor", "pottedplant" prompt as "dining table",
     "tv monitor", "potted plant"."""
     if name not in BUILTIN_VOCABULARIES:
-        raise ValueError(f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)")
+        raise ConfigError(f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)")
     return load_vocabulary(VOCABULARY_DIR / f"{name}.json")
 
 

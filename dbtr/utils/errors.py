@@ -74,7 +74,7 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         return _os_message(exc)
     if _is_config_error(exc):
-        return _one_paragraph(str(exc))
+        return _config_message(exc)
     if isinstance(exc, TypeError) and outer is not exc and _signature_refusal(exc):
         where = str(outer).rsplit("full_key: ", 1)[-1].strip() if "full_key: " in str(outer) else "the config"
         return f"{where}: {exc} (check the keys given under {where} on the command line or in the config)"
@@ -90,8 +90,21 @@ def _os_message(exc: OSError) -> str | None:
     hint = {errno.EACCES: " (check its permissions, or choose another location)",
             errno.EPERM: " (check its permissions, or choose another location)",
             errno.EROFS: " (the file system is read-only: choose another location)",
-            errno.ENOSPC: " (free some space, or choose another location)"}.get(exc.errno or -1, "")
-    return f"cannot {verb} {exc.filename}: {what}{hint}"
+            errno.ENOSPC: " (free some space, or choose another location)",
+            errno.ENOTDIR: " (a file stands where a folder is needed)",
+            errno.EEXIST: " (a file stands where a folder is needed)"}.get(exc.errno or -1, "")
+    return f"cannot {verb} {_shown_path(exc.filename)}: {what}{hint}"
+
+
+# dbtr.utils.io writes through a hidden temporary file next to the target (.<name>.<random>.tmp): name the target
+_ATOMIC_TEMP = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
+
+
+def _shown_path(filename: Any) -> str:
+    path = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else str(filename)
+    head, tail = os.path.split(path)
+    temp = _ATOMIC_TEMP.match(tail)
+    return os.path.join(head, temp.group("name")) if temp else path
 
 
 _WRITE_FRAME = re.compile(r"write|save|dump|mkdir|makedirs|mkstemp|replace|rename|atomic|copy")
@@ -114,12 +127,25 @@ def _writing(exc: OSError) -> bool:
     return False
 
 
+def _config_message(exc: BaseException) -> str:
+    from omegaconf.errors import MissingMandatoryValue
+
+    key = getattr(exc, "full_key", None)
+    if isinstance(exc, MissingMandatoryValue) and key:
+        return f"{key} is required (it is ??? in the config): pass {key}=<value> on the command line"
+    return _one_paragraph(str(exc))
+
+
 def _is_config_error(exc: BaseException) -> bool:
+    """OmegaConf errors, and Hydra's composition errors where a script composes its config itself (toy-world
+    demo): an override that does not parse, a config group option or key that does not exist."""
     try:
+        from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
         from omegaconf.errors import OmegaConfBaseException
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
+    except ImportError:  # pragma: no cover - both are dependencies
         return False
-    return isinstance(exc, OmegaConfBaseException)
+    return isinstance(exc, (OmegaConfBaseException, ConfigCompositionException, MissingConfigException,
+                            OverrideParseException))
 
 
 def _signature_refusal(exc: TypeError) -> bool:
@@ -131,7 +157,10 @@ def _signature_refusal(exc: TypeError) -> bool:
 def _one_paragraph(text: str) -> str:
     """OmegaConf messages are several lines (``full_key: ...``, ``object_type=...``): one line, joined by '; '."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("object_type=")]
-    return "; ".join(lines)
+    out = ""
+    for line in lines:
+        out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 def format_error(prog: str, message: str) -> str:
