@@ -41,7 +41,7 @@ class PromptLearner(nn.Module):
     ):
         super().__init__()
         if n_ctx < 1:
-            raise ConfigError(f"prompts.n_ctx must be >= 1, got {n_ctx}")
+            raise ConfigError(f"model.prompts.n_ctx must be >= 1, got {n_ctx}")
         tok = encoder.tokenizer
         width = int(encoder.model.config.text_config.hidden_size)
         rows = []
@@ -52,7 +52,7 @@ class PromptLearner(nn.Module):
             if len(row) > encoder.max_length:
                 raise ConfigError(
                     f"the prompt of class {name!r} has {len(row)} tokens with n_ctx={n_ctx} context tokens, more "
-                    f"than the text encoder's {encoder.max_length}: lower prompts.n_ctx or shorten the class name"
+                    f"than the text encoder's {encoder.max_length}: lower model.prompts.n_ctx or shorten the class name"
                 )
             rows.append(row)
         # Causal text tower: nothing after the longest prompt's EOT matters, so sequences stop there.
@@ -71,7 +71,7 @@ class PromptLearner(nn.Module):
             return torch.randn(shape) * std
         ids = encoder.tokenizer(ctx_init)["input_ids"][1:-1]  # without SOS / EOS
         if len(ids) != self.n_ctx:
-            raise ConfigError(f"prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but prompts.n_ctx={self.n_ctx}")
+            raise ConfigError(f"model.prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but model.prompts.n_ctx={self.n_ctx}")
         with torch.no_grad():
             emb = encoder.embed_tokens(torch.tensor(ids)).float().cpu()
         return emb.expand(shape).clone()
