@@ -231,6 +231,9 @@ def test_what_counts_as_a_user_error(tmp_path):
     wrapped = InstantiationException("Error in call to target 'X':\nUserError('a\\nb')\nfull_key: model")
     wrapped.__cause__ = UserError("the cause")
     assert user_message(wrapped) == "the cause"
+    refused = InstantiationException("Error in call to target 'X':\nTypeError(...)\nfull_key: model.head")
+    refused.__cause__ = TypeError("DualBranchHead.__init__() got an unexpected keyword argument 'typo'")
+    assert user_message(refused).startswith("model.head: DualBranchHead.__init__() got an unexpected keyword")
 
     def write():
         (tmp_path / "missing_folder" / "out.json").write_text("{}")

@@ -77,7 +77,7 @@ def user_message(exc: BaseException) -> str | None:
         return _config_message(exc)
     if isinstance(exc, TypeError) and outer is not exc and _signature_refusal(exc):
         where = str(outer).rsplit("full_key: ", 1)[-1].strip() if "full_key: " in str(outer) else "the config"
-        return f"{where}: {exc} (check the keys given under {where} on the command line or in the config)"
+        return f"{where}: {exc} (check the keys under {where} given on the command line or in the config)"
     return None
 
 
@@ -148,10 +148,12 @@ def _is_config_error(exc: BaseException) -> bool:
                             OverrideParseException))
 
 
+_SIGNATURE = re.compile(r"got an unexpected keyword argument|missing \d+ required (positional|keyword-only) argument")
+
+
 def _signature_refusal(exc: TypeError) -> bool:
-    """A TypeError raised by the call itself (``unexpected keyword argument``), not inside the callee."""
-    tb = exc.__traceback__
-    return tb is not None and tb.tb_next is None and "argument" in str(exc)
+    """While building a ``_target_``: a constructor refused a config key (``+model.head.typo=1``) or lacks one."""
+    return _SIGNATURE.search(str(exc)) is not None
 
 
 def _one_paragraph(text: str) -> str:
