@@ -214,6 +214,18 @@ def test_a_zero_size_image_is_undecodable_not_a_crash(tmp_path, monkeypatch):
         ImageDataset(records, ClipImageTransform(8), on_bad_image="error")[0]
 
 
+def test_an_image_error_in_a_dataloader_worker_is_still_one_message(tmp_path):
+    from torch.utils.data import DataLoader
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    records = ImageRecords(tmp_path, ["broken.png"], np.ones((1, 2), dtype=np.int8), ["a", "b"])
+    loader = DataLoader(ImageDataset(records, ClipImageTransform(8)), num_workers=1)
+    err = _raised(lambda: next(iter(loader)))
+    assert isinstance(err, ImageDecodeError) and "Original Traceback" in str(err)  # what torch re-raises
+    message = user_message(err)
+    assert message.startswith(f"cannot decode image {tmp_path / 'broken.png'}") and "Traceback" not in message
+
+
 def _raised(fn):
     try:
         fn()

@@ -67,7 +67,7 @@ def user_message(exc: BaseException) -> str | None:
     """The one-paragraph message of a user error, or None for a bug (which keeps its traceback)."""
     outer, exc = exc, unwrap(exc)
     if isinstance(exc, UserError):
-        return str(exc)
+        return _without_worker_traceback(str(exc))
     if isinstance(exc, UnicodeDecodeError):
         return (f"a text input is not UTF-8 ({exc.reason} at byte {exc.start}): save the file as UTF-8 "
                 "(UTF-8 with a byte-order mark is fine)")
@@ -81,10 +81,19 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
+def _without_worker_traceback(text: str) -> str:
+    """A DataLoader worker's exception is re-raised in the main process as "Caught X in DataLoader worker
+    process 0.\nOriginal Traceback ...\nX: <message>": keep the message."""
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _os_message(exc: OSError) -> str | None:
     if exc.filename is None:
         # raised by our code (or a library) with a message and no errno: that message is the explanation
-        return str(exc) if exc.errno is None and str(exc) else None
+        return _without_worker_traceback(str(exc)) if exc.errno is None and str(exc) else None
     verb = "write" if _writing(exc) else "read"
     what = exc.strerror or str(exc)
     hint = {errno.EACCES: " (check its permissions, or choose another location)",
