@@ -53,7 +53,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "class_names" not in hp or "state_dict" not in ckpt:
         raise UserError(f"{path}: not a dbtr checkpoint (no hyper_parameters.class_names / state_dict); "
-                         "pass a .ckpt written by dbtr-train")
+                        "pass a .ckpt written by dbtr-train")
     return ckpt
 
 
@@ -161,8 +161,8 @@ def load_model(
     rule = new_class_rule(hp)
     if new and rule is None:
         raise UserError(f"{ckpt_path} learned one prompt context per training class (prompts.class_specific): "
-                         f"new class names {new[:5]} have none; use a subset of the trained classes "
-                         f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})")
+                        f"new class names {new[:5]} have none; use a subset of the trained classes "
+                        f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})")
     if names != trained:
         # subsets, selection subset and residual_classes name the training vocabulary; carry over which names
         # kept T0 in training (unseen classes of a seen/unseen run) and drop the rest

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import cli_env, run_cli
 from PIL import Image
 
-from cli_helpers import cli_env, run_cli
 from dbtr.data.images import ClipImageTransform, ImageDataset, ImageDecodeError, ImageRecords, load_image
 from dbtr.data.labels import DataFormatError, iter_jsonl, load_class_names, read_text
 from dbtr.utils.errors import UserError, user_message
@@ -201,7 +201,7 @@ class _Opened:
 
 
 def test_a_zero_size_image_is_undecodable_not_a_crash(tmp_path, monkeypatch):
-    import dbtr.data.images as images
+    from dbtr.data import images
 
     path = tmp_path / "flat.png"
     path.write_bytes(b"")

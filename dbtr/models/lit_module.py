@@ -136,7 +136,7 @@ class DbtrLitModule(L.LightningModule):
         self.class_subsets = self._subset_columns(class_subsets or {})
         if self.eval_cfg["val_subset"] is not None and self.eval_cfg["val_subset"] not in self.class_subsets:
             raise ConfigError(f"evaluation.val_subset={self.eval_cfg['val_subset']!r} is not one of the class subsets "
-                             f"{sorted(self.class_subsets)}")
+                              f"{sorted(self.class_subsets)}")
         if residual_classes is not None:
             learned = torch.zeros(len(class_names), dtype=torch.bool)
             learned[residual_columns(residual_classes, self.class_names, class_subsets or {})] = True
