@@ -75,6 +75,7 @@ def _close(a, b) -> bool:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
+    from dbtr.inference import read_checkpoint
     from dbtr.models.lit_module import DbtrLitModule
 
     set_quiet(cfg.get("quiet", False))
@@ -82,7 +83,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ckpt_path = str(cfg.ckpt_path)
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path}")
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True)["hyper_parameters"]
+    hparams = read_checkpoint(ckpt_path)["hyper_parameters"]  # refuses non-dbtr and unsafe files in one line
     datamodule = instantiate(cfg.data)
     check_class_names(hparams["class_names"], datamodule.class_names, ckpt_path)
     overrides: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from dbtr.data.images import CLIP_MEAN, CLIP_STD, ClipImageTransform
+from dbtr.utils.errors import UserError
 
 log = logging.getLogger("dbtr")
 
@@ -37,21 +39,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path} (a dbtr-train run keeps them in <run>/checkpoints/)")
     if not zipfile.is_zipfile(path):  # torch.save (and so Lightning) writes zip archives
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint (not the zip archive torch.save writes)")
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (not the zip archive torch.save writes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message is long; its "Unsupported global: GLOBAL x.Y" line names the offending object
-        reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
-        reason = reason.split(" was not")[0].removeprefix("WeightsUnpickler error: ") or "non-plain objects"
-        raise ValueError(f"{path}: refused by safe loading (weights_only=True): {reason}. dbtr checkpoints hold "
-                         "only tensors and plain values; this file holds other objects") from None
+        # torch's message is long; its "GLOBAL x.Y" (unsupported or blocked) names the offending object
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        held = f"the object {found.group(1)}" if found else "objects other than tensors and plain values"
+        raise UserError(f"{path}: refused by safe loading (weights_only=True): it holds {held}, and dbtr "
+                        "checkpoints hold only tensors and plain values (pass a .ckpt written by dbtr-train)") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "class_names" not in hp or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not a dbtr checkpoint (no hyper_parameters.class_names / state_dict); "
-                         "pass a .ckpt written by dbtr-train")
+        raise UserError(f"{path}: not a dbtr checkpoint (no hyper_parameters.class_names / state_dict); "
+                        "pass a .ckpt written by dbtr-train")
     return ckpt
 
 
@@ -150,7 +152,7 @@ def load_model(
     if clip:
         clip_cfg["name_or_path"] = str(clip)
     if not clip_cfg.get("name_or_path"):
-        raise ValueError(f"{ckpt_path} records no CLIP path (clip.name_or_path): pass the CLIP folder or hub id")
+        raise UserError(f"{ckpt_path} records no CLIP path (clip.name_or_path): pass the CLIP folder or hub id")
     trained = list(hp["class_names"])
     names = trained if classes is None else validate_class_names(classes, source="class list")
     evaluation = dict(hp.get("evaluation") or {})
@@ -158,9 +160,9 @@ def load_model(
     new = [n for n in names if n not in trained]
     rule = new_class_rule(hp)
     if new and rule is None:
-        raise ValueError(f"{ckpt_path} learned one prompt context per training class (prompts.class_specific): "
-                         f"new class names {new[:5]} have none; use a subset of the trained classes "
-                         f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})")
+        raise UserError(f"{ckpt_path} learned one prompt context per training class (prompts.class_specific): "
+                        f"new class names {new[:5]} have none; use a subset of the trained classes "
+                        f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})")
     if names != trained:
         # subsets, selection subset and residual_classes name the training vocabulary; carry over which names
         # kept T0 in training (unseen classes of a seen/unseen run) and drop the rest

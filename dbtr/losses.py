@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dbtr.utils.errors import ConfigError
+
 __all__ = ["LOSSES", "asymmetric_loss", "bce_loss", "get_loss", "ranking_loss", "split_labels"]
 
 
@@ -106,4 +108,4 @@ def get_loss(name: str) -> Callable[..., Any]:
     try:
         return LOSSES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}") from None
+        raise ConfigError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}") from None

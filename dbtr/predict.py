@@ -25,11 +25,12 @@ from typing import Sequence
 from PIL import Image
 
 from dbtr.inference import IMAGE_SUFFIXES, LoadedModel
+from dbtr.utils.errors import UserError, user_errors
 
 FORMATS = ("jsonl", "csv")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Wrong arguments or inputs that make the whole run pointless (exit status 2)."""
 
 
@@ -208,18 +209,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dbtr.models.clip import ClipWeightsNotFound
-    from dbtr.models.lit_module import CheckpointMismatchError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise in a CLI
-    try:
+    with user_errors("dbtr-predict"):  # one message and exit status 2 for a user error; DBTR_TRACEBACK=1: the trace
         return run(args)
-    except (UsageError, FileNotFoundError, ClipWeightsNotFound, CheckpointMismatchError, ValueError) as err:
-        parser.exit(2, f"dbtr-predict: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from dbtr.utils.errors import EXIT_USER_ERROR, UserError, cli, format_error, traceback_requested
+
 # Overrides that change where or how a run is written, never its numbers (prefixes of the override key).
 IGNORED_OVERRIDES = ("seed", "hydra", "paths", "cache_dir", "cache_image_features", "logger")
 # Protocol field -> config paths tried in order (the first that is set wins).
@@ -67,7 +69,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 MISSING = "—"
 
 
-class ResultsError(Exception):
+class ResultsError(UserError):
     """A refusal or bad input: printed as one message, exit status 2."""
 
 
@@ -458,6 +460,7 @@ def collect(inputs: Sequence[str],
     return runs, skipped
 
 
+@cli("dbtr-results")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dbtr-results", description=__doc__.splitlines()[0],
                                 epilog="Exit status: 0 written, 1 no run found, 2 bad arguments or a refused mix.")
@@ -491,8 +494,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ResultsError(f"--readme {a.readme}: no such file")
             readme_text = replace_readme_block(a.readme.read_text(), markdown, str(a.readme))
     except ResultsError as e:
-        print(f"dbtr-results: error: {e}", file=sys.stderr)
-        return 2
+        if traceback_requested():
+            raise
+        print(format_error("dbtr-results", str(e)), file=sys.stderr)
+        return EXIT_USER_ERROR
     from dbtr.utils.io import atomic_write_text
 
     for path, why in table.missing:

@@ -21,6 +21,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, run_identity, task_wrapper, to_container
+from dbtr.utils.errors import ConfigError
 from dbtr.utils.io import atomic_write_json
 from dbtr.utils.progress import is_quiet, quiet_trainer_args, set_quiet
 from dbtr.utils.report import print_metrics_table
@@ -54,10 +55,10 @@ def image_cache_dir(cfg: DictConfig) -> str | None:
     """Where image features are cached: a folder for ``cache_image_features=disk``, None for memory."""
     mode = cfg.get("cache_image_features")
     if mode not in (True, False, None, "memory", "disk"):
-        raise ValueError(f"cache_image_features must be false, memory (or true) or disk, got {mode!r}")
+        raise ConfigError(f"cache_image_features must be false, memory (or true) or disk, got {mode!r}")
     if mode == "disk":
         if not cfg.get("cache_dir"):
-            raise ValueError("cache_image_features=disk needs cache_dir (a folder for the feature cache)")
+            raise ConfigError("cache_image_features=disk needs cache_dir (a folder for the feature cache)")
         return str(cfg.cache_dir)
     return None
 

@@ -60,6 +60,20 @@ def test_synonym_shared_by_two_classes_names_both():
         SynonymVocabulary({"dog": []})
 
 
+def test_inflections_of_one_word_in_two_classes_are_a_shared_synonym():
+    with pytest.raises(VocabularyError, match=r"'balls' of class 'toy' and 'ball' of class 'sport'"):
+        SynonymVocabulary({"sport": ["ball"], "toy": ["balls"]})
+    with pytest.raises(VocabularyError, match=r"'red balls' of class 'b' and 'red ball' of class 'a'"):
+        SynonymVocabulary({"a": ["red ball"], "b": ["red balls"]})
+    assert SynonymVocabulary({"ball": ["ball", "balls"]}).match("two balls") == [0]  # within one class: fine
+
+
+def test_a_synonym_without_letters_or_digits_is_refused():
+    # tokenised to nothing, it would be found in every caption
+    with pytest.raises(VocabularyError, match=r"class 'dog' has the synonym '--', which has no letter or digit"):
+        SynonymVocabulary({"dog": ["dog", "--"], "cat": ["cat"]})
+
+
 def test_vocabulary_file(tmp_path):
     f = tmp_path / "v.json"
     f.write_text(json.dumps(VOCAB))

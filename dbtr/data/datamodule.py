@@ -25,6 +25,7 @@ from dbtr.data.images import (
 )
 from dbtr.data.labels import load_class_names
 from dbtr.data.sampling import GlobalBatchSampler
+from dbtr.utils.errors import ConfigError, choice_error
 from dbtr.utils.seeding import run_seed
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,12 @@ class TextToImageDataModule(L.LightningDataModule):
         super().__init__()
         if classes is None:
             if corpus is None:
-                raise ValueError("data.classes is required (or a data.corpus whose vocabulary defines them)")
+                raise ConfigError("data.classes is required (or a data.corpus whose vocabulary defines them)")
             from dbtr.text.corpus import resolve_vocabulary
 
             classes = resolve_vocabulary(corpus["vocabulary"]).class_names
         if corpus is not None and train_captions is not None:
-            raise ValueError("give data.train_captions or data.corpus, not both")
+            raise ConfigError("give data.train_captions or data.corpus, not both")
         self.class_names = load_class_names(classes if isinstance(classes, (str, os.PathLike)) else list(classes))
         self.corpus, self.corpus_report = corpus, None
         self.train_captions = train_captions
@@ -82,7 +83,7 @@ class TextToImageDataModule(L.LightningDataModule):
         self.global_batch_size = batch_size
         self.num_workers, self.mean, self.std = num_workers, tuple(mean), tuple(std)
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+            raise choice_error("data.on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
         self.on_bad_image, self.fast_decode = on_bad_image, bool(fast_decode)
         self._scanned: set[str] = set()
         self.captions: CaptionRecords | None = None
@@ -94,7 +95,7 @@ class TextToImageDataModule(L.LightningDataModule):
         self.collate = CaptionCollate()
         for a, b, what in ((val_images, val_labels, "val"), (test_images, test_labels, "test")):
             if (a is None) != (b is None):
-                raise ValueError(f"data.{what}_images and data.{what}_labels must be given together")
+                raise ConfigError(f"data.{what}_images and data.{what}_labels must be given together")
 
     @property
     def num_classes(self) -> int:
@@ -203,7 +204,7 @@ class TextToImageDataModule(L.LightningDataModule):
         if world > 1 and not self._per_device:
             # data.batch_size is the global batch (TaI-DPT's 512); each of the `world` processes takes a share
             if self.batch_size % world:
-                raise ValueError(f"data.batch_size={self.batch_size} is not divisible by the {world} processes")
+                raise ConfigError(f"data.batch_size={self.batch_size} is not divisible by the {world} processes")
             self.batch_size //= world
             self._per_device = True
         if stage in (None, "fit") and self.captions is None:
@@ -213,7 +214,7 @@ class TextToImageDataModule(L.LightningDataModule):
                 texts, labels, self.corpus_report = load_corpus(self.corpus, self.class_names)
                 self.captions = CaptionRecords(texts, labels, self.corpus_report.dropped)
             elif self.train_captions is None:
-                raise ValueError("training needs data.train_captions (a JSON-lines caption file) or data.corpus")
+                raise ConfigError("training needs data.train_captions (a JSON-lines caption file) or data.corpus")
             else:
                 self.captions = read_caption_jsonl(self.train_captions, self.class_names)
         if stage in (None, "fit", "validate") and self.val_records is None and self.has_val:
@@ -221,7 +222,7 @@ class TextToImageDataModule(L.LightningDataModule):
         if stage in (None, "test") and self.test_records is None:
             self.test_records = self.read_images("test")
             if self.test_records is None:
-                raise ValueError("testing needs data.test_images and data.test_labels")
+                raise ConfigError("testing needs data.test_images and data.test_labels")
 
     def _transform(self) -> ClipImageTransform:
         if self.image_size is None:

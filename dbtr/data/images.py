@@ -18,13 +18,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dbtr.data.labels import DataFormatError, iter_jsonl, label_row, require_text
+from dbtr.utils.errors import ConfigError, UserError, choice_error
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageDecodeError(OSError):
-    """An image file exists but cannot be decoded."""
+class ImageDecodeError(UserError, OSError):
+    """An image file exists but cannot be decoded (an OSError: callers that skip unreadable files catch it)."""
 
 
 @dataclass
@@ -50,13 +51,16 @@ class ImageRecords:
         index = {n: i for i, n in enumerate(self.class_names or [])}
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise ValueError(f"classes {unknown[:5]} (of {len(unknown)}) are not in this dataset's label space")
+            raise ConfigError(f"classes {unknown[:5]} (of {len(unknown)}) are not in this dataset's label space")
         return replace(self, labels=self.labels[:, [index[n] for n in names]], class_names=list(names))
 
-    def drop_missing(self, on_missing: str = "error", layout: str = "") -> "ImageRecords":
-        """Check every listed file exists; ``skip`` drops and records the missing ones, ``error`` raises."""
+    def drop_missing(self, on_missing: str = "error", layout: str = "",
+                     fix: str = "set data.on_missing_image=skip to evaluate without them; they are then counted and listed"
+                     ) -> "ImageRecords":
+        """Check every listed file exists; ``skip`` drops and records the missing ones, ``error`` raises (with
+        ``fix``: what to do, in terms of an option the caller's config has)."""
         if on_missing not in ("error", "skip"):
-            raise ValueError(f"on_missing_image must be 'error' or 'skip', got {on_missing!r}")
+            raise choice_error("data.on_missing_image", on_missing, ("error", "skip"))
         ok = np.array([(self.root / n).is_file() for n in self.file_names], dtype=bool)
         if ok.all():
             return self
@@ -65,7 +69,7 @@ class ImageRecords:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise FileNotFoundError(
                 f"{len(missing)} of {len(ok)} annotated images are not on disk under {self.root}: {shown}\n"
-                f"{layout}\n(set data.on_missing_image=skip to evaluate without them; they are then counted and listed)"
+                f"{layout}\n({fix})"
             )
         out = self.subset(np.flatnonzero(ok))
         out.missing = self.missing + missing
@@ -93,7 +97,8 @@ def read_image_jsonl(root: str | os.PathLike, labels_file: str | os.PathLike, cl
     if not names:
         raise DataFormatError(f"{labels_file}: no images listed")
     records = ImageRecords(root, names, np.stack(rows), list(class_names))
-    return records.drop_missing("error", layout=f"(listed in {labels_file})")
+    return records.drop_missing("error", layout=f"(listed in {labels_file})",
+                                fix=f"add the files, or remove their lines from {labels_file}")
 
 
 class ClipImageTransform:
@@ -130,14 +135,22 @@ class ClipImageTransform:
 
 
 def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
+    """The decoded image, or ImageDecodeError naming the file (also for a header of zero width or height, which
+    would otherwise fail later, in the resize, without the file name)."""
     try:
         with Image.open(path) as im:
             if draft_size:
                 im.draft("RGB", (draft_size, draft_size))
             im.load()
-            return im.copy()
+            image = im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"cannot decode image {path}: {err}") from None
+    if image.width <= 0 or image.height <= 0:
+        raise ImageDecodeError(f"cannot decode image {path}: it has zero width or height ({image.width}x{image.height})")
+    return image
+
+
+BAD_IMAGE_HINT = "set data.on_bad_image=skip to leave undecodable images out (they are counted and listed)"
 
 
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -149,7 +162,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, records: ImageRecords, transform: ClipImageTransform, on_bad_image: str = "error"):
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+            raise choice_error("data.on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
         self.records, self.transform, self.on_bad_image = records, transform, on_bad_image
 
     def __len__(self) -> int:
@@ -160,9 +173,9 @@ class ImageDataset(Dataset):
         try:
             image = load_image(self.records.root / self.records.file_names[i],
                                self.transform.size if self.transform.draft else None)
-        except ImageDecodeError:
+        except ImageDecodeError as err:
             if self.on_bad_image == "error":
-                raise
+                raise ImageDecodeError(f"{err}; {BAD_IMAGE_HINT}") from None
             size = self.transform.size
             return {"pixel_values": torch.zeros(3, size, size), "labels": labels, "index": i, "ok": False}
         return {"pixel_values": self.transform(image), "labels": labels, "index": i, "ok": True}

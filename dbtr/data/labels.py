@@ -1,4 +1,8 @@
-"""Label spaces and label records read from JSON-lines files, with errors that name file and line."""
+"""Label spaces and label records read from JSON-lines files, with errors that name file and line.
+
+Also the one reader of user text files (:func:`read_text`, :func:`iter_lines`): UTF-8 with or without a
+byte-order mark.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,39 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from dbtr.utils.errors import UserError
 from dbtr.zeroshot.classifier import validate_class_names
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """A data file does not have the expected content; the message names the file and line."""
+
+
+def _not_utf8(path: Path, line: int, byte: int) -> DataFormatError:
+    return DataFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}): save the file as UTF-8 (in most "
+                           "editors: Save As, encoding UTF-8) and run again")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole text of a user file: UTF-8, a leading byte-order mark dropped (Windows editors write one, and
+    it would otherwise stick to the first class name or key); not UTF-8 is an error naming the file and line."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err.object[: err.start].count(b"\n") + 1, err.object[err.start]) from None
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of each line of a user text file, streamed, decoded as :func:`read_text` does."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, lineno, err.object[err.start]) from None
 
 
 def load_class_names(classes: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -22,7 +54,7 @@ def load_class_names(classes: str | os.PathLike | Sequence[str]) -> list[str]:
         path = Path(classes)
         if not path.is_file():
             raise FileNotFoundError(f"class list file not found: {path} (expected one class name per line)")
-        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        names = [ln.strip() for ln in read_text(path).splitlines()]
         return validate_class_names([n for n in names if n and not n.startswith("#")], source=str(path))
     return validate_class_names(list(classes))
 
@@ -33,7 +65,7 @@ def load_json(path: str | os.PathLike, expected: str, error: type[ValueError] | 
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path} (expected {expected})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise (error or DataFormatError)(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
 
@@ -43,17 +75,17 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSON-lines file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); each line "
+                                  "must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def signed_row(num_classes: int, positives: Any = ()) -> np.ndarray:

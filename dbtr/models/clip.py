@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dbtr.utils.errors import ConfigError, UserError
+
 log = logging.getLogger(__name__)
 
 DenseMode = Literal["naive", "maskclip", "clearclip"]
 DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip")
 
 
-class ClipWeightsNotFound(FileNotFoundError):
+class ClipWeightsNotFound(UserError, FileNotFoundError):
     """Raised when a CLIP checkpoint cannot be loaded from a folder or the (offline) hub cache."""
 
 
@@ -99,7 +101,7 @@ class ClipEncoder(nn.Module):
     def __init__(self, model, tokenizer, dense: DenseMode = "clearclip", max_length: int | None = None):
         super().__init__()
         if dense not in DENSE_MODES:
-            raise ValueError(f"clip.dense must be one of {DENSE_MODES}, got {dense!r}")
+            raise ConfigError(f"clip.dense must be one of {DENSE_MODES}, got {dense!r}")
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.dense = dense

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dbtr.utils.errors import ConfigError
+
 PFA_MODES = ("none", "global", "local", "both")
 
 
@@ -168,13 +170,13 @@ class DualBranchHead(nn.Module):
     ):
         super().__init__()
         if pfa not in PFA_MODES:
-            raise ValueError(f"pfa must be one of {PFA_MODES}, got {pfa!r}")
+            raise ConfigError(f"model.head.pfa must be one of {PFA_MODES}, got {pfa!r}")
         if pfa in ("local", "both") and not use_local:
-            raise ValueError(f"pfa={pfa!r} needs the local branch (use_local=true)")
+            raise ConfigError(f"model.head.pfa={pfa} needs the local branch (model.head.use_local=true)")
         if pfa_local_query not in ("mean", "global"):
-            raise ValueError(f"pfa_local_query must be 'mean' or 'global', got {pfa_local_query!r}")
+            raise ConfigError(f"model.head.pfa_local_query must be 'mean' or 'global', got {pfa_local_query!r}")
         if not 0.0 <= merge_weight <= 1.0:
-            raise ValueError(f"merge_weight must be in [0, 1], got {merge_weight}")
+            raise ConfigError(f"model.head.merge_weight must be in [0, 1], got {merge_weight}")
         self.num_classes, self.embed_dim = int(num_classes), int(embed_dim)
         self.global_classifier = TaskResidual(num_classes, embed_dim, alpha_global, enabled=global_residual,
                                               generator_hidden=residual_generator)

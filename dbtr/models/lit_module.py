@@ -21,6 +21,7 @@ from dbtr.metrics import ScoreCollector, evaluate_scores, f1_at_k, minmax
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.models.prompts import PromptLearner
+from dbtr.utils.errors import ConfigError, UserError
 from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
 
@@ -49,16 +50,16 @@ def residual_columns(chosen: str | Sequence[str], class_names: Sequence[str],
     """Columns of ``model.residual_classes`` (a subset name or a list of names) in ``class_names``."""
     if isinstance(chosen, str):
         if chosen not in subsets:
-            raise ValueError(f"model.residual_classes={chosen!r} is not one of the class subsets {sorted(subsets)}")
+            raise ConfigError(f"model.residual_classes={chosen!r} is not one of the class subsets {sorted(subsets)}")
         chosen = subsets[chosen]
     index = {n: i for i, n in enumerate(class_names)}
     unknown = [n for n in chosen if n not in index]
     if unknown:
-        raise ValueError(f"model.residual_classes names classes that are not in class_names: {unknown[:5]}")
+        raise ConfigError(f"model.residual_classes names classes that are not in class_names: {unknown[:5]}")
     return [index[n] for n in chosen]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint's classes or embedding size do not match the data or the CLIP model."""
 
 
@@ -110,7 +111,7 @@ class DbtrLitModule(L.LightningModule):
         self.save_hyperparameters(ignore=["encoder"], logger=False)
         clip = dict(clip)
         if clip.get("dtype", "float32") not in _DTYPES:
-            raise ValueError(f"clip.dtype must be one of {sorted(_DTYPES)}, got {clip.get('dtype')!r}")
+            raise ConfigError(f"clip.dtype must be one of {sorted(_DTYPES)}, got {clip.get('dtype')!r}")
         if encoder is None:
             encoder = ClipEncoder.from_pretrained(
                 clip["name_or_path"],
@@ -131,11 +132,11 @@ class DbtrLitModule(L.LightningModule):
         self.eval_cfg = {"difficult": "negative", "top_k": [3], "f1_at": [], "val_subset": None, **(evaluation or {})}
         too_big = [k for k in self.eval_cfg["top_k"] if not 1 <= int(k) <= len(class_names)]
         if too_big:
-            raise ValueError(f"evaluation.top_k {too_big} must lie in [1, {len(class_names)}] (the number of classes)")
+            raise ConfigError(f"evaluation.top_k {too_big} must lie in [1, {len(class_names)}] (the number of classes)")
         self.class_subsets = self._subset_columns(class_subsets or {})
         if self.eval_cfg["val_subset"] is not None and self.eval_cfg["val_subset"] not in self.class_subsets:
-            raise ValueError(f"evaluation.val_subset={self.eval_cfg['val_subset']!r} is not one of the class subsets "
-                             f"{sorted(self.class_subsets)}")
+            raise ConfigError(f"evaluation.val_subset={self.eval_cfg['val_subset']!r} is not one of the class subsets "
+                              f"{sorted(self.class_subsets)}")
         if residual_classes is not None:
             learned = torch.zeros(len(class_names), dtype=torch.bool)
             learned[residual_columns(residual_classes, self.class_names, class_subsets or {})] = True
@@ -146,7 +147,7 @@ class DbtrLitModule(L.LightningModule):
         if self.ensemble_cfg.get("text_ckpt"):
             rate = float(self.ensemble_cfg.get("rate", 0.9))
             if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"model.ensemble.rate must be in [0, 1], got {rate}")
+                raise ConfigError(f"model.ensemble.rate must be in [0, 1], got {rate}")
         self.templates = templates
         self.collectors = torch.nn.ModuleDict(
             {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in (*_BRANCHES, "text")}
@@ -162,7 +163,7 @@ class DbtrLitModule(L.LightningModule):
         for name, names in subsets.items():
             unknown = [n for n in names if n not in index]
             if unknown:
-                raise ValueError(f"class subset {name!r} names classes that are not in class_names: {unknown[:5]}")
+                raise ConfigError(f"class subset {name!r} names classes that are not in class_names: {unknown[:5]}")
             out[str(name)] = [index[n] for n in names]
         return out
 
@@ -404,12 +405,12 @@ class DbtrLitModule(L.LightningModule):
         elif name == "sgd":
             opt = torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=cfg["momentum"])
         else:
-            raise ValueError(f"model.optimizer.name must be adam, adamw or sgd, got {cfg['name']!r}")
+            raise ConfigError(f"model.optimizer.name must be adam, adamw or sgd, got {cfg['name']!r}")
         sched = self.scheduler_cfg
         if sched["name"] == "constant":
             return opt
         if sched["name"] != "cosine":
-            raise ValueError(f"model.scheduler.name must be cosine or constant, got {sched['name']!r}")
+            raise ConfigError(f"model.scheduler.name must be cosine or constant, got {sched['name']!r}")
         total = int(self.trainer.estimated_stepping_batches)
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches):
@@ -417,12 +418,12 @@ class DbtrLitModule(L.LightningModule):
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
         warmup = int(round(sched["warmup_epochs"] * steps_per_epoch))
         if warmup >= total:
-            raise ValueError(
+            raise ConfigError(
                 f"model.scheduler.warmup_epochs={sched['warmup_epochs']} covers the whole run ({total} steps, "
                 f"{steps_per_epoch} per epoch): raise trainer.max_epochs or lower the warm-up"
             )
         if cfg["lr"] <= 0:
-            raise ValueError(f"model.optimizer.lr must be > 0, got {cfg['lr']}")
+            raise ConfigError(f"model.optimizer.lr must be > 0, got {cfg['lr']}")
         ratio = sched["warmup_lr"] / cfg["lr"]
 
         def factor(step: int) -> float:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from dbtr.utils.errors import ConfigError
 from dbtr.zeroshot.classifier import prompt_name
 
 
@@ -40,7 +41,7 @@ class PromptLearner(nn.Module):
     ):
         super().__init__()
         if n_ctx < 1:
-            raise ValueError(f"prompts.n_ctx must be >= 1, got {n_ctx}")
+            raise ConfigError(f"model.prompts.n_ctx must be >= 1, got {n_ctx}")
         tok = encoder.tokenizer
         width = int(encoder.model.config.text_config.hidden_size)
         rows = []
@@ -49,9 +50,9 @@ class PromptLearner(nn.Module):
             # the context slots hold SOS ids as placeholders (never read; any id but EOS, which marks the EOT)
             row = ids[:1] * (1 + n_ctx) + ids[1:]
             if len(row) > encoder.max_length:
-                raise ValueError(
+                raise ConfigError(
                     f"the prompt of class {name!r} has {len(row)} tokens with n_ctx={n_ctx} context tokens, more "
-                    f"than the text encoder's {encoder.max_length}: lower prompts.n_ctx or shorten the class name"
+                    f"than the text encoder's {encoder.max_length}: lower model.prompts.n_ctx or shorten the class name"
                 )
             rows.append(row)
         # Causal text tower: nothing after the longest prompt's EOT matters, so sequences stop there.
@@ -70,7 +71,7 @@ class PromptLearner(nn.Module):
             return torch.randn(shape) * std
         ids = encoder.tokenizer(ctx_init)["input_ids"][1:-1]  # without SOS / EOS
         if len(ids) != self.n_ctx:
-            raise ValueError(f"prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but prompts.n_ctx={self.n_ctx}")
+            raise ConfigError(f"model.prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but model.prompts.n_ctx={self.n_ctx}")
         with torch.no_grad():
             emb = encoder.embed_tokens(torch.tensor(ids)).float().cpu()
         return emb.expand(shape).clone()

@@ -22,8 +22,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from dbtr.data.labels import DataFormatError, iter_jsonl, load_json, signed_row
+from dbtr.data.labels import DataFormatError, iter_jsonl, iter_lines, load_json, signed_row
 from dbtr.text.synonyms import SynonymVocabulary
+from dbtr.utils.errors import ConfigError
 from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
 
 Caption = tuple[str, str]  # (where, text)
@@ -51,10 +52,9 @@ def text_lines(path: str | os.PathLike) -> Iterator[Caption]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption text file not found: {path} (expected one caption per line)")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                yield f"{path}:{lineno}", line.strip()
+    for lineno, line in iter_lines(path):
+        if line.strip():
+            yield f"{path}:{lineno}", line.strip()
 
 
 def hf_dataset(path: str, column: str = "caption", split: str = "train", data_files=None, **kwargs) -> Iterator[Caption]:
@@ -177,7 +177,7 @@ def load_corpus(spec: dict, class_names: Sequence[str] | None = None) -> tuple[l
     (count of "a photo of a {}." per class, with the 80 templates; null = none) and ``max_per_class``."""
     vocab = resolve_vocabulary(spec["vocabulary"])
     if class_names is not None and list(class_names) != vocab.class_names:
-        raise ValueError(
+        raise ConfigError(
             f"the vocabulary {spec['vocabulary']!r} defines classes {vocab.class_names[:5]}... ({len(vocab.class_names)}), "
             f"the data's class list is {list(class_names)[:5]}... ({len(class_names)}): they must be equal and in the same order"
         )
@@ -185,13 +185,13 @@ def load_corpus(spec: dict, class_names: Sequence[str] | None = None) -> tuple[l
     for i, src in enumerate(spec.get("sources") or []):
         kind = src.get("type")
         if kind not in SOURCES:
-            raise ValueError(f"corpus.sources[{i}].type must be one of {sorted(SOURCES)}, got {kind!r}")
+            raise ConfigError(f"corpus.sources[{i}].type must be one of {sorted(SOURCES)}, got {kind!r}")
         streams.append(SOURCES[kind](**{k: v for k, v in src.items() if k != "type"}))
     extra = None
     if spec.get("class_sentences") is not None:
         extra = class_sentences(vocab, simple_count=int(spec["class_sentences"]))
     if not streams and extra is None:
-        raise ValueError("corpus: give at least one source or class_sentences")
+        raise ConfigError("corpus: give at least one source or class_sentences")
 
     def chained() -> Iterator[Caption]:
         for stream in streams:

@@ -10,6 +10,7 @@ words. A multi-word synonym is also registered without its spaces ("motor bike" 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dbtr.utils.errors import ConfigError, UserError
+
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError):
     """A synonym vocabulary is malformed (the message names the file and the classes involved)."""
 
 
@@ -60,6 +63,9 @@ class SynonymVocabulary:
             forms = []
             for syn in syns:
                 words = tuple(tokenize(syn))
+                if not words:  # it would match every caption (an empty phrase is found everywhere)
+                    raise VocabularyError(f"{self.source}: class {cls!r} has the synonym {syn!r}, which has no letter "
+                                          "or digit and would label every caption: remove it")
                 forms.append(words)
                 if len(words) > 1:
                     forms.append(("".join(words),))
@@ -71,8 +77,22 @@ class SynonymVocabulary:
                 if words not in owner:
                     owner[words] = cls
                     phrases.append((words, ci))
+        self._refuse_shared_inflections(owner)
         # longest phrases first: compounds are matched (and consumed) before their single words
         self._phrases = sorted(phrases, key=lambda p: -len(p[0]))
+
+    def _refuse_shared_inflections(self, owner: dict[tuple[str, ...], str]) -> None:
+        """A caption word matches a synonym word through its lemmas ("balls" matches "ball"), so "ball" in one
+        class and "balls" in another would both label "balls": refuse it as a shared synonym."""
+        for words, cls in owner.items():
+            for form in itertools.product(*(sorted(lemma_set(w)) for w in words)):
+                other = owner.get(form)
+                if other is not None and other != cls:
+                    raise VocabularyError(
+                        f"{self.source}: synonym {' '.join(words)!r} of class {cls!r} and {' '.join(form)!r} of class "
+                        f"{other!r} are forms of the same word (a caption with {' '.join(words)!r} would be labelled "
+                        "with both): keep it in one class"
+                    )
 
     @property
     def class_names(self) -> list[str]:
@@ -125,7 +145,7 @@ def builtin_vocabulary(name: str) -> SynonymVocabulary:
     dataset's standard label order). VOC's "diningtable", "tvmonitor", "pottedplant" prompt as "dining table",
     "tv monitor", "potted plant"."""
     if name not in BUILTIN_VOCABULARIES:
-        raise ValueError(f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)")
+        raise ConfigError(f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)")
     return load_vocabulary(VOCABULARY_DIR / f"{name}.json")
 
 

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dbtr.utils.errors import cli
+
 METHODS: tuple[tuple[str, str], ...] = (
     ("zsclip", "zero-shot CLIP (global)"),
     ("zsclip_centered", "zero-shot CLIP, centred per image"),
@@ -247,6 +249,7 @@ def quiet_lightning() -> None:
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per reloaded checkpoint otherwise
 
 
+@cli("dbtr-toyworld")
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -12,8 +12,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from dbtr.utils.errors import UserError
 
-class SlurmLayoutError(ValueError):
+
+class SlurmLayoutError(UserError):
     """The SLURM task layout does not match the Lightning trainer's devices and nodes."""
 
 

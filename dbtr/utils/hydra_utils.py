@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
+
+from dbtr.utils.errors import hydra_job_failed
 
 log = logging.getLogger("dbtr")
 
@@ -44,16 +47,22 @@ def to_container(cfg: DictConfig) -> dict:
 
 
 def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Log failures with the output folder and always close wandb, so one failed job does not break a multirun."""
+    """Log failures with the output folder and always close wandb, so one failed job does not break a multirun.
+
+    A user error (:mod:`dbtr.utils.errors`) is one paragraph and exit status 2, not a traceback; a bug keeps its
+    traceback."""
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig):
         start = time.perf_counter()
         try:
             return fn(cfg)
-        except Exception:
-            log.exception("run failed; outputs so far are in %s", _output_dir())
-            raise
+        except Exception as exc:
+            instead = hydra_job_failed(_prog_name(), exc, log)
+            if instead is None:
+                log.exception("run failed; outputs so far are in %s", _output_dir())
+                raise
+            raise instead from None
         finally:
             log.info("run took %.1f s; outputs in %s", time.perf_counter() - start, _output_dir())
             try:
@@ -78,6 +87,12 @@ def run_identity() -> dict[str, Any]:
         return {}
     choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")}
     return {"choices": choices, "overrides": list(hc.overrides.task)}
+
+
+def _prog_name() -> str:
+    """``dbtr-train`` for the console script; the module's job name under ``python -m dbtr.train``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("dbtr-") else f"dbtr ({Path(name).stem or 'run'})"
 
 
 def _output_dir() -> str:

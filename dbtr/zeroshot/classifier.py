@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dbtr.utils.errors import UserError
 from dbtr.zeroshot.templates import get_templates
 
 
@@ -15,10 +16,10 @@ def validate_class_names(class_names: Sequence[str], source: str = "class list")
     """Reject an empty list, empty names and duplicates, naming the offenders."""
     names = [str(n).strip() for n in class_names]
     if not names:
-        raise ValueError(f"{source}: no class names given")
+        raise UserError(f"{source}: no class names given")
     empty = [i for i, n in enumerate(names) if not n]
     if empty:
-        raise ValueError(f"{source}: empty class name at position(s) {empty}")
+        raise UserError(f"{source}: empty class name at position(s) {empty}")
     seen: dict[str, int] = {}
     dups = []
     for i, n in enumerate(names):
@@ -26,7 +27,7 @@ def validate_class_names(class_names: Sequence[str], source: str = "class list")
             dups.append(f"{n!r} at positions {seen[n]} and {i}")
         seen.setdefault(n, i)
     if dups:
-        raise ValueError(f"{source}: duplicated class name(s): {'; '.join(dups)}")
+        raise UserError(f"{source}: duplicated class name(s): {'; '.join(dups)}")
     return names
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from dbtr.data.images import ImageRecords
 from dbtr.data.labels import DataFormatError, load_json
+from dbtr.utils.errors import ConfigError
 
 COCO_SPLITS = ("train2014", "val2014")
 LAYOUT = """expected layout:
@@ -32,7 +33,7 @@ def _field(obj: dict, key: str, kind: type, where: str):
 def read_coco2014(root: str | os.PathLike, split: str = "val2014", include_unlabeled: bool = True) -> ImageRecords:
     root = Path(root)
     if split not in COCO_SPLITS:
-        raise ValueError(f"COCO 2014 split must be one of {COCO_SPLITS}, got {split!r}")
+        raise ConfigError(f"COCO 2014 split must be one of {COCO_SPLITS}, got {split!r}")
     path = root / "annotations" / f"instances_{split}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found\n{LAYOUT}")

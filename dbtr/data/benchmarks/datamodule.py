@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from dbtr.data.benchmarks.coco import read_coco2014
+from dbtr.data.benchmarks.coco import COCO_SPLITS, read_coco2014
 from dbtr.data.benchmarks.coco import LAYOUT as COCO_LAYOUT
-from dbtr.data.benchmarks.nuswide import read_nuswide, read_tag_labels
+from dbtr.data.benchmarks.nuswide import NUS_SPLITS, read_nuswide, read_tag_labels
 from dbtr.data.benchmarks.protocol import (
     ClassSplit,
     apply_partial_labels,
@@ -19,10 +19,11 @@ from dbtr.data.benchmarks.protocol import (
     restrict_to_list,
 )
 from dbtr.data.benchmarks.voc import LAYOUT as VOC_LAYOUT
-from dbtr.data.benchmarks.voc import VOC_CLASSES, read_voc2007
+from dbtr.data.benchmarks.voc import VOC_CLASSES, VOC_SPLITS, read_voc2007
 from dbtr.data.datamodule import TextToImageDataModule
 from dbtr.data.images import ImageRecords
 from dbtr.data.labels import DataFormatError
+from dbtr.utils.errors import ConfigError, choice_error
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class BenchmarkDataModule(TextToImageDataModule):
     """
 
     name = "benchmark"
+    splits: tuple[str, ...] = ()  # the dataset's native split names (empty: not checked)
     default_split = "test"
     default_train_split = "train"
     layout = ""
@@ -72,21 +74,21 @@ class BenchmarkDataModule(TextToImageDataModule):
         **kwargs,
     ):
         if train_on not in ("captions", "images"):
-            raise ValueError(f"data.train_on must be 'captions' or 'images', got {train_on!r}")
+            raise choice_error("data.train_on", train_on, ("captions", "images"))
         if train_classes not in ("all", "seen"):
-            raise ValueError(f"data.train_classes must be 'all' or 'seen', got {train_classes!r}")
+            raise choice_error("data.train_classes", train_classes, ("all", "seen"))
         if train_classes == "seen" and class_split is None:
-            raise ValueError("data.train_classes=seen needs data.class_split")
+            raise ConfigError("data.train_classes=seen needs data.class_split")
         self.train_on, self.train_classes = train_on, train_classes
         if not isinstance(classes, str) or classes not in ("all", "seen", "unseen"):
-            raise ValueError(f"data.classes must be 'all', 'seen' or 'unseen' here, got {classes!r}")
+            raise choice_error("data.classes", classes, ("all", "seen", "unseen"))
         if classes != "all" and class_split is None:
-            raise ValueError(f"data.classes={classes} needs data.class_split (e.g. {self.name}'s seen/unseen split)")
+            raise ConfigError(f"data.classes={classes} needs data.class_split (e.g. {self.name}'s seen/unseen split)")
         if on_missing_image not in ("error", "skip"):
-            raise ValueError(f"data.on_missing_image must be 'error' or 'skip', got {on_missing_image!r}")
+            raise choice_error("data.on_missing_image", on_missing_image, ("error", "skip"))
         self.root = Path(root)
-        self.split = split or self.default_split
-        self.train_split = train_split or self.default_train_split
+        self.split = self._check_split("data.split", split or self.default_split)
+        self.train_split = self._check_split("data.train_split", train_split or self.default_train_split)
         self.val_size, self.val_seed = val_size, int(val_seed)
         self.which_classes = classes
         self.class_split: ClassSplit | None = load_class_split(class_split) if class_split else None
@@ -101,6 +103,16 @@ class BenchmarkDataModule(TextToImageDataModule):
             names = space
         super().__init__(classes=names, **kwargs)
         self.train_records: ImageRecords | None = None
+
+    def _check_split(self, key: str, value: str) -> str:
+        """A split name of this dataset (case-insensitive, returned as the dataset spells it), checked at start-up
+        so that a wrong one is refused with the allowed names before anything is read."""
+        if not self.splits:
+            return value
+        match = next((s for s in self.splits if s.lower() == str(value).lower()), None)
+        if match is None:
+            raise choice_error(key, value, self.splits)
+        return match
 
     # -------------------------------------------------------------- subclass hooks
     def label_space(self) -> list[str]:
@@ -190,6 +202,7 @@ class VOC2007DataModule(BenchmarkDataModule):
     """PASCAL VOC2007 (``VOCdevkit/VOC2007``): test on ``test`` (4,952 images), hold validation out of ``trainval``."""
 
     name, default_split, default_train_split, layout = "voc2007", "test", "trainval", VOC_LAYOUT
+    splits = VOC_SPLITS
 
     def label_space(self) -> list[str]:
         return list(VOC_CLASSES)
@@ -206,6 +219,7 @@ class Coco2014DataModule(BenchmarkDataModule):
     """
 
     name, default_split, default_train_split, layout = "coco2014", "val2014", "train2014", COCO_LAYOUT
+    splits = COCO_SPLITS
 
     def __init__(self, root, include_unlabeled: bool = True, **kwargs):
         self.include_unlabeled = bool(include_unlabeled)
@@ -235,6 +249,7 @@ class NusWideDataModule(BenchmarkDataModule):
     """
 
     name, default_split, default_train_split = "nuswide", "Test", "Train"
+    splits = NUS_SPLITS
 
     def __init__(self, root, image_root: str | None = None, include_unlabeled: bool = True,
                  on_missing_image: str = "skip", **kwargs):

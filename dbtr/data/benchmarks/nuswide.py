@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError
+from dbtr.data.labels import DataFormatError, read_text
+from dbtr.utils.errors import ConfigError
 
 NUS_SPLITS = ("Train", "Test")
 
@@ -36,7 +37,7 @@ def normalize_entry(line: str) -> str:
 
 
 def read_lines(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8", errors="strict").splitlines() if ln.strip()]
+    return [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
 
 
 def read_concepts(root: Path) -> list[str]:
@@ -46,6 +47,8 @@ def read_concepts(root: Path) -> list[str]:
 def read_binary_rows(path: Path, num_rows: int, num_cols: int) -> np.ndarray:
     """A whitespace-separated 0/1 text matrix, parsed without a Python loop; the bad line is named on error."""
     raw = np.frombuffer(_require(path, "a 0/1 label file").read_bytes(), dtype=np.uint8)
+    if raw[:3].tobytes() == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark, as read_text drops it
+        raw = raw[3:]
     digit = (raw == ord("0")) | (raw == ord("1"))
     allowed = digit | (raw == ord(" ")) | (raw == ord("\t")) | (raw == ord("\n")) | (raw == ord("\r"))
     if not allowed.all():
@@ -100,4 +103,4 @@ def _split_name(split: str) -> str:
     for name in NUS_SPLITS:
         if split.lower() == name.lower():
             return name
-    raise ValueError(f"NUS-WIDE split must be one of {NUS_SPLITS}, got {split!r}")
+    raise ConfigError(f"NUS-WIDE split must be one of {NUS_SPLITS}, got {split!r}")

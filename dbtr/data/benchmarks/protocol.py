@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError, load_json
+from dbtr.data.labels import DataFormatError, load_json, read_text
+from dbtr.utils.errors import ConfigError
 from dbtr.utils.io import atomic_write_text
 
 SPLIT_DIR = Path(__file__).resolve().parent / "splits"
@@ -32,7 +33,7 @@ class ClassSplit:
             return list(self.unseen)
         if which == "all":
             return list(self.seen) + list(self.unseen)
-        raise ValueError(f"data.classes must be 'all', 'seen' or 'unseen', got {which!r}")
+        raise ConfigError(f"data.classes must be 'all', 'seen' or 'unseen', got {which!r}")
 
     def check_against(self, label_space: Sequence[str], source: str) -> None:
         """Fail at start-up unless seen and unseen are disjoint subsets of the dataset's label space."""
@@ -51,7 +52,7 @@ def load_class_split(name_or_path: str | os.PathLike) -> ClassSplit:
     """A shipped split by name, or a JSON file ``{"seen": [...], "unseen": [...], "provenance": "..."}``."""
     path = SPLIT_DIR / f"{name_or_path}.json" if str(name_or_path) in BUILTIN_CLASS_SPLITS else Path(name_or_path)
     if not path.is_file() and not str(name_or_path).endswith(".json"):
-        raise ValueError(f"unknown class split {name_or_path!r}; shipped: {BUILTIN_CLASS_SPLITS} (or a JSON file)")
+        raise ConfigError(f"unknown class split {name_or_path!r}; shipped: {BUILTIN_CLASS_SPLITS} (or a JSON file)")
     data = load_json(path, 'a class split {"seen": [...], "unseen": [...]}')
     for key in ("seen", "unseen"):
         names = data.get(key) if isinstance(data, dict) else None
@@ -66,7 +67,7 @@ def holdout(num_items: int, size: int | float, seed: int) -> tuple[np.ndarray, n
     """Split ``range(num_items)`` into (train, val) sorted indices; ``size`` is a count or a fraction in (0, 1)."""
     n_val = int(round(size * num_items)) if isinstance(size, float) and size < 1 else int(size)
     if not 0 <= n_val < num_items:
-        raise ValueError(f"data.val_size={size} leaves no training images out of {num_items}")
+        raise ConfigError(f"data.val_size={size} leaves no training images out of {num_items}")
     perm = np.random.default_rng(seed).permutation(num_items)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -74,7 +75,7 @@ def holdout(num_items: int, size: int | float, seed: int) -> tuple[np.ndarray, n
 def partial_mask(shape: tuple[int, int], proportion: float, seed: int) -> np.ndarray:
     """Which labels stay known: each independently with probability ``proportion`` (fixed seed)."""
     if not 0.0 < proportion <= 1.0:
-        raise ValueError(f"data.label_proportion must be in (0, 1], got {proportion}")
+        raise ConfigError(f"data.label_proportion must be in (0, 1], got {proportion}")
     return np.random.default_rng(seed).random(shape) < proportion
 
 
@@ -123,7 +124,7 @@ def restrict_to_list(records: ImageRecords, list_file: str | os.PathLike) -> Ima
     row = {n: i for i, n in enumerate(records.file_names)}
     missing_from_disk = set(records.missing) | set(records.skipped)
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         name = line.strip()
         if not name:
             continue

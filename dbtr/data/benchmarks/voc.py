@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError
+from dbtr.data.labels import DataFormatError, read_text
+from dbtr.utils.errors import ConfigError
 
 # The devkit's class order (VOCcode/VOCinit.m), which is the label-column order everywhere.
 VOC_CLASSES = (
@@ -59,13 +60,13 @@ def parse_voc_xml(path: Path, class_index: dict[str, int], row: np.ndarray) -> n
 def read_voc2007(root: str | os.PathLike, split: str = "test") -> ImageRecords:
     root = find_voc_root(root)
     if split not in VOC_SPLITS:
-        raise ValueError(f"VOC2007 split must be one of {VOC_SPLITS}, got {split!r}")
+        raise ConfigError(f"VOC2007 split must be one of {VOC_SPLITS}, got {split!r}")
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
         raise FileNotFoundError(f"{list_file} not found (is the {split!r} part of VOC2007 unpacked here?)\n{LAYOUT}")
     index = {n: i for i, n in enumerate(VOC_CLASSES)}
     ids, rows, seen = [], [], {}
-    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(list_file).splitlines(), start=1):
         image_id = line.strip()
         if not image_id:
             continue
