@@ -122,6 +122,10 @@ _READ_FRAME = re.compile(r"read|load|scandir|listdir|iterdir|glob|stat")
 
 def _writing(exc: OSError) -> bool:
     """Whether the failed call was writing: the innermost frame whose name says read or write decides."""
+    from dbtr.utils.io import AtomicWriteError
+
+    if isinstance(exc, AtomicWriteError):
+        return True
     if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return True
     tb, names = exc.__traceback__, []
