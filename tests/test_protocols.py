@@ -68,13 +68,13 @@ def test_experiment_runs_tiny_version(experiment, data_dir, demo_dir, tmp_path):
 
 def test_partial_then_ensemble_through_the_cli(data_dir, demo_dir, tmp_path):
     """The text-only model inside the ensemble reproduces its own run's test mAP on the same cached features."""
-    from test_end_to_end import _cli
+    from cli_helpers import run_cli
 
     common = [o for o in tiny_overrides(data_dir, demo_dir, tmp_path / "x") if not o.startswith("paths.output_dir")]
-    _cli("dbtr-train", "experiment=voc2007_zs", *common, f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
+    run_cli("dbtr-train", "experiment=voc2007_zs", *common, f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
     zs = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     ckpt = zs["checkpoint"]
-    _cli("dbtr-train", "experiment=voc2007_partial", *common, "data.label_proportion=0.3", f"model.init_from='{ckpt}'",
+    run_cli("dbtr-train", "experiment=voc2007_partial", *common, "data.label_proportion=0.3", f"model.init_from='{ckpt}'",
          f"model.ensemble.text_ckpt='{ckpt}'", "model.ensemble.rate=0.7", f"hydra.run.dir={tmp_path / 'partial'}", cwd=tmp_path)
     test = json.loads((tmp_path / "partial" / "metrics.json").read_text())["test"]
     assert test["test/mAP_text"] == pytest.approx(zs["test"]["test/mAP"], abs=1e-4)
@@ -183,10 +183,10 @@ def test_zsl_requires_a_partitioning_split():
 
 
 def test_label_proportion_sweep_is_one_multirun_command(data_dir, demo_dir, tmp_path):
-    from test_end_to_end import _cli
+    from cli_helpers import run_cli
 
     common = [o for o in tiny_overrides(data_dir, demo_dir, tmp_path / "x") if not o.startswith("paths.output_dir")]
-    _cli("dbtr-train", "-m", "experiment=voc2007_partial", *common, "data.label_proportion=0.2,0.6",
+    run_cli("dbtr-train", "-m", "experiment=voc2007_partial", *common, "data.label_proportion=0.2,0.6",
          f"data.partial_file={tmp_path}/masks/p${{data.label_proportion}}.npz", f"hydra.sweep.dir={tmp_path / 'sweep'}",
          cwd=tmp_path)
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
