@@ -26,12 +26,18 @@ def data_dir(tmp_path_factory) -> Path:
     synthetic.random_voc2007(root, num_trainval=24, num_test=12)
     synthetic.random_coco2014(root / "coco", num_train=24, num_val=12)
     synthetic.random_nuswide(root / "nuswide", num_train=24, num_test=12)
+    # a small caption corpus for the *_zs runs: two sentences per class of each vocabulary (not C x 81 templates)
+    from dbtr.text.synonyms import BUILTIN_VOCABULARIES, builtin_vocabulary
+
+    names = sorted({n for v in BUILTIN_VOCABULARIES for n in builtin_vocabulary(v).prompt_names})
+    (root / "captions.txt").write_text("".join(f"a photo of a {n}.\na {n} in the wild.\n" for n in names))
     return root
 
 
 def tiny_overrides(data_dir: Path, demo_dir: Path, out: Path) -> list[str]:
-    return [f"paths.data_dir={data_dir}", "clip=tiny", f"paths.tiny_dir={demo_dir}", "data.corpus.sources=[]",
-            "data.corpus.class_sentences=1", "trainer.max_epochs=2", "model.templates=simple", "data.val_size=6",
+    return [f"paths.data_dir={data_dir}", "clip=tiny", f"paths.tiny_dir={demo_dir}",
+            f"data.corpus.sources=[{{type: text_lines, path: {data_dir / 'captions.txt'}}}]",
+            "data.corpus.class_sentences=null", "trainer.max_epochs=2", "model.templates=simple", "data.val_size=6",
             "data.num_workers=0", "data.batch_size=64", f"cache_dir={out.parent / 'cache'}", f"paths.output_dir={out}",
             "logger=none", "callbacks=none"]
 
