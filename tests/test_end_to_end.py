@@ -1,4 +1,5 @@
-"""dbtr-train then dbtr-eval through the real console entry points, on the generated demo data (CPU)."""
+"""The console entry points end to end on generated data (CPU): dbtr-train then dbtr-eval on the demo data, and
+dbtr-toyworld on a tiny world (the reduced and full demos are the slow tests in test_toyworld_demo)."""
 
 from __future__ import annotations
 
@@ -112,3 +113,18 @@ def test_eval_refuses_another_clip_of_the_same_size_unless_allowed(trained, demo
     proc = run_cli("dbtr-eval", *args, "data.image_size=48", "allow_mismatch=true", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path)
     assert (tmp_path / "e2" / "metrics.json").is_file()
     assert "image preprocessing differs" in proc.stderr + proc.stdout
+
+
+def test_toyworld_cli_on_a_tiny_world(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("dbtr-toyworld", "--methods", "zsclip", "dbtr", "--out", str(out),
+                   f"paths.toyworld_dir={tmp_path / 'world'}", "data.num_captions=300", "data.num_val=20",
+                   "data.num_test=40", "trainer.max_epochs=2", cwd=tmp_path)
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["num_test_images"] == 40 and summary["num_captions"] == 300 and summary["seeds"] == [1]
+    zs, full = summary["methods"]["zsclip"]["mAP"][0], summary["methods"]["dbtr"]["mAP"][0]
+    assert summary["chance_mAP"] + 30 < zs < 100 and 0 < full <= 100  # the shipped toy CLIP, far above chance
+    assert f"{zs:.2f}" in proc.stdout and "toy world, test split (40 images)" in proc.stdout
+    assert "| full method" in (out / "results.md").read_text() and (out / "heatmaps.png").stat().st_size > 1000
+    for method, value in (("zsclip", zs), ("dbtr", full)):  # one run folder per method and seed, as tabulated
+        assert json.loads((out / "runs" / method / "seed1" / "metrics.json").read_text())["test"]["test/mAP"] == value
