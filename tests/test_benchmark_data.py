@@ -338,15 +338,21 @@ def test_dbtr_data_reports_a_native_split(tmp_path, voc):
 
 
 def test_train_then_eval_on_native_voc_with_disk_cache(tmp_path, demo_dir):
-    """dbtr-train on VOC2007's native layout (class-sentence captions, a tiny random CLIP), features cached on
+    """dbtr-train on VOC2007's native layout (a small caption file, a tiny random CLIP), features cached on
     disk; dbtr-eval then reads the same cache entry and reproduces the test numbers."""
     from cli_helpers import run_cli
+    from dbtr.text.synonyms import builtin_vocabulary
 
     root = synthetic.random_voc2007(tmp_path / "voc", num_trainval=24, num_test=16)
+    names = builtin_vocabulary("voc2007").prompt_names
+    captions = tmp_path / "captions.txt"  # two per class: seconds, not the 20 x 81 class sentences
+    captions.write_text("".join(f"a photo of a {a}.\na {a} next to a {b}.\n"
+                                for a, b in zip(names, names[1:] + names[:1])))
     common = ["data=voc2007", f"data.root={root}", "clip=tiny", f"paths.tiny_dir={demo_dir}", "data.num_workers=0",
               f"cache_dir={tmp_path / 'cache'}", "cache_image_features=disk"]
-    run_cli("dbtr-train", *common, "data.val_size=8", "data.corpus.sources=[]", "data.corpus.class_sentences=1",
-         "data.batch_size=64", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'train'}", cwd=tmp_path)
+    run_cli("dbtr-train", *common, "data.val_size=8", f"data.corpus.sources=[{{type: text_lines, path: {captions}}}]",
+            "data.corpus.class_sentences=null", "data.batch_size=64", "trainer.max_epochs=2",
+            f"hydra.run.dir={tmp_path / 'train'}", cwd=tmp_path)
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     report = json.loads((tmp_path / "train" / "data_report.json").read_text())
     assert report["val"]["num_items"] == 8 and report["test"]["num_items"] == 16
