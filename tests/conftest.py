@@ -14,6 +14,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cli_helpers import run_cli  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,22 +40,9 @@ def encoder(clip_dir):
     return ClipEncoder.from_pretrained(str(clip_dir), dense="clearclip")
 
 
-def run_cli(name: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None):
-    """A console script (``dbtr-x`` from the venv, else ``python -m dbtr.x``), offline, output captured."""
-    import subprocess
-    import sys
-
-    exe = Path(sys.executable).parent / name
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"dbtr.{name.split('-')[1]}"]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run([*cmd, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def cli():
+    """:func:`cli_helpers.run_cli`, for tests that take their runner as a fixture."""
     return run_cli
 
 

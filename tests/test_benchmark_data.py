@@ -318,11 +318,11 @@ def test_bad_image_error_or_counted_skip(tmp_path, encoder):
 
 # ------------------------------------------------------------------------------------------------ CLIs
 def test_dbtr_data_reports_a_native_split(tmp_path, voc):
-    from test_end_to_end import _cli
+    from cli_helpers import run_cli
 
     (voc / "JPEGImages" / "000004.jpg").write_bytes(b"truncated")
     out = tmp_path / "stats.json"
-    proc = _cli("dbtr-data", "data=voc2007", f"data.root={voc}", "data.split=test", "data.on_bad_image=skip",
+    proc = run_cli("dbtr-data", "data=voc2007", f"data.root={voc}", "data.split=test", "data.on_bad_image=skip",
                 f"out={out}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     stats = json.loads(out.read_text())
     want = expected_voc(["000002"])  # 000004 cannot be decoded: skipped and listed
@@ -332,27 +332,33 @@ def test_dbtr_data_reports_a_native_split(tmp_path, voc):
     assert (tmp_path / "evaluated_test.txt").read_text() == "JPEGImages/000002.jpg\n"
     assert "tvmonitor" in proc.stdout
     # the default (error) names the file
-    proc = _cli("dbtr-data", "data=voc2007", f"data.root={voc}", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path,
+    proc = run_cli("dbtr-data", "data=voc2007", f"data.root={voc}", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path,
                 check=False)
     assert proc.returncode != 0 and "cannot decode image" in proc.stderr + proc.stdout and "000004.jpg" in proc.stderr + proc.stdout
 
 
 def test_train_then_eval_on_native_voc_with_disk_cache(tmp_path, demo_dir):
-    """dbtr-train on VOC2007's native layout (class-sentence captions, a tiny random CLIP), features cached on
+    """dbtr-train on VOC2007's native layout (a small caption file, a tiny random CLIP), features cached on
     disk; dbtr-eval then reads the same cache entry and reproduces the test numbers."""
-    from test_end_to_end import _cli
+    from cli_helpers import run_cli
+    from dbtr.text.synonyms import builtin_vocabulary
 
     root = synthetic.random_voc2007(tmp_path / "voc", num_trainval=24, num_test=16)
+    names = builtin_vocabulary("voc2007").prompt_names
+    captions = tmp_path / "captions.txt"  # two per class: seconds, not the 20 x 81 class sentences
+    captions.write_text("".join(f"a photo of a {a}.\na {a} next to a {b}.\n"
+                                for a, b in zip(names, names[1:] + names[:1])))
     common = ["data=voc2007", f"data.root={root}", "clip=tiny", f"paths.tiny_dir={demo_dir}", "data.num_workers=0",
               f"cache_dir={tmp_path / 'cache'}", "cache_image_features=disk"]
-    _cli("dbtr-train", *common, "data.val_size=8", "data.corpus.sources=[]", "data.corpus.class_sentences=1",
-         "data.batch_size=64", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'train'}", cwd=tmp_path)
+    run_cli("dbtr-train", *common, "data.val_size=8", f"data.corpus.sources=[{{type: text_lines, path: {captions}}}]",
+            "data.corpus.class_sentences=null", "data.batch_size=64", "trainer.max_epochs=2",
+            f"hydra.run.dir={tmp_path / 'train'}", cwd=tmp_path)
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     report = json.loads((tmp_path / "train" / "data_report.json").read_text())
     assert report["val"]["num_items"] == 8 and report["test"]["num_items"] == 16
     assert len(list((tmp_path / "cache").glob("images-*"))) == 2  # val and test entries
     ckpt = metrics["checkpoint"]
-    proc = _cli("dbtr-eval", *common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    proc = run_cli("dbtr-eval", *common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert "'test': 'hit'" in proc.stdout + proc.stderr
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     assert evaluated["test/mAP"] == pytest.approx(metrics["test"]["test/mAP"], abs=1e-6)

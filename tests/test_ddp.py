@@ -21,6 +21,8 @@ import torch
 
 from cli_helpers import run_cli
 
+pytestmark = pytest.mark.slow  # two training runs and a two-process one: `make test-slow`
+
 
 @pytest.fixture(scope="module")
 def odd_splits(demo_dir, tmp_path_factory) -> list[str]:

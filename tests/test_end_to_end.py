@@ -1,34 +1,22 @@
-"""dbtr-train then dbtr-eval through the real console entry points, on the generated demo data (CPU)."""
+"""The console entry points end to end on generated data (CPU): dbtr-train then dbtr-eval on the demo data, and
+dbtr-toyworld on a tiny world (the reduced and full demos are the slow tests in test_toyworld_demo)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BIN = Path(sys.executable).parent
-
-
-def _cli(name: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    exe = BIN / name
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", f"dbtr.{name.split('-')[1]}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([*cmd, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+from cli_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
 def trained(demo_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "full"
-    _cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}", "trainer.max_epochs=3", "seed=3", cwd=run.parent)
+    run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}", "trainer.max_epochs=3", "seed=3", cwd=run.parent)
     return run
 
 
@@ -71,7 +59,7 @@ def test_load_from_checkpoint_without_hydra_reproduces_eval(trained, demo_dir):
 
 def test_eval_cli_matches_train_test(trained, demo_dir, tmp_path):
     ckpt = json.loads((trained / "metrics.json").read_text())["checkpoint"]
-    _cli("dbtr-eval", f"ckpt_path={ckpt}", "data=tiny", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    run_cli("dbtr-eval", f"ckpt_path={ckpt}", "data=tiny", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     got = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     want = json.loads((trained / "metrics.json").read_text())["test"]
     assert got["test/mAP"] == pytest.approx(want["test/mAP"], abs=1e-9)
@@ -84,7 +72,7 @@ def test_eval_refuses_other_class_list(trained, demo_dir, tmp_path):
     classes.write_text("red\ngreen\nblue\nyellow\npurple\nbrown\n")
     labels = tmp_path / "test.jsonl"
     labels.write_text((demo_dir / "test.jsonl").read_text().replace('"orange"', '"brown"'))
-    proc = _cli(
+    proc = run_cli(
         "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
         f"data.classes={classes}", f"data.test_labels={labels}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
     )
@@ -98,7 +86,7 @@ def test_eval_refuses_clip_with_other_embedding_size(trained, demo_dir, tmp_path
     other = tmp_path / "clip48"
     shutil.copytree(demo_dir / "clip", other)
     save_random_clip(other, ["a red square"], projection_dim=48, vision_image_size=32)
-    proc = _cli(
+    proc = run_cli(
         "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
         f"clip.name_or_path={other}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
     )
@@ -107,7 +95,7 @@ def test_eval_refuses_clip_with_other_embedding_size(trained, demo_dir, tmp_path
 
 
 def test_training_free_baseline_skips_fit(demo_dir, tmp_path):
-    _cli("dbtr-train", "experiment=tiny_zsclip", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
+    run_cli("dbtr-train", "experiment=tiny_zsclip", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
     metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert metrics["checkpoint"] is None and "fit_s" not in metrics["timings"]
     assert "test/mAP_local" not in metrics["test"] and 0 < metrics["test"]["test/mAP"] <= 100
@@ -120,8 +108,23 @@ def test_eval_refuses_another_clip_of_the_same_size_unless_allowed(trained, demo
     save_random_clip(other, ["a red square"], seed=7, vision_image_size=32)
     args = [f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
             f"clip.name_or_path={other}"]
-    proc = _cli("dbtr-eval", *args, f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path, check=False)
+    proc = run_cli("dbtr-eval", *args, f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "not the one the residuals were trained on" in proc.stderr
-    proc = _cli("dbtr-eval", *args, "data.image_size=48", "allow_mismatch=true", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path)
+    proc = run_cli("dbtr-eval", *args, "data.image_size=48", "allow_mismatch=true", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path)
     assert (tmp_path / "e2" / "metrics.json").is_file()
     assert "image preprocessing differs" in proc.stderr + proc.stdout
+
+
+def test_toyworld_cli_on_a_tiny_world(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("dbtr-toyworld", "--methods", "zsclip", "dbtr", "--out", str(out),
+                   f"paths.toyworld_dir={tmp_path / 'world'}", "data.num_captions=300", "data.num_val=20",
+                   "data.num_test=40", "trainer.max_epochs=2", cwd=tmp_path)
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["num_test_images"] == 40 and summary["num_captions"] == 300 and summary["seeds"] == [1]
+    zs, full = summary["methods"]["zsclip"]["mAP"][0], summary["methods"]["dbtr"]["mAP"][0]
+    assert summary["chance_mAP"] + 30 < zs < 100 and 0 < full <= 100  # the shipped toy CLIP, far above chance
+    assert f"{zs:.2f}" in proc.stdout and "toy world, test split (40 images)" in proc.stdout
+    assert "| full method" in (out / "results.md").read_text() and (out / "heatmaps.png").stat().st_size > 1000
+    for method, value in (("zsclip", zs), ("dbtr", full)):  # one run folder per method and seed, as tabulated
+        assert json.loads((out / "runs" / method / "seed1" / "metrics.json").read_text())["test"]["test/mAP"] == value

@@ -373,8 +373,26 @@ def test_score_collector_rejects_bad_shapes_and_keeps_no_grad():
     collector.update(logits * 2, torch.ones(2, 3))
     scores, _ = collector.compute()
     assert not scores.requires_grad
-    assert ScoreCollector.full_state_update is False and ScoreCollector.higher_is_better is True
-    assert ScoreCollector.is_differentiable is False
+
+
+def test_score_collector_forward_is_per_batch_and_reset_clears_the_indices():
+    """Lightning calls ``collector(batch)``: that returns the batch alone and still adds it to the epoch; a
+    second epoch after reset() starts empty, indices included (else the dedup would mix in the old epoch)."""
+    c = ScoreCollector()
+    a, b = torch.randn(2, 3), torch.randn(1, 3)
+    ya, yb = torch.tensor([[1, -1, 1], [-1, 1, -1]]), torch.tensor([[1, 1, -1]])
+    batch_scores, batch_labels = c(a, ya, torch.tensor([0, 1]))
+    torch.testing.assert_close(batch_scores, a)
+    torch.testing.assert_close(batch_labels, ya.to(torch.int8))
+    torch.testing.assert_close(c(b, yb, torch.tensor([2]))[0], b)
+    torch.testing.assert_close(c.compute()[0], torch.cat([a, b]))
+
+    c.reset()
+    c.update(b, yb)  # this epoch without indices: nothing from the first epoch's may survive the reset
+    torch.testing.assert_close(c.compute()[0], b)
+    c.update(a, ya, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="indices were given for some batches only"):
+        c.compute()
 
 
 def test_no_spurious_warnings_on_clean_input():

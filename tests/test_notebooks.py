@@ -24,6 +24,7 @@ def test_committed_notebook_carries_no_outputs(path):
     assert not dirty, f"{path.name}: cells {dirty} hold outputs or execution counts (clear them before committing)"
 
 
+@pytest.mark.slow
 def test_explore_checkpoint_notebook_reproduces_the_runs_test_map(wandb_run, demo_dir, monkeypatch):
     from nbclient import NotebookClient
 

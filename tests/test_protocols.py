@@ -26,12 +26,18 @@ def data_dir(tmp_path_factory) -> Path:
     synthetic.random_voc2007(root, num_trainval=24, num_test=12)
     synthetic.random_coco2014(root / "coco", num_train=24, num_val=12)
     synthetic.random_nuswide(root / "nuswide", num_train=24, num_test=12)
+    # a small caption corpus for the *_captions runs: two sentences per class of each vocabulary (not C x 81 templates)
+    from dbtr.text.synonyms import BUILTIN_VOCABULARIES, builtin_vocabulary
+
+    names = sorted({n for v in BUILTIN_VOCABULARIES for n in builtin_vocabulary(v).prompt_names})
+    (root / "captions.txt").write_text("".join(f"a photo of a {n}.\na {n} in the wild.\n" for n in names))
     return root
 
 
 def tiny_overrides(data_dir: Path, demo_dir: Path, out: Path) -> list[str]:
-    return [f"paths.data_dir={data_dir}", "clip=tiny", f"paths.tiny_dir={demo_dir}", "data.corpus.sources=[]",
-            "data.corpus.class_sentences=1", "trainer.max_epochs=2", "model.templates=simple", "data.val_size=6",
+    return [f"paths.data_dir={data_dir}", "clip=tiny", f"paths.tiny_dir={demo_dir}",
+            f"data.corpus.sources=[{{type: text_lines, path: {data_dir / 'captions.txt'}}}]",
+            "data.corpus.class_sentences=null", "trainer.max_epochs=2", "model.templates=simple", "data.val_size=6",
             "data.num_workers=0", "data.batch_size=64", f"cache_dir={out.parent / 'cache'}", f"paths.output_dir={out}",
             "logger=none", "callbacks=none"]
 
@@ -68,13 +74,13 @@ def test_experiment_runs_tiny_version(experiment, data_dir, demo_dir, tmp_path):
 
 def test_partial_then_ensemble_through_the_cli(data_dir, demo_dir, tmp_path):
     """The text-only model inside the ensemble reproduces its own run's test mAP on the same cached features."""
-    from test_end_to_end import _cli
+    from cli_helpers import run_cli
 
     common = [o for o in tiny_overrides(data_dir, demo_dir, tmp_path / "x") if not o.startswith("paths.output_dir")]
-    _cli("dbtr-train", "experiment=voc2007_captions", *common, f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
+    run_cli("dbtr-train", "experiment=voc2007_captions", *common, f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
     zs = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     ckpt = zs["checkpoint"]
-    _cli("dbtr-train", "experiment=voc2007_partial", *common, "data.label_proportion=0.3", f"model.init_from='{ckpt}'",
+    run_cli("dbtr-train", "experiment=voc2007_partial", *common, "data.label_proportion=0.3", f"model.init_from='{ckpt}'",
          f"model.ensemble.text_ckpt='{ckpt}'", "model.ensemble.rate=0.7", f"hydra.run.dir={tmp_path / 'partial'}", cwd=tmp_path)
     test = json.loads((tmp_path / "partial" / "metrics.json").read_text())["test"]
     assert test["test/mAP_text"] == pytest.approx(zs["test"]["test/mAP"], abs=1e-4)
@@ -183,10 +189,10 @@ def test_zsl_requires_a_partitioning_split():
 
 
 def test_label_proportion_sweep_is_one_multirun_command(data_dir, demo_dir, tmp_path):
-    from test_end_to_end import _cli
+    from cli_helpers import run_cli
 
     common = [o for o in tiny_overrides(data_dir, demo_dir, tmp_path / "x") if not o.startswith("paths.output_dir")]
-    _cli("dbtr-train", "-m", "experiment=voc2007_partial", *common, "data.label_proportion=0.2,0.6",
+    run_cli("dbtr-train", "-m", "experiment=voc2007_partial", *common, "data.label_proportion=0.2,0.6",
          f"data.partial_file={tmp_path}/masks/p${{data.label_proportion}}.npz", f"hydra.sweep.dir={tmp_path / 'sweep'}",
          cwd=tmp_path)
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))

@@ -36,6 +36,7 @@ def _epoch_of(last: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_from_last_matches_uninterrupted_run(demo_dir, tmp_path):
     """SIGKILL after an epoch >= 1 checkpoint, restart with ckpt_path=last in the same run folder: the final
     residuals are bitwise equal to a run that was never interrupted (CPU, same seed)."""

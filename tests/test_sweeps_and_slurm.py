@@ -23,6 +23,7 @@ def _compose(overrides: list[str]):
         return compose(config_name="train.yaml", overrides=overrides, return_hydra_config=True)
 
 
+@pytest.mark.slow
 def test_two_seed_multirun_writes_one_run_per_seed(demo_dir, tmp_path):
     sweep = tmp_path / "multi"
     run_cli("dbtr-train", "-m", "experiment=tiny_full", "seed=1,2", "trainer.max_epochs=2", "quiet=true",
@@ -48,6 +49,7 @@ def test_optuna_search_config_composes():
             node = node[part]
 
 
+@pytest.mark.slow
 def test_optuna_two_trials_maximise_validation_map(demo_dir, tmp_path):
     """Two Optuna trials on tiny data: the study's best value is the best trial's validation selection score."""
     sweep = tmp_path / "optuna"

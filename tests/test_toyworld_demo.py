@@ -42,18 +42,21 @@ def reduced_demo(tmp_path_factory):
     return out, run_demo(out / "demo", seeds=(1,), methods=["zsclip", "dbtr"], overrides=overrides)
 
 
+@pytest.mark.slow
 def test_zero_shot_is_well_above_chance_and_well_below_100(reduced_demo):
     _, summary = reduced_demo
     zs = summary["methods"]["zsclip"]["mAP"][0]
     assert summary["chance_mAP"] + 30 < zs < 95
 
 
+@pytest.mark.slow
 def test_full_method_beats_zero_shot_by_the_measured_margin(reduced_demo):
     _, summary = reduced_demo
     gain = summary["methods"]["dbtr"]["mAP"][0] - summary["methods"]["zsclip"]["mAP"][0]
     assert gain >= MARGIN, f"full method gains {gain:.2f} mAP over zero-shot; expected >= {MARGIN}"
 
 
+@pytest.mark.slow
 def test_local_branch_attends_inside_the_true_boxes(reduced_demo):
     out, summary = reduced_demo
     loc = summary["localization"]
@@ -63,6 +66,7 @@ def test_local_branch_attends_inside_the_true_boxes(reduced_demo):
     assert "| full method" in (out / "demo" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_demo_runs_tabulate_with_dbtr_results(reduced_demo):
     from dbtr.results import build_table, collect
 
