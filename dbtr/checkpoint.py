@@ -149,8 +149,8 @@ def check_clip(ckpt: dict[str, Any], encoder, ckpt_path: str, clip_path: str, al
     """The residuals only mean something on the CLIP weights they were trained on (a hash of the projections)."""
     trained_on = (ckpt.get(META_KEY) or {}).get("clip_fingerprint")
     if trained_on and trained_on != encoder.fingerprint():
-        _mismatch(f"the CLIP at {clip_path!r} is not the one {ckpt_path} was trained on (projection hash "
-                  f"{encoder.fingerprint()} != {trained_on})", allow_mismatch,
+        _mismatch(f"the CLIP at {clip_path!r} is not the one the residuals were trained on ({ckpt_path}: projection "
+                  f"hash {encoder.fingerprint()} != {trained_on})", allow_mismatch,
                   "pass the training CLIP, or allow the mismatch (allow_mismatch=true, --allow-mismatch) to score anyway")
 
 
