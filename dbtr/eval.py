@@ -55,6 +55,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         RunRecord(
             kind="eval", task_name=cfg.task_name, config=to_container(cfg), seed=cfg.seed, tags=list(cfg.tags),
             class_names=datamodule.class_names, test=metrics, checkpoint=ckpt_path, timings=caching.timings,
+            evaluation=dict(model.eval_cfg),
             source=loaded.meta.get("run"), **{"choices": {}, "overrides": [], **run_identity()},
         ).write(Path(cfg.paths.output_dir))
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}

@@ -8,7 +8,7 @@ Unreadable images are skipped and listed (summary, ``<output>.skipped.txt``); th
 image could be read (1) or the arguments are wrong (2). Every output file is written atomically.
 A name the model was not trained on is scored as the model scores any class without training labels: zero
 residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for TaI-DPT
-prompts (``dbtr.inference.new_class_rule``); it is reported on stderr and in the summary.
+prompts (``dbtr.checkpoint.new_class_rule``); it is reported on stderr and in the summary.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dbtr.inference import load_model, parse_class_list
+    from dbtr.checkpoint import load_checkpoint
+    from dbtr.inference import parse_class_list
     from dbtr.utils.io import atomic_write_json, atomic_write_text
 
     if args.top_k < 1:
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no image to score: " + "; ".join(f"{p}: {why}" for p, why in skipped))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     classes = parse_class_list(args.classes) if args.classes else None
-    loaded = load_model(args.checkpoint, clip=args.clip, classes=classes, device=device,
+    loaded = load_checkpoint(args.checkpoint, clip=args.clip, classes=classes, device=device,
                         allow_mismatch=args.allow_mismatch)
     top_k = min(args.top_k, len(loaded.class_names))
     records, unreadable = predict(loaded, paths, top_k, args.batch_size, args.heatmaps)
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from dbtr.models.clip import ClipWeightsNotFound
-    from dbtr.models.lit_module import CheckpointMismatchError
+    from dbtr.checkpoint import CheckpointMismatchError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -40,6 +40,7 @@ class RunRecord:
     selection: dict[str, Any] = field(default_factory=dict)  # monitor, best_score
     val_last_epoch: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the metric conventions in effect (difficult, top_k)
     source: dict[str, Any] | None = None  # eval: {task_name, choices, overrides, seed} of the training run
     extra: dict[str, Any] = field(default_factory=dict)  # anything else (kept on read, written back flat)
 

@@ -99,7 +99,7 @@ def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict
         RunRecord(
             kind="train", task_name=cfg.task_name, config=to_container(cfg), seed=cfg.seed, tags=list(cfg.tags),
             class_names=datamodule.class_names, test=metrics, checkpoint=best_ckpt, selection=selection,
-            val_last_epoch=val_last, timings=timings, **identity,  # choices + overrides: what dbtr-results groups by
+            val_last_epoch=val_last, timings=timings, evaluation=dict(model.eval_cfg), **identity,  # choices + overrides: what dbtr-results groups by
         ).write(output_dir)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "selection": selection,
                      "val_last": val_last}
