@@ -160,6 +160,34 @@ def _mismatch(message: str, allow: bool, advice: str) -> None:
     log.warning(message)
 
 
+def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, Tensor], num_classes: int, encoder,
+                     strict: bool = True) -> None:
+    """A checkpoint's head tensors against the model's: a clear error for a mis-shaped or missing tensor."""
+    for key, value in state_dict.items():
+        if key not in expected or tuple(value.shape) == tuple(expected[key].shape):
+            continue
+        if key.startswith("head.prompts."):
+            raise CheckpointMismatchError(
+                f"checkpoint prompt context {key!r} has shape {tuple(value.shape)} but this model expects "
+                f"{tuple(expected[key].shape)} (model.prompts.n_ctx / class_specific, text width "
+                f"{encoder.model.config.text_config.hidden_size}): use the training prompts and CLIP model."
+            )
+        c, d = tuple(value.shape) if value.ndim == 2 else (None, None)
+        raise CheckpointMismatchError(
+            f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but this model expects "
+            f"{tuple(expected[key].shape)} = ({num_classes} classes, CLIP projection dim {encoder.embed_dim}); "
+            f"the checkpoint was trained with {c} classes and embedding size {d}. "
+            "Use the same class list and CLIP model as in training."
+        )
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if strict and (missing or unexpected):
+        raise CheckpointMismatchError(
+            f"checkpoint does not match the head configuration: missing {missing}, unexpected {unexpected} "
+            "(was it trained with other head.global_residual/local_residual/use_local or model.prompts settings?)"
+        )
+
+
 # ------------------------------------------------------------------ checkpoint surgery
 
 def remap_class_rows(state_dict: dict[str, Tensor], trained: Sequence[str], names: Sequence[str]) -> dict[str, Tensor]:

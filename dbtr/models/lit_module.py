@@ -17,7 +17,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dbtr.checkpoint import CheckpointMismatchError, checkpoint_meta, load_companion, load_head_init
+from dbtr.checkpoint import (
+    CheckpointMismatchError,
+    check_state_dict,
+    checkpoint_meta,
+    load_companion,
+    load_head_init,
+)
 from dbtr.evaluation import BRANCHES, EVALUATION_DEFAULTS, headline, summarise
 from dbtr.losses import get_loss, split_labels
 from dbtr.metrics import ScoreCollector
@@ -214,28 +220,7 @@ class DbtrLitModule(L.LightningModule):
         """Strict on the head (missing or mis-shaped residuals raise a clear error), silent on CLIP keys."""
         expected = dict(self.state_dict())
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.") and not k.startswith("collectors.")}
-        for key, value in state_dict.items():
-            if key in expected and tuple(value.shape) != tuple(expected[key].shape) and key.startswith("head.prompts."):
-                raise CheckpointMismatchError(
-                    f"checkpoint prompt context {key!r} has shape {tuple(value.shape)} but this model expects "
-                    f"{tuple(expected[key].shape)} (model.prompts.n_ctx / class_specific, text width "
-                    f"{self.encoder.model.config.text_config.hidden_size}): use the training prompts and CLIP model."
-                )
-            if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-                c, d = tuple(value.shape) if value.ndim == 2 else (None, None)
-                raise CheckpointMismatchError(
-                    f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but this model expects "
-                    f"{tuple(expected[key].shape)} = ({len(self.class_names)} classes, CLIP projection dim "
-                    f"{self.encoder.embed_dim}); the checkpoint was trained with {c} classes and embedding size {d}. "
-                    "Use the same class list and CLIP model as in training."
-                )
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if strict and (missing or unexpected):
-            raise CheckpointMismatchError(
-                f"checkpoint does not match the head configuration: missing {missing}, unexpected {unexpected} "
-                "(was it trained with other head.global_residual/local_residual/use_local or model.prompts settings?)"
-            )
+        check_state_dict(state_dict, expected, len(self.class_names), self.encoder, strict)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         result.missing_keys[:] = [k for k in result.missing_keys if k in expected]  # CLIP keys are never stored
         return result
