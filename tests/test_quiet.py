@@ -26,4 +26,8 @@ def test_quiet_train_and_eval_print_little_but_the_metrics(demo_dir, tmp_path):
     loud = run_cli("dbtr-eval", ckpt, *args, f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path).stdout
     e_map = json.loads((tmp_path / "e1" / "metrics.json").read_text())["test"]["test/mAP"]
     assert f"{e_map:.2f}" in quiet and not [n for n in NOISE if n in quiet], quiet
-    assert "Test metric" in loud and "[INFO]" in loud and len(loud) > 2 * len(quiet)
+    assert "[INFO]" in loud and len(loud) > 2 * len(quiet)
+    for out, folder in ((proc.stdout, run), (quiet, tmp_path / "e1"), (loud, tmp_path / "e2")):
+        # one metrics table (ours, not Lightning's as well) and one line naming the run folder
+        assert out.count("test metrics (%)") == 1 and "Test metric" not in out, out
+        assert out.count("run folder: ") == 1 and f"run folder: {folder}" in out
