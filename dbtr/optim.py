@@ -17,7 +17,7 @@ SCHEDULER_DEFAULTS = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5}
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
     """Warm-up steps; a warm-up that would cover the whole run (``trainer.max_epochs=1`` with one warm-up epoch)
     is shortened to half the run, with a one-line notice, instead of failing after all the caching."""
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+    warmup = round(warmup_epochs * steps_per_epoch)
     if warmup >= total_steps:
         short = total_steps // 2
         log.warning("model.scheduler.warmup_epochs=%s covers the whole run (%d steps, %d per epoch): warm-up "

@@ -3,6 +3,7 @@ what dbtr-predict scores; and the one loader is what dbtr-eval and dbtr-train's 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -18,7 +19,7 @@ CKPT_IN_README = "logs/train/runs/<run>/checkpoints/last.ckpt"
 
 def quickstart_code() -> str:
     section = README.read_text().split("## Quickstart in Python", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     assert CKPT_IN_README in code and '"photo.jpg"' in code, "the quickstart no longer names its inputs"
     return code
 
@@ -56,8 +57,8 @@ def test_readme_quickstart_scores_a_toyworld_checkpoint_like_dbtr_predict(toy_ru
     for image, want in zip(images, predicted):
         ns: dict = {}
         with contextlib.redirect_stdout(io.StringIO()) as printed:
-            exec(compile(code.replace('"photo.jpg"', repr(str(image))), "README quickstart", "exec"), ns)
-        got = eval(printed.getvalue())  # the list of (class, score) it prints
+            exec(compile(code.replace('"photo.jpg"', repr(str(image))), "README quickstart", "exec"), ns)  # noqa: S102
+        got = ast.literal_eval(printed.getvalue())  # the list of (class, score) it prints
         assert [name for name, _ in got] == [t["label"] for t in want["top"]]
         assert [s for _, s in got] == pytest.approx([t["score"] for t in want["top"]], abs=2e-3)
         assert ns["out"].logits[0].topk(3).values.tolist() == pytest.approx([t["score"] for t in want["top"]],

@@ -13,7 +13,6 @@ folder) after the first run, for the demo and for any later ``dbtr-train experim
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import warnings
