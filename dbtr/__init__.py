@@ -2,6 +2,7 @@
 
 Public API (lazy, so ``import dbtr`` stays cheap and does not pull in Lightning):
 
+    model, transform = dbtr.load_checkpoint("run/checkpoints/last.ckpt")   # the model and its preprocessing
     from dbtr import DbtrLitModule, ClipEncoder, DualBranchHead, mean_average_precision
 """
 
@@ -13,6 +14,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "load_checkpoint": "dbtr.checkpoint",
+    "LoadedModel": "dbtr.checkpoint",
+    "Preprocessing": "dbtr.checkpoint",
+    "RunRecord": "dbtr.run_record",
     "DbtrLitModule": "dbtr.models.lit_module",
     "ClipEncoder": "dbtr.models.clip",
     "DualBranchHead": "dbtr.models.heads",

@@ -89,3 +89,74 @@ class EvalPlots(L.Callback):
                 logger.log_table("test/per_class_AP", columns=["class", "AP"], data=rows)
                 for key, path in paths.items():
                     logger.log_image(f"plots/{key}", [str(path)])
+
+
+class FeatureCaching(L.Callback):
+    """What the frozen CLIP sees, encoded once per run in the ``setup`` hook (after the datamodule's own setup, on
+    the device Lightning runs on): the training captions at ``fit`` (with their corpus report and truncation
+    count) and the image splits of each stage. dbtr-train and dbtr-eval add it themselves, whatever
+    ``callbacks=`` says.
+
+    :param captions: encode the training captions once (steps then run no text-encoder forward).
+    :param images: ``false`` | ``memory`` (or true) | ``disk`` (fingerprinted fp16 cache under ``cache_dir``).
+    :param cache_dir: the on-disk cache folder (captions, and images with ``images=disk``); None = memory only.
+    :param output_dir: where ``corpus_report.json`` goes (a corpus-built caption set).
+    """
+
+    def __init__(self, captions: bool = True, images: bool | str | None = False, cache_dir: str | None = None,
+                 output_dir: str | None = None):
+        if images not in (True, False, None, "memory", "disk"):
+            raise ConfigError(f"cache_image_features must be false, memory (or true) or disk, got {images!r}")
+        if images == "disk" and not cache_dir:
+            raise ConfigError("cache_image_features=disk needs cache_dir (a folder for the feature cache)")
+        self.captions, self.images, self.cache_dir = bool(captions), images, cache_dir
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.timings: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        import time
+
+        dm, encoder = trainer.datamodule, pl_module.encoder
+        dm.attach_encoder(encoder)
+        encoder.to(trainer.strategy.root_device)  # T0 (the module's setup, next) is built there too
+        if stage == "fit" and dm.train_on == "captions":
+            self._captions(trainer, dm, encoder)
+        if self.images:
+            t0 = time.perf_counter()
+            status = dm.cache_image_features(encoder, cache_dir=self.cache_dir if self.images == "disk" else None)
+            if status:
+                log.info("image features: %s", status)
+                self.timings["cache_images_s"] = self.timings.get("cache_images_s", 0.0) + time.perf_counter() - t0
+
+    def _captions(self, trainer: L.Trainer, dm, encoder) -> None:
+        import time
+
+        from dbtr.data.captions import encode_caption_features
+        from dbtr.data.feature_cache import cached_caption_features
+        from dbtr.text.corpus import count_truncated, report_table
+        from dbtr.utils.io import atomic_write_json
+        from dbtr.utils.progress import is_quiet
+
+        texts = dm.captions.texts
+        truncated = count_truncated(encoder.tokenizer, texts, encoder.max_length)
+        if truncated:
+            log.warning("%d of %d captions exceed %d tokens and are truncated", truncated, len(texts),
+                        encoder.max_length)
+        self.timings["captions_truncated"] = truncated
+        if dm.corpus_report is not None and trainer.is_global_zero:
+            dm.corpus_report.truncated = truncated
+            if self.output_dir is not None:
+                atomic_write_json(self.output_dir / "corpus_report.json", dm.corpus_report.as_dict())
+            if not is_quiet():
+                from rich.console import Console
+
+                Console().print(report_table(dm.corpus_report))
+        if self.captions and dm.caption_features is None:
+            t0 = time.perf_counter()
+            if self.cache_dir:
+                feats, status = cached_caption_features(encoder, texts, Path(self.cache_dir))
+                log.info("caption features: %s (%d captions) in %s", status, len(texts), self.cache_dir)
+            else:
+                feats = encode_caption_features(encoder, texts, progress=True)
+            dm.set_caption_features(feats)
+            self.timings["cache_captions_s"] = time.perf_counter() - t0

@@ -8,7 +8,7 @@ Unreadable images are skipped and listed (summary, ``<output>.skipped.txt``); th
 image could be read (1) or the arguments are wrong (2). Every output file is written atomically.
 A name the model was not trained on is scored as the model scores any class without training labels: zero
 residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for TaI-DPT
-prompts (``dbtr.inference.new_class_rule``); it is reported on stderr and in the summary.
+prompts (``dbtr.checkpoint.new_class_rule``); it is reported on stderr and in the summary.
 """
 
 from __future__ import annotations
@@ -18,20 +18,35 @@ import csv
 import glob
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
 
-from dbtr.inference import IMAGE_SUFFIXES, LoadedModel
+from dbtr.checkpoint import LoadedModel
 from dbtr.utils.errors import UserError, user_errors
 
 FORMATS = ("jsonl", "csv")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 class UsageError(UserError):
     """Wrong arguments or inputs that make the whole run pointless (exit status 2)."""
+
+def parse_class_list(spec: str) -> list[str]:
+    """``--classes``: a text file (one name per line) if such a file exists, else a comma-separated list."""
+    from dbtr.data.labels import load_class_names
+    from dbtr.zeroshot.classifier import validate_class_names
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_class_names(path)
+    if path.suffix.lower() in (".txt", ".lst") or os.sep in spec:
+        raise FileNotFoundError(f"class list file not found: {path} (or give the names comma-separated: 'dog,cat')")
+    return validate_class_names(spec.split(","), source=f"class list {spec!r}")
+
 
 
 def collect_images(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -151,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dbtr.inference import load_model, parse_class_list
+    from dbtr.checkpoint import load_checkpoint
     from dbtr.utils.io import atomic_write_json, atomic_write_text
 
     if args.top_k < 1:
@@ -164,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no image to score: " + "; ".join(f"{p}: {why}" for p, why in skipped))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     classes = parse_class_list(args.classes) if args.classes else None
-    loaded = load_model(args.checkpoint, clip=args.clip, classes=classes, device=device,
+    loaded = load_checkpoint(args.checkpoint, clip=args.clip, classes=classes, device=device,
                         allow_mismatch=args.allow_mismatch)
     top_k = min(args.top_k, len(loaded.class_names))
     records, unreadable = predict(loaded, paths, top_k, args.batch_size, args.heatmaps)

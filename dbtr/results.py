@@ -13,14 +13,16 @@ overrides. The seed and overrides that only say where or how things are written 
 ``paths.*``, ``cache_dir``, ``cache_image_features``, ``logger``; more with ``--ignore KEY``) are left out, so the
 runs of a seed sweep fall in one cell. ``data=`` picks the column: a row is everything else, and its "made by"
 column is the command that reproduces it (``data=a,b`` is appended when the data was chosen on the command line).
-The choices come from ``metrics.json["choices"]`` (written by dbtr-train / dbtr-eval), else from the run's
-``.hydra/hydra.yaml``. A ``dbtr-eval`` run (``model=from_checkpoint``) takes its method and seed from the training
-run that holds its checkpoint (``<run>/checkpoints/x.ckpt``), if that run is still there.
+The choices come from ``metrics.json["choices"]`` (the :class:`~dbtr.run_record.RunRecord` written by dbtr-train,
+dbtr-eval and the toy-world demo), else from the run's ``.hydra/hydra.yaml``. A ``dbtr-eval`` run (``kind: eval``)
+is its own row, named after the training run of its checkpoint (whose identity the checkpoint stores; older
+checkpoints: the run folder that holds it), with that run's method and seed; the same checkpoint evaluated
+again the same way counts once (the newest), so a re-evaluation never reads as a second seed.
 
 **Protocol.** Numbers share a column only if they were measured the same way. What has to agree, per column:
     class_names          the label space, in order (metrics.json)
     num_images           test/num_images: the evaluated image set (missing or skipped images change it)
-    difficult            evaluation.difficult (dbtr-eval's override) else model.evaluation.difficult
+    difficult            model.evaluation.difficult (for dbtr-eval: its override, else the checkpoint's)
     split                data.split (e.g. test, val2014, Test)
     classes              data.classes when it is a subset keyword (all | seen | unseen); class_split
     include_unlabeled    data.include_unlabeled
@@ -52,10 +54,11 @@ from typing import Any, Iterable, Sequence
 from dbtr.utils.errors import EXIT_USER_ERROR, UserError, cli, format_error, traceback_requested
 
 # Overrides that change where or how a run is written, never its numbers (prefixes of the override key).
-IGNORED_OVERRIDES = ("seed", "hydra", "paths", "cache_dir", "cache_image_features", "logger")
+IGNORED_OVERRIDES = ("seed", "hydra", "paths", "cache_dir", "cache_image_features", "logger", "quiet",
+                     "callbacks.eval_plots", "callbacks.lr_monitor")
 # Protocol field -> config paths tried in order (the first that is set wins).
 PROTOCOL_FIELDS: dict[str, tuple[str, ...]] = {
-    "difficult": ("evaluation.difficult", "model.evaluation.difficult"),
+    "difficult": ("model.evaluation.difficult", "evaluation.difficult"),  # the second: dbtr-eval before 0.2
     "split": ("data.split",),
     "classes": ("data.classes",),
     "class_split": ("data.class_split",),
@@ -160,7 +163,8 @@ def _hydra_identity(run_dir: Path) -> tuple[dict | None, list | None]:
 @dataclass
 class Run:
     path: Path
-    payload: dict
+    payload: dict  # the RunRecord as a dict
+    kind: str  # train | eval
     method: str
     data: str
     seed: Any
@@ -180,52 +184,72 @@ class Run:
         return None
 
 
-def read_payload(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise SkippedRun("no metrics.json (the run failed, was killed or is still running)")
+def read_record(run_dir: Path):
+    from dbtr.run_record import RunRecord, RunRecordError
+
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SkippedRun(f"metrics.json unreadable: {e}") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
-        raise SkippedRun("metrics.json has no 'config' section (not written by dbtr-train / dbtr-eval)")
-    return payload
+        return RunRecord.read(run_dir)
+    except RunRecordError as why:
+        raise SkippedRun(str(why)) from None
+
+
+def _made_by(experiment: str | None, method: str, own: Sequence[str]) -> str:
+    return " ".join([f"experiment={experiment}"] * bool(experiment) + [f"model={method}"] + list(own))
+
+
+def _own(overrides: Sequence[str], ignored: Sequence[str]) -> list[str]:
+    return [o for o in overrides
+            if _override_key(o) not in ("experiment", "model", "data") and not _ignored(_override_key(o), ignored)]
 
 
 def load_run(run_dir: Path, ignored: Sequence[str] = IGNORED_OVERRIDES) -> Run:
-    payload = read_payload(run_dir)
-    choices, overrides = payload.get("choices"), payload.get("overrides")
-    if choices is None or overrides is None:
+    record = read_record(run_dir)
+    payload = record.to_dict()
+    choices, overrides = record.choices, record.overrides
+    if not choices:
         choices, overrides = _hydra_identity(run_dir)
     if not isinstance(choices, dict) or not choices.get("model") or not isinstance(overrides, list):
         raise SkippedRun("no config-group choices: neither metrics.json['choices'] nor .hydra/hydra.yaml")
-    config = payload["config"]
-    own = [o for o in overrides
-           if _override_key(o) not in ("experiment", "model", "data") and not _ignored(_override_key(o), ignored)]
+    config = record.config
+    own = _own(overrides, ignored)
     experiment = choices.get("experiment")
-    made_by = " ".join([f"experiment={experiment}"] * bool(experiment) + [f"model={choices['model']}"] + own)
-    method, seed = choices["model"], payload.get("seed", config.get("seed"))
-    row_key: tuple = (payload.get("task_name"), experiment, method, tuple(own))
-    difficult = _get(config, "evaluation.difficult")
-    if method == "from_checkpoint":  # dbtr-eval: the method and seed are those of the run that trained the checkpoint
+    made_by = _made_by(experiment, choices["model"], own)
+    method, seed = choices["model"], record.seed
+    row_key: tuple = (record.task_name, experiment, method, tuple(own))
+    difficult = next((v for p in PROTOCOL_FIELDS["difficult"] if (v := _get(config, p)) is not None),
+                     record.evaluation.get("difficult"))
+    if record.kind == "eval":  # its own row, named after the training run of the checkpoint
         own = [o for o in own if _override_key(o) != "ckpt_path"]
-        train = _training_run(payload.get("checkpoint"), ignored)
-        if train is not None:
-            method, seed = train.method, train.seed
-            difficult = difficult or _get(train.payload["config"], "model.evaluation.difficult")
-            made_by = f"dbtr-eval {' '.join(own)} on ({train.made_by})".replace("  ", " ")
-            row_key = ("eval", train.row_key, tuple(own))
+        source = _source(record, ignored)
+        if source is not None:
+            method, seed, train_made_by, train_key = source
+            made_by = f"dbtr-eval {' '.join(own)} on ({train_made_by})".replace("  ", " ")
+            row_key = ("eval", train_key, tuple(own))
+        else:  # unknown training run: never average different checkpoints as seeds
+            made_by = f"dbtr-eval {' '.join(own)} on {record.checkpoint}".replace("  ", " ")
+            row_key = ("eval", str(record.checkpoint), tuple(own))
     protocol = {name: next((v for p in paths if (v := _get(config, p)) is not None), None)
                 for name, paths in PROTOCOL_FIELDS.items()}
-    protocol["difficult"] = difficult if difficult is not None else protocol["difficult"]
+    protocol["difficult"] = difficult
     if protocol["classes"] not in CLASS_SUBSETS:  # a file or a list: the class names say it exactly
         protocol["classes"] = None
-    protocol["num_images"] = (payload.get("test") or {}).get("test/num_images")
-    protocol["class_names"] = tuple(payload.get("class_names") or ())
-    return Run(path=run_dir, payload=payload, method=method, data=str(choices.get("data")), seed=seed,
-               row_key=row_key, made_by=made_by, data_overridden=any(_override_key(o) == "data" for o in overrides),
-               protocol=protocol)
+    protocol["num_images"] = record.test.get("test/num_images")
+    protocol["class_names"] = tuple(record.class_names)
+    return Run(path=run_dir, payload=payload, kind=record.kind, method=method, data=str(choices.get("data")),
+               seed=seed, row_key=row_key, made_by=made_by,
+               data_overridden=any(_override_key(o) == "data" for o in overrides), protocol=protocol)
+
+
+def _source(record, ignored: Sequence[str]) -> tuple | None:
+    """(method, seed, made by, row key) of the training run of an eval record's checkpoint."""
+    src = record.source
+    if src and (src.get("choices") or {}).get("model"):
+        own = _own(src.get("overrides") or [], ignored)
+        experiment, method = src["choices"].get("experiment"), src["choices"]["model"]
+        return method, src.get("seed"), _made_by(experiment, method, own), (src.get("task_name"), experiment,
+                                                                            method, tuple(own))
+    train = _training_run(record.checkpoint, ignored)
+    return None if train is None else (train.method, train.seed, train.made_by, train.row_key)
 
 
 def _training_run(checkpoint: str | None, ignored: Sequence[str]) -> Run | None:
@@ -236,7 +260,7 @@ def _training_run(checkpoint: str | None, ignored: Sequence[str]) -> Run | None:
         run = load_run(run_dir, ignored)
     except SkippedRun:
         return None
-    return run if run.method != "from_checkpoint" else None
+    return run if run.kind == "train" else None
 
 
 # ---------------------------------------------------------------- the table
@@ -342,11 +366,12 @@ def config_difference(a: Run, b: Run, ignored: Sequence[str] = IGNORED_OVERRIDES
 def build_table(runs: list[Run], metrics: Sequence[str], allow_mixed: bool = False,
                 skipped: Sequence[tuple[Path, str]] = (), sort: str | None = None,
                 ignored: Sequence[str] = IGNORED_OVERRIDES) -> Table:
+    runs, notes = _one_per_evaluation(runs)
     columns_by_key = columns_for(runs, allow_mixed)
     columns = list(columns_by_key.values())
     index = {key: i for i, key in enumerate(columns_by_key)}
     rows: dict[tuple, dict] = {}
-    missing, notes = [], []
+    missing = []
     for run in runs:
         row = rows.setdefault(run.row_key, {"method": run.method, "made_by": run.made_by, "data": [], "cells": {},
                                             "runs": {}})
@@ -378,6 +403,23 @@ def build_table(runs: list[Run], metrics: Sequence[str], allow_mixed: bool = Fal
     if sort:
         ordered = _sorted(ordered, columns, sort)
     return Table(list(metrics), columns, ordered, list(skipped), missing, notes, len(runs))
+
+
+def _one_per_evaluation(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """One checkpoint evaluated the same way twice is one measurement, not two seeds: keep the newest."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.kind == "eval" and run.payload.get("checkpoint"):
+            key = (run.row_key, run.data, str(Path(run.payload["checkpoint"]).resolve()))
+            groups.setdefault(key, []).append(run)
+    dropped, notes = set(), []
+    for group in groups.values():
+        if len(group) > 1:
+            group.sort(key=lambda r: (r.path / "metrics.json").stat().st_mtime)
+            dropped.update(id(r) for r in group[:-1])
+            notes.append(f"{group[-1].payload['checkpoint']} was evaluated {len(group)} times the same way "
+                         f"({', '.join(_show(r.path) for r in group)}): counted once, the newest")
+    return [r for r in runs if id(r) not in dropped], notes
 
 
 def _sorted(rows: list[dict], columns: list[Column], sort: str) -> list[dict]:

@@ -20,11 +20,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, instantiate_group, run_identity, task_wrapper, to_container
-from dbtr.utils.errors import ConfigError
-from dbtr.utils.io import atomic_write_json
-from dbtr.utils.progress import is_quiet, quiet_trainer_args, set_quiet
-from dbtr.utils.report import print_metrics_table
+from dbtr.pipeline import build_trainer, feature_caching, prepare_data_once, report_run, write_data_report
+from dbtr.run_record import RunRecord
+from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
+from dbtr.utils.progress import set_quiet
 
 log = logging.getLogger("dbtr")
 # CLIP is frozen in eval mode on purpose; Lightning's reminder about eval-mode modules is noise here.
@@ -45,132 +44,37 @@ def _resolve_resume(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
-def write_metrics(output_dir: Path, payload: dict[str, Any]) -> Path:
-    path = atomic_write_json(output_dir / "metrics.json", payload)
-    log.info("wrote %s", path)
-    return path
+def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Instantiate, fit (unless training-free), test the selected weights; write ``metrics.json``.
 
-
-def image_cache_dir(cfg: DictConfig) -> str | None:
-    """Where image features are cached: a folder for ``cache_image_features=disk``, None for memory."""
-    mode = cfg.get("cache_image_features")
-    if mode not in (True, False, None, "memory", "disk"):
-        raise ConfigError(f"cache_image_features must be false, memory (or true) or disk, got {mode!r}")
-    if mode == "disk":
-        if not cfg.get("cache_dir"):
-            raise ConfigError("cache_image_features=disk needs cache_dir (a folder for the feature cache)")
-        return str(cfg.cache_dir)
-    return None
-
-
-def write_data_report(output_dir: Path, datamodule) -> None:
-    """``data_report.json``: what was evaluated per split, and every image dropped (missing, undecodable)."""
-    report = datamodule.image_report()
-    if report:
-        atomic_write_json(output_dir / "data_report.json", report)
-        dropped = {s: len(r["missing"]) + len(r["skipped"]) for s, r in report.items()}
-        if any(dropped.values()):
-            log.warning("images dropped from evaluation per split: %s (listed in data_report.json)", dropped)
-
-
-def prepare_data_once(datamodule, trainer: L.Trainer, timeout_s: float = 3600.0) -> None:
-    """Global rank 0 builds generated data; other ranks (started together under SLURM) wait for it."""
-    if trainer.is_global_zero:
-        datamodule.prepare_data()
-        return
-    is_built = getattr(datamodule, "is_built", None)
-    deadline = time.monotonic() + timeout_s
-    while is_built is not None and not is_built():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {trainer.global_rank}: data not built by rank 0 within {timeout_s:.0f} s")
-        time.sleep(2.0)
-
-
-def prepare_captions(cfg: DictConfig, datamodule, model, is_global_zero: bool, output_dir: Path,
-                     timings: dict[str, float]) -> None:
-    """Read (or build) the training captions, report them, and attach their cached text features."""
-    from rich.console import Console
-
-    from dbtr.data.captions import encode_caption_features
-    from dbtr.data.feature_cache import cached_caption_features
-    from dbtr.text.corpus import count_truncated, report_table
-
-    datamodule.setup("fit")
-    texts, encoder = datamodule.captions.texts, model.encoder
-    truncated = count_truncated(encoder.tokenizer, texts, encoder.max_length)
-    if truncated:
-        log.warning("%d of %d captions exceed %d tokens and are truncated", truncated, len(texts), encoder.max_length)
-    timings["captions_truncated"] = truncated
-    if datamodule.corpus_report is not None and is_global_zero:
-        datamodule.corpus_report.truncated = truncated
-        atomic_write_json(output_dir / "corpus_report.json", datamodule.corpus_report.as_dict())
-        if not is_quiet():
-            Console().print(report_table(datamodule.corpus_report))
-    if cfg.cache_caption_features:
-        t0 = time.perf_counter()
-        if cfg.get("cache_dir"):
-            feats, status = cached_caption_features(encoder, texts, Path(cfg.cache_dir))
-            log.info("caption features: %s (%d captions) in %s", status, len(texts), cfg.cache_dir)
-        else:
-            feats = encode_caption_features(encoder, texts, progress=True)
-        datamodule.set_caption_features(feats)
-        timings["cache_captions_s"] = time.perf_counter() - t0
-
-
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit (unless training-free), test, and return ``(metrics, objects)``."""
-    from dbtr.models.lit_module import DbtrLitModule
-
+    ``identity``: ``{"choices", "overrides"}`` of the run for callers outside a Hydra app (the toy-world demo);
+    default Hydra's. Returns ``(test metrics, objects)``. Feature caching and T0 happen in Lightning's setup hooks
+    (:class:`~dbtr.callbacks.FeatureCaching`, ``DbtrLitModule.setup``).
+    """
     set_quiet(cfg.get("quiet", False))
-    timings: dict[str, float] = {}
     output_dir = Path(cfg.paths.output_dir)
     resume = _resolve_resume(cfg.get("ckpt_path"), output_dir) if cfg.train else None  # fail before any work
     L.seed_everything(cfg.seed, workers=True)
+    timings: dict[str, float] = {}
 
     datamodule = instantiate(cfg.data)
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    has_val = datamodule.has_val
-    for cb in callbacks:
-        if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.monitor and not has_val:
-            log.warning("no validation split: keeping the last epoch (the test split is never used for selection)")
-            cb.monitor = None
-    no_val = {} if has_val else {"limit_val_batches": 0}
-    loggers = instantiate_group(cfg.get("logger"))
-    if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses to run without a logger
-        callbacks = [cb for cb in callbacks if not isinstance(cb, L.pytorch.callbacks.LearningRateMonitor)]
-    callbacks, quiet_args = quiet_trainer_args(callbacks)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_val, **quiet_args)
-    for logger in trainer.loggers:  # the resolved config, as in .hydra/config.yaml
-        logger.log_hyperparams(to_container(cfg))
-
+    caching = feature_caching(cfg)
+    trainer = build_trainer(cfg, [caching], has_val=datamodule.has_val)
     t0 = time.perf_counter()
     prepare_data_once(datamodule, trainer)  # generated datasets (the toy world) are built on first use
     timings["prepare_data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     subsets = {"class_subsets": datamodule.class_subsets} if datamodule.class_subsets else {}
-    model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names, **subsets)
+    model = instantiate(cfg.model, class_names=datamodule.class_names, **subsets)
     datamodule.attach_encoder(model.encoder)
-    # Caches and T0 are built before fit: run the frozen CLIP on the accelerator Lightning will use.
-    model.encoder.to(trainer.strategy.root_device)
-    model.ensure_class_embeddings()
+    identity = {"choices": {}, "overrides": [], **(identity or run_identity())}
+    model.run_info = {"task_name": cfg.task_name, "seed": cfg.seed, **identity}  # saved in every checkpoint
     timings["load_model_s"] = time.perf_counter() - t0
-
-    if cfg.get("cache_image_features"):
-        t0 = time.perf_counter()
-        datamodule.setup("fit" if getattr(datamodule, "train_on", "captions") == "images" else "validate")
-        if cfg.test:
-            datamodule.setup("test")
-        cache_dir = image_cache_dir(cfg)
-        status = datamodule.cache_image_features(model.encoder, cache_dir=cache_dir)
-        log.info("image features: %s", status)
-        timings["cache_images_s"] = time.perf_counter() - t0
 
     best_ckpt, selection = None, {}
     if cfg.train and not model.head.trainable:
         log.info("model has no learnable residual (training-free baseline): skipping fit")
     elif cfg.train:
-        if getattr(datamodule, "train_on", "captions") == "captions":
-            prepare_captions(cfg, datamodule, model, trainer.is_global_zero, output_dir, timings)
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         timings["fit_s"] = time.perf_counter() - t0
@@ -184,34 +88,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.test:
         if best_ckpt:
             log.info("testing checkpoint %s", best_ckpt)
-            class_embeds = model.head.class_embeds.clone()
-            model = DbtrLitModule.load_from_checkpoint(best_ckpt, map_location="cpu", weights_only=True,
-                                                       encoder=model.encoder)
-            model.head.set_class_embeddings(class_embeds)  # same CLIP, classes and templates: no need to rebuild T0
         t0 = time.perf_counter()
-        trainer.test(model, datamodule=datamodule, verbose=not is_quiet())
+        # the selected weights, restored by Lightning into this model (same CLIP, classes, T0 and caches)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt, verbose=False)
         timings["test_s"] = time.perf_counter() - t0
         metrics.update(model.results.get("test", {}))
-        if trainer.is_global_zero:
-            print_metrics_table(metrics, title=f"{cfg.task_name}: test metrics (%)")
+    timings.update(caching.timings)
     if trainer.is_global_zero:
         write_data_report(output_dir, datamodule)
-        write_metrics(
-            output_dir,
-            {
-                "task_name": cfg.task_name,
-                "tags": list(cfg.tags),
-                "seed": cfg.seed,
-                "class_names": datamodule.class_names,
-                "checkpoint": best_ckpt,
-                "selection": selection,
-                "val_last_epoch": val_last,
-                "test": metrics,
-                "timings": timings,
-                "config": to_container(cfg),
-                **run_identity(),  # choices + overrides: what dbtr-results groups and labels runs by
-            },
-        )
+        RunRecord(
+            kind="train", task_name=cfg.task_name, config=to_container(cfg), seed=cfg.seed, tags=list(cfg.tags),
+            class_names=datamodule.class_names, test=metrics, checkpoint=best_ckpt, selection=selection,
+            val_last_epoch=val_last, timings=timings, evaluation=dict(model.eval_cfg), **identity,  # choices + overrides: what dbtr-results groups by
+        ).write(output_dir)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "selection": selection,
                      "val_last": val_last}
 
@@ -222,6 +111,8 @@ def main(cfg: DictConfig) -> float | None:
     from dbtr.utils.objective import optimized_value
 
     metrics, objects = task_wrapper(train)(cfg)
+    if objects["trainer"].is_global_zero:
+        report_run(metrics, f"{cfg.task_name}: test metrics (%)", Path(cfg.paths.output_dir))
     return optimized_value(cfg.get("optimized_metric"), metrics, objects["selection"], objects["val_last"])
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import pytest
 import torch
@@ -94,11 +96,27 @@ def test_bad_evaluation_and_schedule_settings_fail_early(demo_dir, encoder):
         DbtrLitModule(clip={"name_or_path": "x"}, class_names=dm.class_names, evaluation={"top_k": [3, 9]}, encoder=encoder)
     with pytest.raises(ValueError, match="clip.dtype"):
         DbtrLitModule(clip={"name_or_path": "x", "dtype": "float8"}, class_names=dm.class_names, encoder=encoder)
-    model = _model(encoder, dm, scheduler={"warmup_epochs": 1})
+
+
+def test_warmup_covering_the_whole_run_is_shortened_with_a_notice(demo_dir, encoder, caplog):
+    dm = _datamodule(demo_dir)  # 96 captions / batch 32 = 3 steps per epoch
+    model = DbtrLitModule(clip={"name_or_path": "x"}, class_names=dm.class_names, templates="simple", encoder=encoder,
+                          optimizer={"lr": 1e-2}, scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4})
     dm.attach_encoder(encoder)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    with pytest.raises(ValueError, match="warmup_epochs=1 covers the whole run"):
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Record()])
+    with caplog.at_level(logging.WARNING, logger="dbtr"):
         trainer.fit(model, datamodule=dm)
+    notices = [r.getMessage() for r in caplog.records if "covers the whole run" in r.getMessage()]
+    assert len(notices) == 1 and "shortened to 1 steps" in notices[0] and "warmup_epochs=0" in notices[0]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[1] == pytest.approx(1e-2)  # 1 warm-up step, then cosine
+    assert trainer.global_step == 3
 
 
 def test_warmup_then_cosine_schedule(demo_dir, encoder):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from dbtr.data.images import ClipImageTransform, load_image
 from dbtr.fixtures import TINY_CLASSES
-from dbtr.inference import load_model, parse_class_list, read_checkpoint
+from dbtr.checkpoint import load_checkpoint, read_checkpoint
+from dbtr.predict import parse_class_list
 from dbtr.predict import main
 
 
@@ -107,8 +108,8 @@ def test_a_new_name_scores_as_plain_zero_shot_and_trained_names_keep_their_resid
     raw["hyper_parameters"]["head"] = {**raw["hyper_parameters"]["head"], "pfa": "none"}
     path = tmp_path / "nopfa.ckpt"
     torch.save(raw, path)
-    opened = load_model(path, classes=["blue", "zebra", "red"])
-    trained = load_model(path)
+    opened = load_checkpoint(path, classes=["blue", "zebra", "red"])
+    trained = load_checkpoint(path)
     assert opened.new_classes == ["zebra"] and trained.new_classes == [] and trained.new_class_rule == ""
     hp = {**raw["hyper_parameters"], "evaluation": {"top_k": [1]}}
     zero_shot = {name: DbtrLitModule(**{**hp, "class_names": [name]}, encoder=trained.model.encoder).eval()
@@ -134,9 +135,9 @@ def test_a_new_vocabulary_keeps_the_seen_unseen_training_rule(ckpt, demo_dir, tm
         raw["state_dict"][key] = torch.randn_like(raw["state_dict"][key])  # nonzero rows for the unseen classes too
     path = tmp_path / "zsl.ckpt"
     torch.save(raw, path)
-    trained = load_model(path)
+    trained = load_checkpoint(path)
     vocab = [unseen[0], "zebra", seen[1]]
-    opened = load_model(path, classes=vocab)
+    opened = load_checkpoint(path, classes=vocab)
     assert opened.new_classes == ["zebra"]
     assert opened.model.head.global_classifier.row_mask.tolist() == [0.0, 0.0, 1.0]  # unseen and new keep T0
     images = [load_image(demo_dir / "images" / f"test_{i:04d}.png") for i in range(6)]

@@ -234,11 +234,11 @@ def test_reloaded_checkpoint_and_dbtr_eval_reproduce_the_test_map(taidpt_run, de
 
 def test_a_new_class_name_is_scored_with_the_learned_shared_prompts(taidpt_run, demo_dir):
     from dbtr.data.images import load_image
-    from dbtr.inference import load_model
+    from dbtr.checkpoint import load_checkpoint
 
     ckpt = json.loads((taidpt_run / "metrics.json").read_text())["checkpoint"]
-    trained = load_model(ckpt)
-    opened = load_model(ckpt, classes=[trained.class_names[1], "zebra"])
+    trained = load_checkpoint(ckpt)
+    opened = load_checkpoint(ckpt, classes=[trained.class_names[1], "zebra"])
     assert opened.new_classes == ["zebra"] and "learned prompt contexts" in opened.new_class_rule
     # TaI-DPT has no attention across classes, so a one-class model with the same contexts is the reference
     hp = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -257,7 +257,7 @@ def test_a_new_class_name_is_scored_with_the_learned_shared_prompts(taidpt_run, 
 
 
 def test_class_specific_prompts_refuse_new_names_but_allow_a_subset(encoder, clip_dir, tmp_path):
-    from dbtr.inference import load_model
+    from dbtr.checkpoint import load_checkpoint
 
     names = ["red", "green", "blue"]
     model = _taidpt(encoder, names, class_specific=True)
@@ -267,7 +267,7 @@ def test_class_specific_prompts_refuse_new_names_but_allow_a_subset(encoder, cli
     hp = {**model.hparams, "clip": {"name_or_path": str(clip_dir)}}
     torch.save({"hyper_parameters": hp, "state_dict": model.state_dict()}, path)
     with pytest.raises(ValueError, match=r"one prompt context per training class.*new class names \['zebra'\]"):
-        load_model(path, classes=["red", "zebra"])
-    subset = load_model(path, classes=["blue", "red"]).model.head.prompts
+        load_checkpoint(path, classes=["red", "zebra"])
+    subset = load_checkpoint(path, classes=["blue", "red"]).model.head.prompts
     torch.testing.assert_close(subset.ctx_global, model.head.prompts.ctx_global[[2, 0]])
     torch.testing.assert_close(subset.ctx_local, model.head.prompts.ctx_local[[2, 0]])

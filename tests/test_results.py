@@ -188,17 +188,43 @@ def test_eval_runs_take_method_and_seed_from_the_training_run(runs, capsys, tmp_
     train = runs / "multirun" / "sweep" / "1"
 
     def as_eval(m):
-        m.update(task_name="eval", checkpoint=str(train / "checkpoints" / "last.ckpt"))
+        m.update(task_name="eval", kind="eval", checkpoint=str(train / "checkpoints" / "last.ckpt"))
         m.pop("seed")
         m["choices"].update(model="from_checkpoint", experiment=None)
-        m["overrides"] = [f"ckpt_path={train}/checkpoints/last.ckpt", "data=tiny", "evaluation.difficult=ignore"]
-        m["config"]["evaluation"] = {"difficult": "ignore"}
+        m["overrides"] = [f"ckpt_path={train}/checkpoints/last.ckpt", "data=tiny", "model.evaluation.difficult=ignore"]
+        m["config"]["model"] = {"evaluation": {"difficult": "ignore", "top_k": None, "f1_at": None, "val_subset": None}}
 
     ev = _copy(train, tmp_path / "eval", as_eval, hydra=False)
     rc, out, _ = _run(capsys, ev, "--format", "csv")
     row = next(csv.DictReader(io.StringIO(out)))
     assert rc == 0 and row["method"] == "dbtr" and row["seeds"] == "2"
-    assert row["made_by"].startswith("dbtr-eval evaluation.difficult=ignore on (experiment=tiny_full model=dbtr")
+    assert row["made_by"].startswith("dbtr-eval model.evaluation.difficult=ignore on (experiment=tiny_full model=dbtr")
+    assert "tiny [difficult='ignore']" in row["column"] or row["column"] == "tiny"
+
+
+def test_one_checkpoint_evaluated_twice_is_one_eval_row_not_two_seeds(runs, capsys, tmp_path):
+    """The training run's own test, and two dbtr-eval runs of its checkpoint: the evals form their own row (named
+    after the training run, whose identity the checkpoint stores) and count once; no 'config edited' note."""
+    train = runs / "multirun" / "sweep" / "1"
+    ckpt = tmp_path / "moved" / "best.ckpt"  # the training run folder is not beside the checkpoint
+
+    def as_eval(m):
+        source = {"task_name": m["task_name"], "choices": dict(m["choices"]), "overrides": list(m["overrides"]),
+                  "seed": m["seed"]}
+        m.update(task_name="eval", kind="eval", checkpoint=str(ckpt), source=source, seed=1)
+        m["choices"].update(model="from_checkpoint", experiment=None)
+        m["overrides"] = [f"ckpt_path={ckpt}", "data=tiny"]
+        m["config"]["model"] = {"evaluation": {"difficult": None, "top_k": None, "f1_at": None, "val_subset": None}}
+
+    first = _copy(train, tmp_path / "evals" / "a", as_eval, hydra=False)
+    second = _copy(train, tmp_path / "evals" / "b", as_eval, hydra=False)
+    rc, out, err = _run(capsys, train, tmp_path / "evals")
+    assert rc == 0
+    dbtr_rows = [line for line in out.splitlines() if line.startswith("| dbtr |")]
+    assert len(dbtr_rows) == 2 and all(line.rstrip(" |").endswith("(1)") for line in dbtr_rows), out
+    assert any("`dbtr-eval on (experiment=tiny_full model=dbtr" in line for line in dbtr_rows)
+    assert f"was evaluated 2 times the same way ({first}, {second}): counted once" in err.replace(str(Path.cwd()) + "/", "")
+    assert "differ beyond the seed" not in out and "appears in" not in out
 
 
 def test_readme_block_is_replaced_exactly(runs, capsys, tmp_path):

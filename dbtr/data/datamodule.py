@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -46,6 +46,10 @@ class TextToImageDataModule(L.LightningDataModule):
         and it is counted and listed in ``image_report()`` (written to the run folder as ``data_report.json``).
     :param fast_decode: JPEG draft-mode decoding (see :class:`ClipImageTransform`); off = exact CLIP preprocessing.
     """
+
+    #: what ``fit`` trains on: ``captions`` (text-only, the zero-shot protocol) or ``images`` (labelled images;
+    #: benchmark datamodules, ``data.train_on=images``). Decides what is encoded and cached before fitting.
+    train_on: Literal["captions", "images"] = "captions"
 
     def __init__(
         self,

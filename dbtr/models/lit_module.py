@@ -1,8 +1,9 @@
 """The Lightning system: a frozen CLIP encoder + the dual-branch head, trained on captions, tested on images.
 
-Checkpoints hold the head's residuals and plain hyper-parameters only (no CLIP weights, no pickled
-objects), so ``DbtrLitModule.load_from_checkpoint(path)`` rebuilds CLIP from ``clip.name_or_path`` and works
-in a notebook without Hydra.
+It builds the model, scores batches, trains and collects evaluation scores; the numbers are computed by
+:func:`dbtr.evaluation.summarise`, the optimizer by :func:`dbtr.optim.build_optimizer`, and checkpoints become
+models through :func:`dbtr.load_checkpoint` (:mod:`dbtr.checkpoint`). Checkpoints hold the head's residuals and
+plain hyper-parameters only (no CLIP weights, no pickled objects).
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from dbtr.checkpoint import (
+    CheckpointMismatchError,
+    check_state_dict,
+    checkpoint_meta,
+    load_companion,
+    load_head_init,
+)
+from dbtr.evaluation import BRANCHES, EVALUATION_DEFAULTS, headline, summarise
 from dbtr.losses import get_loss, split_labels
-from dbtr.metrics import ScoreCollector, evaluate_scores, f1_at_k, minmax
+from dbtr.metrics import ScoreCollector
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.models.prompts import PromptLearner
-from dbtr.utils.errors import ConfigError, UserError
+from dbtr.optim import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS, build_optimizer
+from dbtr.utils.errors import ConfigError
 from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
 
@@ -33,7 +43,7 @@ warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist
 warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`.*")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_BRANCHES = ("merged", "global", "local")
+__all__ = ["CheckpointMismatchError", "DbtrLitModule", "attention_grid", "residual_columns"]
 
 
 def attention_grid(attention: Tensor) -> Tensor:
@@ -57,10 +67,6 @@ def residual_columns(chosen: str | Sequence[str], class_names: Sequence[str],
     if unknown:
         raise ConfigError(f"model.residual_classes names classes that are not in class_names: {unknown[:5]}")
     return [index[n] for n in chosen]
-
-
-class CheckpointMismatchError(UserError):
-    """A checkpoint's classes or embedding size do not match the data or the CLIP model."""
 
 
 class DbtrLitModule(L.LightningModule):
@@ -127,9 +133,9 @@ class DbtrLitModule(L.LightningModule):
         self._bases_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self.loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
-        self.optimizer_cfg = {"name": "adam", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, **(optimizer or {})}
-        self.scheduler_cfg = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, **(scheduler or {})}
-        self.eval_cfg = {"difficult": "negative", "top_k": [3], "f1_at": [], "val_subset": None, **(evaluation or {})}
+        self.optimizer_cfg = {**OPTIMIZER_DEFAULTS, **(optimizer or {})}
+        self.scheduler_cfg = {**SCHEDULER_DEFAULTS, **(scheduler or {})}
+        self.eval_cfg = {**EVALUATION_DEFAULTS, **(evaluation or {})}
         too_big = [k for k in self.eval_cfg["top_k"] if not 1 <= int(k) <= len(class_names)]
         if too_big:
             raise ConfigError(f"evaluation.top_k {too_big} must lie in [1, {len(class_names)}] (the number of classes)")
@@ -150,8 +156,9 @@ class DbtrLitModule(L.LightningModule):
                 raise ConfigError(f"model.ensemble.rate must be in [0, 1], got {rate}")
         self.templates = templates
         self.collectors = torch.nn.ModuleDict(
-            {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in (*_BRANCHES, "text")}
+            {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in (*BRANCHES, "text")}
         )
+        self.run_info: dict[str, Any] = {}  # what made this run (choices, overrides, seed): saved in checkpoints
         self.results: dict[str, dict[str, Any]] = {}
         # the last epoch's merged (scores, labels) per stage, for plots (PR curves) drawn after the epoch
         self.eval_scores: dict[str, tuple[Tensor, Tensor]] = {}
@@ -169,24 +176,12 @@ class DbtrLitModule(L.LightningModule):
 
     def load_companions(self, stage: str) -> None:
         """Initialise the head from ``init_from`` (at the start of a fresh fit only: never over trained or resumed
-        weights) and load the ensemble's text-only model."""
+        weights) and load the ensemble's text-only model (both through :mod:`dbtr.checkpoint`)."""
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if self.init_from and stage == "fit" and not resuming:
-            state = torch.load(self.init_from, map_location="cpu", weights_only=True)["state_dict"]
-            head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-            mine = self.head.state_dict()
-            bad = {k: tuple(v.shape) for k, v in head_state.items() if k not in mine or v.shape != mine[k].shape}
-            if bad or not head_state:
-                raise CheckpointMismatchError(f"model.init_from={self.init_from}: head tensors {bad or 'none'} do not "
-                                              "fit this head (same classes, CLIP and residual settings needed)")
-            self.head.load_state_dict(head_state, strict=False)
+            load_head_init(self.head, self.init_from)
         if self.ensemble_cfg.get("text_ckpt") and self.text_model is None:
-            text = DbtrLitModule.load_from_checkpoint(self.ensemble_cfg["text_ckpt"], map_location="cpu", weights_only=True,
-                                                      encoder=self.encoder)
-            if text.class_names != self.class_names:
-                raise CheckpointMismatchError(f"model.ensemble.text_ckpt={self.ensemble_cfg['text_ckpt']} was "
-                                              "trained on other classes than this model")
-            text.head.requires_grad_(False)
+            text = load_companion(self.ensemble_cfg["text_ckpt"], self.encoder, self.class_names)
             object.__setattr__(self, "text_model", text)  # not a submodule: never saved, never optimised
 
     def ensure_class_embeddings(self) -> None:
@@ -213,12 +208,9 @@ class DbtrLitModule(L.LightningModule):
         return self._bases_cache[1]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record what the residuals depend on beyond hparams, so evaluation can refuse a silent mismatch."""
+        """Record what the residuals depend on beyond hparams, so loading can refuse a silent mismatch."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        preprocessing = None
-        if dm is not None and getattr(dm, "image_size", None) is not None:
-            preprocessing = {"image_size": int(dm.image_size), "mean": list(dm.mean), "std": list(dm.std)}
-        checkpoint["dbtr"] = {"clip_fingerprint": self.encoder.fingerprint(), "preprocessing": preprocessing}
+        checkpoint["dbtr"] = checkpoint_meta(self.encoder, dm, self.run_info)
 
     def state_dict(self, *args, **kwargs):
         # The frozen CLIP is rebuilt from clip.name_or_path; keeping it out makes checkpoints a few hundred kB.
@@ -229,28 +221,7 @@ class DbtrLitModule(L.LightningModule):
         """Strict on the head (missing or mis-shaped residuals raise a clear error), silent on CLIP keys."""
         expected = dict(self.state_dict())
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.") and not k.startswith("collectors.")}
-        for key, value in state_dict.items():
-            if key in expected and tuple(value.shape) != tuple(expected[key].shape) and key.startswith("head.prompts."):
-                raise CheckpointMismatchError(
-                    f"checkpoint prompt context {key!r} has shape {tuple(value.shape)} but this model expects "
-                    f"{tuple(expected[key].shape)} (model.prompts.n_ctx / class_specific, text width "
-                    f"{self.encoder.model.config.text_config.hidden_size}): use the training prompts and CLIP model."
-                )
-            if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-                c, d = tuple(value.shape) if value.ndim == 2 else (None, None)
-                raise CheckpointMismatchError(
-                    f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but this model expects "
-                    f"{tuple(expected[key].shape)} = ({len(self.class_names)} classes, CLIP projection dim "
-                    f"{self.encoder.embed_dim}); the checkpoint was trained with {c} classes and embedding size {d}. "
-                    "Use the same class list and CLIP model as in training."
-                )
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if strict and (missing or unexpected):
-            raise CheckpointMismatchError(
-                f"checkpoint does not match the head configuration: missing {missing}, unexpected {unexpected} "
-                "(was it trained with other head.global_residual/local_residual/use_local or model.prompts settings?)"
-            )
+        check_state_dict(state_dict, expected, len(self.class_names), self.encoder, strict)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         result.missing_keys[:] = [k for k in result.missing_keys if k in expected]  # CLIP keys are never stored
         return result
@@ -328,53 +299,20 @@ class DbtrLitModule(L.LightningModule):
             self.collectors[f"{stage}_local"].update(out.logits_local, labels, idx)
 
     def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
-        result: dict[str, Any] = {}
         collected = {}
-        for branch in (*_BRANCHES, "text"):
+        for branch in (*BRANCHES, "text"):
             collector = self.collectors[f"{stage}_{branch}"]
             if collector.update_count:
                 collected[branch] = collector.compute()
                 collector.reset()
-        if "text" in collected and "merged" in collected:
-            r = float(self.ensemble_cfg.get("rate", 0.9))
-            (text, labels), (mine, _) = collected["text"], collected["merged"]
-            collected["ensemble"] = ((1 - r) * minmax(text) + r * minmax(mine), labels)
-        subset = self.eval_cfg["val_subset"] if stage == "val" else None
-        for branch, (scores, labels) in collected.items():
-            if subset is not None:  # selection sees only these classes (e.g. seen ones in the ZSL protocol)
-                cols = self.class_subsets[subset]
-                scores, labels = scores[:, cols], labels[:, cols]
-            metrics = self._metrics(scores, labels)
-            ap = metrics.pop("AP")
-            suffix = "" if branch == "merged" else f"_{branch}"
-            for name, value in metrics.items():
-                result[f"{stage}/{name}{suffix}"] = float(value)
-            if branch == "merged":
-                self.eval_scores[stage] = (scores, labels)
-                names = [self.class_names[c] for c in self.class_subsets[subset]] if subset else self.class_names
-                result[f"{stage}/per_class_AP"] = {
-                    n: (None if math.isnan(a) else round(100.0 * float(a), 4)) for n, a in zip(names, ap)
-                }
-                result[f"{stage}/num_images"] = int(scores.shape[0])
-                if stage == "test":
-                    for name, cols in self.class_subsets.items():
-                        sub = self._metrics(scores[:, cols], labels[:, cols], with_f1=False)
-                        sub.pop("AP")
-                        result.update({f"{stage}/{name}/{k}": float(v) for k, v in sub.items()})
-        # Loggers get the headline numbers; precision/recall and per-class AP go to metrics.json.
-        for key, value in result.items():
-            if isinstance(value, float) and key.split("/")[-1].startswith(("mAP", "CF1", "OF1", "F1@")):
-                self.log(key, value, prog_bar=key.endswith("/mAP"), sync_dist=False)
+        result, merged = summarise(collected, stage, self.eval_cfg, self.class_names, self.class_subsets,
+                                   float(self.ensemble_cfg.get("rate", 0.9)))
+        if merged is not None:
+            self.eval_scores[stage] = merged
+        for key, value in headline(result).items():
+            self.log(key, value, prog_bar=key.endswith("/mAP"), sync_dist=False)
         self.results[stage] = result
         return result
-
-    def _metrics(self, scores: Tensor, labels: Tensor, with_f1: bool = True) -> dict[str, Any]:
-        top_k = tuple(k for k in self.eval_cfg["top_k"] if k <= scores.shape[1]) if with_f1 else ()
-        metrics = evaluate_scores(scores, labels, difficult=self.eval_cfg["difficult"], top_k=top_k, per_class=True)
-        for k in self.eval_cfg["f1_at"]:
-            if int(k) <= scores.shape[1] and bool((labels == 1).any()):
-                metrics.update({f"{m}@{k}": v for m, v in f1_at_k(scores, labels, int(k)).items()})
-        return metrics
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -396,41 +334,9 @@ class DbtrLitModule(L.LightningModule):
         params = [p for p in self.head.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("this head has no learnable residual (both residuals off): evaluate it with train=false")
-        cfg = self.optimizer_cfg
-        name = cfg["name"].lower()
-        if name == "adam":
-            opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        elif name == "sgd":
-            opt = torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=cfg["momentum"])
-        else:
-            raise ConfigError(f"model.optimizer.name must be adam, adamw or sgd, got {cfg['name']!r}")
-        sched = self.scheduler_cfg
-        if sched["name"] == "constant":
-            return opt
-        if sched["name"] != "cosine":
-            raise ConfigError(f"model.scheduler.name must be cosine or constant, got {sched['name']!r}")
         total = int(self.trainer.estimated_stepping_batches)
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches):
             batches = len(self.trainer.datamodule.train_dataloader()) if self.trainer.datamodule else total
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-        warmup = int(round(sched["warmup_epochs"] * steps_per_epoch))
-        if warmup >= total:
-            raise ConfigError(
-                f"model.scheduler.warmup_epochs={sched['warmup_epochs']} covers the whole run ({total} steps, "
-                f"{steps_per_epoch} per epoch): raise trainer.max_epochs or lower the warm-up"
-            )
-        if cfg["lr"] <= 0:
-            raise ConfigError(f"model.optimizer.lr must be > 0, got {cfg['lr']}")
-        ratio = sched["warmup_lr"] / cfg["lr"]
-
-        def factor(step: int) -> float:
-            if step < warmup:  # Dassl's constant warm-up
-                return ratio
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(params, self.optimizer_cfg, self.scheduler_cfg, total, steps_per_epoch)

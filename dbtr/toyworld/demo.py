@@ -3,16 +3,16 @@
     dbtr-toyworld                     # = python -m dbtr.toyworld.demo; writes .toyworld/demo/
     dbtr-toyworld --seeds 1 2 3       # mean +- std over head-training seeds
 
-Each method is the Hydra config ``model=<name>`` composed with ``experiment=toyworld`` (the same configs
-``dbtr-train`` uses), trained on captions only where it has residuals, selected on the validation images
-(best epoch by val mAP), and tested once on the held-out test images. CLIP is frozen, so caption and
-image features are computed once and shared by all methods and seeds.
+Each method and seed is one ``dbtr-train experiment=toyworld model=<name> seed=<s>`` run: the same configs and
+the same :func:`dbtr.train.train` (trained on captions only where it has residuals, selected on the validation
+images by val mAP, tested once on the held-out test images), written to ``<out>/runs/<method>/seed<s>/``.
+CLIP is frozen, so the caption and image features come from the on-disk cache (``cache_dir``, under the toy-world
+folder) after the first run, for the demo and for any later ``dbtr-train experiment=toyworld``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import warnings
@@ -45,39 +45,24 @@ def compose_config(overrides: Sequence[str]):
         return compose(config_name="train.yaml", overrides=list(overrides))
 
 
-def fit_and_test(cfg, encoder, datamodule, run_dir: Path, class_embeds: dict | None = None) -> tuple[dict[str, Any], Any]:
-    """Train (if the method has residuals) with selection on val mAP, then test the selected weights."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+# Settings that change what a run prints and writes, never its numbers: one progress line per run instead.
+QUIET_RUN = ("quiet=true", "logger=none", "~callbacks.eval_plots")
 
-    from dbtr.models.lit_module import DbtrLitModule
-    from dbtr.utils.hydra_utils import instantiate
 
-    L.seed_everything(cfg.seed, workers=True)
-    model: DbtrLitModule = instantiate(cfg.model, class_names=datamodule.class_names, encoder=encoder)
-    # T0 depends only on CLIP, classes and templates: share it across methods and seeds
-    key = repr(cfg.model.templates)
-    if class_embeds is not None and key in class_embeds:
-        model.head.set_class_embeddings(class_embeds[key])
-    model.ensure_class_embeddings()
-    if class_embeds is not None:
-        class_embeds[key] = model.head.class_embeds.clone()
-    ckpt = ModelCheckpoint(dirpath=run_dir, monitor="val/mAP", mode="max", save_top_k=1, filename="best")
-    trainer = L.Trainer(
-        max_epochs=cfg.trainer.max_epochs, accelerator="cpu", devices=1, logger=False, callbacks=[ckpt],
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
-    )
-    best_epoch = None
-    if model.head.trainable:
-        trainer.fit(model, datamodule=datamodule)
-        t0 = model.head.class_embeds.clone()
-        model = DbtrLitModule.load_from_checkpoint(ckpt.best_model_path, encoder=encoder)
-        model.head.set_class_embeddings(t0)
-        best_epoch = int(torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["epoch"])
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    result = dict(model.results["test"])
-    result["best_epoch"] = best_epoch
-    return result, model
+def run_method(method: str, seed: int, run_dir: Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Any]:
+    """``dbtr-train experiment=toyworld model=<method> seed=<seed> <overrides>`` into ``run_dir``: the test metrics
+    (plus the selected epoch) and the tested model."""
+    from dbtr.train import train
+
+    identity = ["experiment=toyworld", f"model={method}", f"seed={seed}", *overrides]
+    cfg = compose_config([*identity, *QUIET_RUN, f"paths.output_dir={run_dir}"])
+    choices = {"experiment": "toyworld", "model": method, "data": "toyworld", "clip": "toyworld"}
+    metrics, objects = train(cfg, identity={"choices": choices, "overrides": identity})
+    result = dict(metrics)
+    ckpt = objects["trainer"].checkpoint_callback
+    best = ckpt.best_model_path if ckpt is not None and objects["model"].head.trainable else ""
+    result["best_epoch"] = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) if best else None
+    return result, objects["model"]
 
 
 def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
@@ -118,23 +103,6 @@ def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, 
     return save_figure(heatmap_figure(rows, title="local-branch attention: true classes, then the best wrong one"), path)
 
 
-def write_run_metrics(run_dir: Path, cfg, method: str, overrides: list[str], result: dict, class_names) -> None:
-    """A metrics.json per method and seed, shaped like dbtr-train's, so `dbtr-results <out>/runs` tabulates them."""
-    from omegaconf import OmegaConf
-
-    from dbtr.utils.io import atomic_write_json
-
-    # paths.output_dir needs a Hydra run to resolve: store the groups that define the method and the protocol
-    config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("clip", "data", "model")}
-    config["trainer"] = {"max_epochs": cfg.trainer.max_epochs}
-    atomic_write_json(run_dir / "metrics.json", {
-        "task_name": cfg.task_name, "seed": cfg.seed, "class_names": list(class_names),
-        "test": {k: v for k, v in result.items() if k != "best_epoch"}, "best_epoch": result["best_epoch"],
-        "config": {**config, "seed": cfg.seed}, "overrides": overrides,
-        "choices": {"experiment": "toyworld", "model": method, "data": "toyworld", "clip": "toyworld"},
-    })
-
-
 def summarise(values: list[float]) -> str:
     from dbtr.results import format_mean_std  # the same mean ± sample std as dbtr-results, without the n
 
@@ -142,42 +110,33 @@ def summarise(values: list[float]) -> str:
 
 
 def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | None = None,
-             overrides: Sequence[str] = (), heatmaps: bool = True) -> dict[str, Any]:
-    from dbtr.data.captions import encode_caption_features
-    from dbtr.models.clip import ClipEncoder
+             overrides: Sequence[str] = (), heatmaps: bool = True, progress=print) -> dict[str, Any]:
     from dbtr.utils.hydra_utils import instantiate
     from dbtr.utils.io import atomic_write_json, atomic_write_text
 
     methods = list(methods or [m for m, _ in METHODS])
     names = dict(METHODS)
     timings: dict[str, float] = {}
+    start = time.perf_counter()
     base = compose_config(["experiment=toyworld", *overrides])
-
-    t0 = time.perf_counter()
     datamodule = instantiate(base.data)
+    if not datamodule.is_built():
+        progress(f"building the toy world in {datamodule.root} ...")
+    t0 = time.perf_counter()
     datamodule.prepare_data()
     timings["generation_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    encoder = ClipEncoder.from_pretrained(base.clip.name_or_path, dense=base.clip.dense)
-    datamodule.attach_encoder(encoder)
-    datamodule.setup("fit")
-    datamodule.setup("test")
-    datamodule.set_caption_features(encode_caption_features(encoder, datamodule.captions.texts))
-    datamodule.cache_image_features(encoder)
-    timings["caching_s"] = time.perf_counter() - t0
-
     results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    full_model, class_embeds = None, {}
+    full_model, done, total = None, 0, len(methods) * len(seeds)
     for method in methods:
         per_seed = []
         for seed in seeds:
-            run_overrides = ["experiment=toyworld", f"model={method}", f"seed={seed}", *overrides]
-            cfg = compose_config(run_overrides)
-            run_dir = out / "runs" / method / f"seed{seed}"
-            result, model = fit_and_test(cfg, encoder, datamodule, run_dir, class_embeds)
-            write_run_metrics(run_dir, cfg, method, run_overrides, result, datamodule.class_names)
+            run_t0 = time.perf_counter()
+            result, model = run_method(method, seed, out / "runs" / method / f"seed{seed}", overrides)
+            done += 1
+            progress(f"[{done}/{total}] {method:<16} seed {seed}: test mAP {result['test/mAP']:.2f} "
+                     f"({time.perf_counter() - run_t0:.1f} s; {time.perf_counter() - start:.0f} s elapsed)")
             per_seed.append(result)
             if method == "dbtr" and full_model is None:
                 full_model = model
@@ -192,12 +151,18 @@ def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | No
     timings["training_and_evaluation_s"] = time.perf_counter() - t0
 
     loc = None
+    datamodule = None
     if full_model is not None:
         t0 = time.perf_counter()
+        datamodule = full_model.trainer.datamodule  # the tested run's data, test features cached
         loc, attention, scores = localization(full_model, datamodule)
         if heatmaps:
             write_heatmaps(out / "heatmaps.png", attention, scores, datamodule)
         timings["localization_s"] = time.perf_counter() - t0
+    if datamodule is None:
+        datamodule = instantiate(base.data)
+        datamodule.setup("fit")
+        datamodule.setup("test")
 
     summary = {"seeds": list(seeds), "chance_mAP": chance_map(datamodule.test_records.labels), "methods": results,
                "localization": loc, "timings": timings, "overrides": list(overrides),
@@ -266,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     out = a.out or Path(compose_config(["experiment=toyworld", *a.overrides]).paths.toyworld_dir) / "demo"
     start = time.perf_counter()
-    summary = run_demo(out, a.seeds, a.methods, a.overrides, heatmaps=not a.no_heatmaps)
+    print(f"toy world: {len(a.methods or METHODS)} methods x {len(a.seeds)} seed(s), runs in {out}/runs", flush=True)
+    summary = run_demo(out, a.seeds, a.methods, a.overrides, heatmaps=not a.no_heatmaps,
+                       progress=lambda msg: print(msg, flush=True))
     table = Table(title=f"toy world, test split ({summary['num_test_images']} images), chance mAP {summary['chance_mAP']:.1f}")
     for col in ("method", "mAP", "CF1@3", "OF1@3"):
         table.add_column(col, justify="left" if col == "method" else "right")

@@ -57,6 +57,15 @@ def _run_folder() -> tuple[str, str | None] | None:
         return None
     logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     return folder, (logs[0] if logs else None)
+
+
+def run_folder_line(output_dir) -> str:
+    """``run folder: <dir>`` (with the run's log file when Hydra writes one): the one line naming a run's outputs."""
+    run = _run_folder()
+    log_file = run[1] if run is not None else None
+    return f"run folder: {output_dir}" + (f" (full log: {log_file})" if log_file else "")
+
+
 _CONSOLE_STREAMS = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
 
 
@@ -69,9 +78,6 @@ def set_quiet(quiet: bool) -> None:
     global _quiet
     _quiet = bool(quiet)
     silence_library_noise()
-    run = _run_folder() if quiet else None
-    if run is not None:  # quiet hides the INFO line naming the outputs: say once where they go
-        print(f"run folder: {run[0]}" + (f" (full log: {run[1]})" if run[1] else ""), flush=True)
     level = logging.WARNING if quiet else logging.NOTSET
     for handler in logging.getLogger().handlers:  # console handlers only: the run's log file stays complete
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
