@@ -24,7 +24,7 @@ from common import vit_b16_clip  # noqa: E402
 
 from dbtr.data.captions import CaptionCollate, CaptionDataset, CaptionRecords  # noqa: E402
 from dbtr.models.clip import ClipEncoder  # noqa: E402
-from dbtr.models.lit_module import DbtrLitModule  # noqa: E402
+from dbtr.system.lit_module import DbtrLitModule  # noqa: E402
 from dbtr.models.tiny import train_bpe_tokenizer  # noqa: E402
 
 WORDS = "cat dog car bus bird boat chair table person horse sheep cow bottle plant sofa train".split()

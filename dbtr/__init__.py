@@ -14,11 +14,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_checkpoint": "dbtr.checkpoint",
-    "LoadedModel": "dbtr.checkpoint",
-    "Preprocessing": "dbtr.checkpoint",
-    "RunRecord": "dbtr.run_record",
-    "DbtrLitModule": "dbtr.models.lit_module",
+    "load_checkpoint": "dbtr.system.checkpoint",
+    "LoadedModel": "dbtr.system.checkpoint",
+    "Preprocessing": "dbtr.system.checkpoint",
+    "RunRecord": "dbtr.system.run_record",
+    "DbtrLitModule": "dbtr.system.lit_module",
     "ClipEncoder": "dbtr.models.clip",
     "DualBranchHead": "dbtr.models.heads",
     "TextToImageDataModule": "dbtr.data.datamodule",

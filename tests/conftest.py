@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The tiny fixture layout (classes, captions, images, labels, random CLIP folder), generated once per session."""
-    from dbtr.fixtures import make_tiny_dataset
+    from dbtr.testing.fixtures import make_tiny_dataset
 
     return make_tiny_dataset(tmp_path_factory.mktemp("demo"), seed=0, num_captions=96, num_val=24, num_test=32)
 

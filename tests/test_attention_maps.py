@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dbtr.models.heads import DualBranchHead
-from dbtr.models.lit_module import DbtrLitModule, attention_grid
+from dbtr.system.lit_module import DbtrLitModule, attention_grid
 
 
 def _head(**kwargs) -> DualBranchHead:

@@ -22,7 +22,7 @@ from dbtr.data.benchmarks.protocol import (
     write_image_list,
 )
 from dbtr.data.benchmarks.voc import VOC_CLASSES, read_voc2007
-from dbtr.data.labels import DataFormatError
+from dbtr.utils.files import DataFormatError
 from dbtr.text.synonyms import builtin_vocabulary
 
 V = {n: i for i, n in enumerate(VOC_CLASSES)}

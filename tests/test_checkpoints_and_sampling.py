@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dbtr.data.sampling import GlobalBatchSampler
-from dbtr.utils.checkpoints import AtomicCheckpointIO
+from dbtr.system.checkpoint_io import AtomicCheckpointIO
 
 
 class _Unpicklable:

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
-from dbtr.zeroshot.templates import IMAGENET_TEMPLATES, get_templates
+from dbtr.zeroshot.classifier import build_class_embeddings
+from dbtr.text.names import validate_class_names
+from dbtr.text.templates import IMAGENET_TEMPLATES, get_templates
 
 
 def test_template_ensemble_is_mean_of_normalised_then_renormalised(encoder):

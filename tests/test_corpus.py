@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cli_helpers import run_cli
-from dbtr.data.labels import DataFormatError
-from dbtr.text.corpus import (
+from dbtr.utils.files import DataFormatError
+from dbtr.data.corpus import (
     balance_by_rarest_class,
     build_corpus,
     class_sentences,
@@ -115,7 +115,7 @@ def test_dbtr_data_cli_writes_stats(tmp_path):
 @pytest.mark.parametrize("fmt", ["json", "csv", "parquet"])
 def test_hf_datasets_source_on_local_files(tmp_path, fmt):
     pd = pytest.importorskip("pandas")
-    from dbtr.text.corpus import hf_dataset
+    from dbtr.data.corpus import hf_dataset
 
     frame = pd.DataFrame({"caption": ["a dog", "two kittens"], "id": [1, 2]})
     f = tmp_path / f"caps.{fmt}"
@@ -127,7 +127,7 @@ def test_hf_datasets_source_on_local_files(tmp_path, fmt):
 
 
 def test_truncated_captions_are_counted(encoder):
-    from dbtr.text.corpus import count_truncated
+    from dbtr.data.corpus import count_truncated
 
     long = " ".join(["red"] * (encoder.max_length + 5))
     assert count_truncated(encoder.tokenizer, ["a red box", long, long], encoder.max_length) == 2

@@ -12,7 +12,8 @@ from PIL import Image
 from dbtr.data.captions import CaptionCollate, CaptionDataset, encode_caption_features, read_caption_jsonl
 from dbtr.data.datamodule import TextToImageDataModule
 from dbtr.data.images import ClipImageTransform, ImageDataset, ImageDecodeError, read_image_jsonl
-from dbtr.data.labels import DataFormatError, load_class_names
+from dbtr.data.labels import load_class_names
+from dbtr.utils.files import DataFormatError
 
 CLASSES = ["cat", "dog", "dining table"]
 

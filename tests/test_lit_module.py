@@ -11,7 +11,7 @@ import torch
 from dbtr.data.captions import encode_caption_features
 from dbtr.data.datamodule import TextToImageDataModule
 from dbtr.losses import ranking_loss
-from dbtr.models.lit_module import CheckpointMismatchError, DbtrLitModule
+from dbtr.system.lit_module import CheckpointMismatchError, DbtrLitModule
 
 
 def _datamodule(demo_dir):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dbtr.metrics import average_precision_per_class, precision_recall_curves
-from dbtr.viz import (
+from dbtr.system.viz import (
     OVERLAY_ALPHA,
     crop_boxes,
     heatmap_figure,

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from dbtr.data.images import ClipImageTransform, load_image
-from dbtr.fixtures import TINY_CLASSES
-from dbtr.checkpoint import load_checkpoint, read_checkpoint
-from dbtr.predict import parse_class_list
-from dbtr.predict import main
+from dbtr.testing.fixtures import TINY_CLASSES
+from dbtr.system.checkpoint import load_checkpoint, read_checkpoint
+from dbtr.cli.predict import parse_class_list
+from dbtr.cli.predict import main
 
 
 @pytest.fixture(scope="module")

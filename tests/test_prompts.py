@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dbtr.data.captions import encode_caption_features
 from dbtr.data.datamodule import TextToImageDataModule
 from dbtr.models.heads import DualBranchHead
-from dbtr.models.lit_module import CheckpointMismatchError, DbtrLitModule
+from dbtr.system.lit_module import CheckpointMismatchError, DbtrLitModule
 from dbtr.models.prompts import PromptLearner
 
 NAMES = ["red", "purple box", "diningtable"]  # multi-token names of different lengths; VOC's devkit spelling
@@ -234,7 +234,7 @@ def test_reloaded_checkpoint_and_dbtr_eval_reproduce_the_test_map(taidpt_run, de
 
 def test_a_new_class_name_is_scored_with_the_learned_shared_prompts(taidpt_run, demo_dir):
     from dbtr.data.images import load_image
-    from dbtr.checkpoint import load_checkpoint
+    from dbtr.system.checkpoint import load_checkpoint
 
     ckpt = json.loads((taidpt_run / "metrics.json").read_text())["checkpoint"]
     trained = load_checkpoint(ckpt)
@@ -257,7 +257,7 @@ def test_a_new_class_name_is_scored_with_the_learned_shared_prompts(taidpt_run, 
 
 
 def test_class_specific_prompts_refuse_new_names_but_allow_a_subset(encoder, clip_dir, tmp_path):
-    from dbtr.checkpoint import load_checkpoint
+    from dbtr.system.checkpoint import load_checkpoint
 
     names = ["red", "green", "blue"]
     model = _taidpt(encoder, names, class_specific=True)

@@ -45,7 +45,7 @@ def tiny_overrides(data_dir: Path, demo_dir: Path, out: Path) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_tiny_version(experiment, data_dir, demo_dir, tmp_path):
     from dbtr.toyworld.demo import compose_config
-    from dbtr.train import train
+    from dbtr.cli.train import train
 
     cfg = compose_config([f"experiment={experiment}", *tiny_overrides(data_dir, demo_dir, tmp_path / "run")])
     assert cfg.task_name == experiment and cfg.trainer.max_epochs == 2
@@ -117,7 +117,7 @@ def test_partial_label_loss_ignores_unknown_labels(loss):
 
 
 def _module(encoder, classes, **kw):
-    from dbtr.models.lit_module import DbtrLitModule
+    from dbtr.system.lit_module import DbtrLitModule
 
     model = DbtrLitModule(clip={"name_or_path": "unused"}, class_names=classes, encoder=encoder, templates="simple", **kw)
     model.ensure_class_embeddings()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dbtr.results import END, START, format_mean_std, main, mean_std, replace_readme_block
+from dbtr.cli.results import END, START, format_mean_std, main, mean_std, replace_readme_block
 
 TRAIN = ["trainer.max_epochs=1", "model.scheduler.warmup_epochs=0", "model.optimizer.lr=0.01"]
 QUIET = ["logger=none", "callbacks=none"]  # no checkpoints or plots: seconds per run

@@ -68,7 +68,7 @@ def test_local_branch_attends_inside_the_true_boxes(reduced_demo):
 
 @pytest.mark.slow
 def test_demo_runs_tabulate_with_dbtr_results(reduced_demo):
-    from dbtr.results import build_table, collect
+    from dbtr.cli.results import build_table, collect
 
     out, summary = reduced_demo
     runs, skipped = collect([str(out / "demo" / "runs")])

@@ -17,7 +17,8 @@ from cli_helpers import cli_env, run_cli
 from PIL import Image
 
 from dbtr.data.images import ClipImageTransform, ImageDataset, ImageDecodeError, ImageRecords, load_image
-from dbtr.data.labels import DataFormatError, iter_jsonl, load_class_names, read_text
+from dbtr.data.labels import load_class_names
+from dbtr.utils.files import DataFormatError, iter_jsonl, read_text
 from dbtr.utils.errors import UserError, user_message
 
 
@@ -117,7 +118,7 @@ def test_predict_refuses_an_unsafe_checkpoint_in_one_line(demo_dir, tmp_path):
 
 
 def test_predict_class_files_bom_and_not_utf8(ckpt, demo_dir, tmp_path):
-    from dbtr.predict import main
+    from dbtr.cli.predict import main
 
     image = str(demo_dir / "images" / "test_0000.png")
     latin1 = tmp_path / "latin1.txt"

@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
-from dbtr.data.labels import DataFormatError, iter_jsonl, label_row, require_text
+from dbtr.data.labels import label_row, require_text
+from dbtr.utils.files import DataFormatError, iter_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ class TextToImageDataModule(L.LightningDataModule):
     :param classes: class names, or a text file with one per line (the order defines the label columns).
     :param train_captions: ``{"text", "labels"}`` JSON-lines file (text-only training).
     :param corpus: instead of ``train_captions``, captions labelled by synonym matching (see
-        :func:`dbtr.text.corpus.load_corpus`); without ``classes``, the vocabulary's classes are used.
+        :func:`dbtr.data.corpus.load_corpus`); without ``classes``, the vocabulary's classes are used.
     :param val_images / val_labels: held-out labelled images for model selection (never the test set).
     :param test_images / test_labels: the evaluation set, used only by the final test and ``dbtr-eval``.
     :param image_size: input resolution; ``None`` = the CLIP model's own (set by ``attach_encoder``).
@@ -73,7 +73,7 @@ class TextToImageDataModule(L.LightningDataModule):
         if classes is None:
             if corpus is None:
                 raise ConfigError("data.classes is required (or a data.corpus whose vocabulary defines them)")
-            from dbtr.text.corpus import resolve_vocabulary
+            from dbtr.data.corpus import resolve_vocabulary
 
             classes = resolve_vocabulary(corpus["vocabulary"]).class_names
         if corpus is not None and train_captions is not None:
@@ -133,7 +133,7 @@ class TextToImageDataModule(L.LightningDataModule):
 
     def image_report(self) -> dict:
         """Per evaluated split: counts per class and the images dropped (missing on disk, undecodable)."""
-        from dbtr.data.benchmarks.protocol import describe
+        from dbtr.data.images import describe
 
         return {split: describe(rec) for split in ("val", "test") if (rec := self._records(split)) is not None}
 
@@ -213,7 +213,7 @@ class TextToImageDataModule(L.LightningDataModule):
             self._per_device = True
         if stage in (None, "fit") and self.captions is None:
             if self.corpus is not None:
-                from dbtr.text.corpus import load_corpus
+                from dbtr.data.corpus import load_corpus
 
                 texts, labels, self.corpus_report = load_corpus(self.corpus, self.class_names)
                 self.captions = CaptionRecords(texts, labels, self.corpus_report.dropped)

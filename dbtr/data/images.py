@@ -17,7 +17,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dbtr.data.labels import DataFormatError, iter_jsonl, label_row, require_text
+from dbtr.data.labels import label_row, require_text
+from dbtr.utils.files import DataFormatError, iter_jsonl
 from dbtr.utils.errors import ConfigError, UserError, choice_error
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -251,3 +252,17 @@ class CachedImageDataset(Dataset):
             "labels": torch.from_numpy(self.records.labels[i].astype(np.int64)),
             "index": i,
         }
+
+
+def describe(records: ImageRecords) -> dict:
+    """Per-class counts and the drop lists (the ``dataset_stats.json`` body)."""
+    return {
+        "num_items": len(records),
+        "classes": list(records.class_names or []),
+        "positives": (records.labels == 1).sum(0).astype(int).tolist(),
+        "difficult": (records.labels == 0).sum(0).astype(int).tolist(),
+        "images_without_positive": int((~(records.labels == 1).any(1)).sum()),
+        "missing_images": len(records.missing),
+        "skipped": list(records.skipped),
+        "missing": list(records.missing),
+    }

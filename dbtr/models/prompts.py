@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dbtr.utils.errors import ConfigError
-from dbtr.zeroshot.classifier import prompt_name
+from dbtr.text.names import prompt_name
 
 
 class PromptLearner(nn.Module):

@@ -119,16 +119,17 @@ class SynonymVocabulary:
         return sorted(found)
 
     def label(self, texts: Iterable[str]) -> np.ndarray:
-        """(N, C) int8 matrix in {1, -1}."""
-        from dbtr.data.labels import signed_row
-
-        rows = [signed_row(len(self.synonyms), self.match(text)) for text in texts]
-        return np.stack(rows) if rows else np.zeros((0, len(self.synonyms)), dtype=np.int8)
+        """(N, C) int8 matrix in {1, -1}: 1 where a class is mentioned."""
+        matches = [self.match(text) for text in texts]
+        out = np.full((len(matches), len(self.synonyms)), -1, dtype=np.int8)
+        for i, found in enumerate(matches):
+            out[i, found] = 1
+        return out
 
 
 def load_vocabulary(path: str | os.PathLike) -> SynonymVocabulary:
     """A JSON object ``{class: [synonym, ...]}`` (order = label columns; first synonym = prompt name)."""
-    from dbtr.data.labels import load_json
+    from dbtr.utils.files import load_json
 
     data = load_json(path, "a synonym vocabulary: a JSON object class -> [synonyms]", VocabularyError)
     if not isinstance(data, dict):

@@ -4,7 +4,7 @@
     dbtr-toyworld --seeds 1 2 3       # mean +- std over head-training seeds
 
 Each method and seed is one ``dbtr-train experiment=toyworld model=<name> seed=<s>`` run: the same configs and
-the same :func:`dbtr.train.train` (trained on captions only where it has residuals, selected on the validation
+the same :func:`dbtr.cli.train.train` (trained on captions only where it has residuals, selected on the validation
 images by val mAP, tested once on the held-out test images), written to ``<out>/runs/<method>/seed<s>/``.
 CLIP is frozen, so the caption and image features come from the on-disk cache (``cache_dir``, under the toy-world
 folder) after the first run, for the demo and for any later ``dbtr-train experiment=toyworld``.
@@ -52,7 +52,7 @@ QUIET_RUN = ("quiet=true", "logger=none", "~callbacks.eval_plots")
 def run_method(method: str, seed: int, run_dir: Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Any]:
     """``dbtr-train experiment=toyworld model=<method> seed=<seed> <overrides>`` into ``run_dir``: the test metrics
     (plus the selected epoch) and the tested model."""
-    from dbtr.train import train
+    from dbtr.cli.train import train
 
     identity = ["experiment=toyworld", f"model={method}", f"seed={seed}", *overrides]
     cfg = compose_config([*identity, *QUIET_RUN, f"paths.output_dir={run_dir}"])
@@ -68,7 +68,7 @@ def run_method(method: str, seed: int, run_dir: Path, overrides: Sequence[str] =
 def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Local-branch attention on the test images vs their boxes; also returns the attention and the scores
     (one pass over the test split serves the numbers and the heatmap sheet)."""
-    from dbtr.data.labels import iter_jsonl
+    from dbtr.utils.files import iter_jsonl
     from dbtr.toyworld.localization import localization_scores
 
     boxes = [rec.get("boxes", []) for _, rec in iter_jsonl(datamodule.test_labels)]
@@ -88,8 +88,8 @@ def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str,
 
 def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, datamodule, count: int = 6) -> Path:
     from dbtr.data.images import load_image
-    from dbtr.models.lit_module import attention_grid
-    from dbtr.viz import heatmap_figure, save_figure
+    from dbtr.system.lit_module import attention_grid
+    from dbtr.system.viz import heatmap_figure, save_figure
 
     rows = []
     records = datamodule.test_records
@@ -104,7 +104,7 @@ def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, 
 
 
 def summarise(values: list[float]) -> str:
-    from dbtr.results import format_mean_std  # the same mean ± sample std as dbtr-results, without the n
+    from dbtr.cli.results import format_mean_std  # the same mean ± sample std as dbtr-results, without the n
 
     return format_mean_std(values, show_n=False)
 

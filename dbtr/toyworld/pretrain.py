@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dbtr.toyworld.world import CLASSES, DISTRACTORS, BACKGROUNDS, Scene, caption_for, render_array, sample_scene
-from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
+from dbtr.text.templates import IMAGENET_TEMPLATES
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "toyclip"
 MODEL_SIZE = dict(

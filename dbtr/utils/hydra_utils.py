@@ -90,7 +90,7 @@ def run_identity() -> dict[str, Any]:
 
 
 def _prog_name() -> str:
-    """``dbtr-train`` for the console script; the module's job name under ``python -m dbtr.train``."""
+    """``dbtr-train`` for the console script; the module's job name under ``python -m dbtr.cli.train``."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return name if name.startswith("dbtr-") else f"dbtr ({Path(name).stem or 'run'})"
 

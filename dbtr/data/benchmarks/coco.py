@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError, load_json
+from dbtr.utils.files import DataFormatError, load_json
 from dbtr.utils.errors import ConfigError
 
 COCO_SPLITS = ("train2014", "val2014")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
 
 from dbtr.data.benchmarks.coco import COCO_SPLITS, read_coco2014
 from dbtr.data.benchmarks.coco import LAYOUT as COCO_LAYOUT
@@ -22,7 +21,7 @@ from dbtr.data.benchmarks.voc import LAYOUT as VOC_LAYOUT
 from dbtr.data.benchmarks.voc import VOC_CLASSES, VOC_SPLITS, read_voc2007
 from dbtr.data.datamodule import TextToImageDataModule
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError
+from dbtr.utils.files import DataFormatError
 from dbtr.utils.errors import ConfigError, choice_error
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError, read_text
+from dbtr.utils.files import DataFormatError, read_text
 from dbtr.utils.errors import ConfigError
 
 NUS_SPLITS = ("Train", "Test")

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError, load_json, read_text
+from dbtr.utils.files import DataFormatError, load_json, read_text
 from dbtr.utils.errors import ConfigError
 from dbtr.utils.io import atomic_write_text
 
@@ -137,17 +137,3 @@ def restrict_to_list(records: ImageRecords, list_file: str | os.PathLike) -> Ima
     out = records.subset(rows)
     out.missing = []
     return out
-
-
-def describe(records: ImageRecords) -> dict:
-    """Per-class counts and the drop lists (the ``dataset_stats.json`` body)."""
-    return {
-        "num_items": len(records),
-        "classes": list(records.class_names or []),
-        "positives": (records.labels == 1).sum(0).astype(int).tolist(),
-        "difficult": (records.labels == 0).sum(0).astype(int).tolist(),
-        "images_without_positive": int((~(records.labels == 1).any(1)).sum()),
-        "missing_images": len(records.missing),
-        "skipped": list(records.skipped),
-        "missing": list(records.missing),
-    }

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.data.labels import DataFormatError, read_text
+from dbtr.utils.files import DataFormatError, read_text
 from dbtr.utils.errors import ConfigError
 
 # The devkit's class order (VOCcode/VOCinit.m), which is the label-column order everywhere.

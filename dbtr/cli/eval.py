@@ -5,7 +5,7 @@
     dbtr-eval ckpt_path=... data=jsonl data.test_images=... clip=vit_b16 clip.name_or_path=/weights/clip-b16
 
 The checkpoint's class list must equal the data's, its residuals must sit on the same CLIP weights (a hash
-of the projections) and the image preprocessing must match training (checks of :mod:`dbtr.checkpoint`);
+of the projections) and the image preprocessing must match training (checks of :mod:`dbtr.system.checkpoint`);
 ``allow_mismatch=true`` turns the last two into warnings, for deliberate transfer experiments. Metric conventions
 are ``model.evaluation.*`` (null = as stored in the checkpoint), the same path as in training.
 """
@@ -20,8 +20,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from dbtr.pipeline import build_trainer, feature_caching, report_run, write_data_report
-from dbtr.run_record import RunRecord
+from dbtr.system.pipeline import build_trainer, feature_caching, report_run, write_data_report
+from dbtr.system.run_record import RunRecord
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
 from dbtr.utils.progress import set_quiet
 
@@ -30,7 +30,7 @@ log = logging.getLogger("dbtr")
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the checkpoint (:func:`dbtr.load_checkpoint`), check it against the data, test; write ``metrics.json``."""
-    from dbtr.checkpoint import Preprocessing, check_class_names, check_preprocessing, load_checkpoint
+    from dbtr.system.checkpoint import Preprocessing, check_class_names, check_preprocessing, load_checkpoint
 
     set_quiet(cfg.get("quiet", False))
     L.seed_everything(cfg.seed, workers=True)

@@ -275,7 +275,7 @@ class LoadedModel:
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image]) -> tuple[Tensor, Tensor | None]:
         """``(scores (B, C), attention (B, C, g, g) or None)`` on the CPU, from one forward pass."""
-        from dbtr.models.lit_module import attention_grid
+        from dbtr.system.lit_module import attention_grid
 
         pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
         out = self.model(pixels)
@@ -301,8 +301,8 @@ def load_checkpoint(
     :param evaluation: ``evaluation.*`` fields to override (e.g. ``{"difficult": "ignore"}``).
     :param encoder: an already built :class:`~dbtr.models.clip.ClipEncoder` to reuse (still fingerprint-checked).
     """
-    from dbtr.models.lit_module import DbtrLitModule, residual_columns
-    from dbtr.zeroshot.classifier import validate_class_names
+    from dbtr.system.lit_module import DbtrLitModule, residual_columns
+    from dbtr.text.names import validate_class_names
 
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])

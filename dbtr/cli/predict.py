@@ -8,7 +8,7 @@ Unreadable images are skipped and listed (summary, ``<output>.skipped.txt``); th
 image could be read (1) or the arguments are wrong (2). Every output file is written atomically.
 A name the model was not trained on is scored as the model scores any class without training labels: zero
 residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for TaI-DPT
-prompts (``dbtr.checkpoint.new_class_rule``); it is reported on stderr and in the summary.
+prompts (``dbtr.system.checkpoint.new_class_rule``); it is reported on stderr and in the summary.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from dbtr.checkpoint import LoadedModel
+from dbtr.system.checkpoint import LoadedModel
 from dbtr.utils.errors import UserError, user_errors
 
 FORMATS = ("jsonl", "csv")
@@ -38,7 +38,7 @@ class UsageError(UserError):
 def parse_class_list(spec: str) -> list[str]:
     """``--classes``: a text file (one name per line) if such a file exists, else a comma-separated list."""
     from dbtr.data.labels import load_class_names
-    from dbtr.zeroshot.classifier import validate_class_names
+    from dbtr.text.names import validate_class_names
 
     path = Path(spec).expanduser()
     if path.is_file():
@@ -111,7 +111,7 @@ def heatmap_name(path: Path, used: set[str]) -> str:
 def predict(loaded: LoadedModel, paths: Sequence[Path], top_k: int, batch_size: int = 32,
             heatmaps: Path | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
     """Top-k records of the readable images, in input order, and the (path, reason) of the unreadable ones."""
-    from dbtr.viz import heatmap_figure, save_figure, top_panels
+    from dbtr.system.viz import heatmap_figure, save_figure, top_panels
 
     names = loaded.class_names
     records, skipped, used = [], [], set()
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dbtr.checkpoint import load_checkpoint
+    from dbtr.system.checkpoint import load_checkpoint
     from dbtr.utils.io import atomic_write_json, atomic_write_text
 
     if args.top_k < 1:

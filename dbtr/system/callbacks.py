@@ -10,6 +10,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from dbtr.utils.errors import ConfigError
+
 log = logging.getLogger("dbtr")
 
 
@@ -32,7 +34,7 @@ class EvalPlots(L.Callback):
         if not trainer.is_global_zero or "test" not in pl_module.eval_scores:
             return
         from dbtr.metrics import average_precision_per_class, precision_recall_curves
-        from dbtr.viz import per_class_ap_figure, pr_curves_figure, save_figure
+        from dbtr.system.viz import per_class_ap_figure, pr_curves_figure, save_figure
 
         scores, labels = pl_module.eval_scores["test"]
         names, difficult = pl_module.class_names, pl_module.eval_cfg["difficult"]
@@ -52,8 +54,8 @@ class EvalPlots(L.Callback):
     @torch.no_grad()
     def _heatmaps(self, trainer: L.Trainer, pl_module) -> Path | None:
         from dbtr.data.images import ClipImageTransform, load_image
-        from dbtr.models.lit_module import attention_grid
-        from dbtr.viz import crop_boxes, heatmap_figure, read_boxes, save_figure, top_panels
+        from dbtr.system.lit_module import attention_grid
+        from dbtr.system.viz import crop_boxes, heatmap_figure, read_boxes, save_figure, top_panels
 
         dm = trainer.datamodule
         records = getattr(dm, "test_records", None)
@@ -133,7 +135,7 @@ class FeatureCaching(L.Callback):
 
         from dbtr.data.captions import encode_caption_features
         from dbtr.data.feature_cache import cached_caption_features
-        from dbtr.text.corpus import count_truncated, report_table
+        from dbtr.data.corpus import count_truncated, report_table
         from dbtr.utils.io import atomic_write_json
         from dbtr.utils.progress import is_quiet
 

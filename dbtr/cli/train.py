@@ -20,8 +20,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from dbtr.pipeline import build_trainer, feature_caching, prepare_data_once, report_run, write_data_report
-from dbtr.run_record import RunRecord
+from dbtr.system.pipeline import build_trainer, feature_caching, prepare_data_once, report_run, write_data_report
+from dbtr.system.run_record import RunRecord
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
 from dbtr.utils.progress import set_quiet
 
@@ -49,7 +49,7 @@ def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict
 
     ``identity``: ``{"choices", "overrides"}`` of the run for callers outside a Hydra app (the toy-world demo);
     default Hydra's. Returns ``(test metrics, objects)``. Feature caching and T0 happen in Lightning's setup hooks
-    (:class:`~dbtr.callbacks.FeatureCaching`, ``DbtrLitModule.setup``).
+    (:class:`~dbtr.system.callbacks.FeatureCaching`, ``DbtrLitModule.setup``).
     """
     set_quiet(cfg.get("quiet", False))
     output_dir = Path(cfg.paths.output_dir)

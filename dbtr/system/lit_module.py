@@ -1,8 +1,8 @@
 """The Lightning system: a frozen CLIP encoder + the dual-branch head, trained on captions, tested on images.
 
 It builds the model, scores batches, trains and collects evaluation scores; the numbers are computed by
-:func:`dbtr.evaluation.summarise`, the optimizer by :func:`dbtr.optim.build_optimizer`, and checkpoints become
-models through :func:`dbtr.load_checkpoint` (:mod:`dbtr.checkpoint`). Checkpoints hold the head's residuals and
+:func:`dbtr.evaluation.summarise`, the optimizer by :func:`dbtr.system.optim.build_optimizer`, and checkpoints become
+models through :func:`dbtr.load_checkpoint` (:mod:`dbtr.system.checkpoint`). Checkpoints hold the head's residuals and
 plain hyper-parameters only (no CLIP weights, no pickled objects).
 """
 
@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dbtr.checkpoint import (
+from dbtr.system.checkpoint import (
     CheckpointMismatchError,
     check_state_dict,
     checkpoint_meta,
@@ -30,10 +30,11 @@ from dbtr.metrics import ScoreCollector
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.models.prompts import PromptLearner
-from dbtr.optim import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS, build_optimizer
+from dbtr.system.optim import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS, build_optimizer
 from dbtr.utils.errors import ConfigError
 from dbtr.utils.seeding import derive_seed, run_seed
-from dbtr.zeroshot.classifier import build_class_embeddings, validate_class_names
+from dbtr.zeroshot.classifier import build_class_embeddings
+from dbtr.text.names import validate_class_names
 
 log = logging.getLogger(__name__)
 # Under DDP the evaluation scores are all-gathered before the metrics are computed (ScoreCollector, padding
@@ -176,7 +177,7 @@ class DbtrLitModule(L.LightningModule):
 
     def load_companions(self, stage: str) -> None:
         """Initialise the head from ``init_from`` (at the start of a fresh fit only: never over trained or resumed
-        weights) and load the ensemble's text-only model (both through :mod:`dbtr.checkpoint`)."""
+        weights) and load the ensemble's text-only model (both through :mod:`dbtr.system.checkpoint`)."""
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if self.init_from and stage == "fit" and not resuming:
             load_head_init(self.head, self.init_from)

@@ -22,10 +22,11 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from dbtr.data.labels import DataFormatError, iter_jsonl, iter_lines, load_json, signed_row
+from dbtr.data.labels import signed_row
+from dbtr.utils.files import DataFormatError, iter_jsonl, iter_lines, load_json
 from dbtr.text.synonyms import SynonymVocabulary
 from dbtr.utils.errors import ConfigError
-from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
+from dbtr.text.templates import IMAGENET_TEMPLATES
 
 Caption = tuple[str, str]  # (where, text)
 

@@ -13,7 +13,7 @@ overrides. The seed and overrides that only say where or how things are written 
 ``paths.*``, ``cache_dir``, ``cache_image_features``, ``logger``; more with ``--ignore KEY``) are left out, so the
 runs of a seed sweep fall in one cell. ``data=`` picks the column: a row is everything else, and its "made by"
 column is the command that reproduces it (``data=a,b`` is appended when the data was chosen on the command line).
-The choices come from ``metrics.json["choices"]`` (the :class:`~dbtr.run_record.RunRecord` written by dbtr-train,
+The choices come from ``metrics.json["choices"]`` (the :class:`~dbtr.system.run_record.RunRecord` written by dbtr-train,
 dbtr-eval and the toy-world demo), else from the run's ``.hydra/hydra.yaml``. A ``dbtr-eval`` run (``kind: eval``)
 is its own row, named after the training run of its checkpoint (whose identity the checkpoint stores; older
 checkpoints: the run folder that holds it), with that run's method and seed; the same checkpoint evaluated
@@ -185,7 +185,7 @@ class Run:
 
 
 def read_record(run_dir: Path):
-    from dbtr.run_record import RunRecord, RunRecordError
+    from dbtr.system.run_record import RunRecord, RunRecordError
 
     try:
         return RunRecord.read(run_dir)

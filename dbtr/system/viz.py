@@ -139,7 +139,7 @@ def crop_boxes(boxes: Sequence[dict], original_size: tuple[int, int], size: int,
 
 def read_boxes(labels_file: str | os.PathLike, file_names: Sequence[str]) -> dict[str, list[dict]]:
     """The ``boxes`` of ``file_names`` from a labels JSONL (the toy world writes them); {} for files without."""
-    from dbtr.data.labels import iter_jsonl
+    from dbtr.utils.files import iter_jsonl
 
     wanted, out = set(file_names), {}
     for _, rec in iter_jsonl(labels_file):

@@ -1,6 +1,6 @@
 """A tiny self-contained dataset with a RANDOM-weight CLIP: the fast fixture of the tests.
 
-    python -m dbtr.fixtures --out /tmp/tiny && dbtr-train experiment=tiny_full paths.tiny_dir=/tmp/tiny
+    python -m dbtr.testing.fixtures --out /tmp/tiny && dbtr-train experiment=tiny_full paths.tiny_dir=/tmp/tiny
 
 Its numbers are at chance level by construction; it exercises every code path (loading by path, caching,
 training, selection, test, checkpoints) on real file formats in seconds. The toy world is the demo that
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dbtr.utils.io import atomic_directory, atomic_write_text
-from dbtr.zeroshot.templates import IMAGENET_TEMPLATES
+from dbtr.text.templates import IMAGENET_TEMPLATES
 
 TINY_CLASSES = ("red", "green", "blue", "yellow", "purple", "orange")
 _RGB = {

@@ -25,7 +25,7 @@ log = logging.getLogger("dbtr")
 
 def caption_stats(datamodule) -> dict:
     """The corpus report of a datamodule's training captions (built by synonym matching or read from JSON lines)."""
-    from dbtr.text.corpus import CorpusReport
+    from dbtr.data.corpus import CorpusReport
 
     datamodule.setup("fit")
     if datamodule.corpus_report is not None:
@@ -40,7 +40,8 @@ def image_stats(datamodule, verify: bool, output_dir: Path) -> dict:
 
     Also writes ``evaluated_<split>.txt``: pass it back as ``data.image_list`` to freeze the evaluated images.
     """
-    from dbtr.data.benchmarks.protocol import describe, write_image_list
+    from dbtr.data.benchmarks.protocol import write_image_list
+    from dbtr.data.images import describe
 
     datamodule.test_records = datamodule.read_images("test")
     if verify:
@@ -70,7 +71,7 @@ def run_stats(cfg: DictConfig) -> dict:
     from rich.console import Console
 
     from dbtr.data.benchmarks.datamodule import BenchmarkDataModule
-    from dbtr.text.corpus import report_table
+    from dbtr.data.corpus import report_table
 
     datamodule = instantiate(cfg.data)
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "dataset_stats.json"

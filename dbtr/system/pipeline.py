@@ -18,8 +18,8 @@ log = logging.getLogger("dbtr")
 
 
 def feature_caching(cfg: DictConfig, captions: bool = True):
-    """The run's :class:`~dbtr.callbacks.FeatureCaching` from the top-level cache settings."""
-    from dbtr.callbacks import FeatureCaching
+    """The run's :class:`~dbtr.system.callbacks.FeatureCaching` from the top-level cache settings."""
+    from dbtr.system.callbacks import FeatureCaching
 
     return FeatureCaching(captions=bool(cfg.get("cache_caption_features", False)) and captions,
                           images=cfg.get("cache_image_features"), cache_dir=cfg.get("cache_dir") or None,
