@@ -41,16 +41,17 @@ def collect_images(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
     ``missing`` with the reason (reported and counted as skipped): one empty input does not stop the run."""
     found: list[Path] = []
     missing: list[tuple[str, str]] = []
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
     for spec in specs:
         if glob.has_magic(spec):
             matches = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
             if not matches:
-                missing.append((spec, "the pattern matches no file (quote it so the shell does not expand it)"))
+                missing.append((spec, "the pattern matches no file (quote it: the shell must not expand it)"))
             found += matches
         elif Path(spec).is_dir():
             files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not files:
-                missing.append((spec, f"the folder holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+                missing.append((spec, f"the folder holds no image file ({suffixes})"))
             found += files
         elif Path(spec).is_file():
             found.append(Path(spec))

@@ -1,6 +1,6 @@
-"""Inputs that used to give a silent wrong answer: a model folder that is not a (complete) CLIP, a CLIP without its
-tokenizer, high-bit-depth and alpha images, EXIF-rotated photos, decompression bombs, dbtr-predict's inputs and
-output. Each must either work correctly or stop with one message naming the file."""
+"""Inputs that used to give a silent wrong answer: a model folder that is not a (complete) CLIP, a CLIP
+without its tokenizer, high-bit-depth and alpha images, EXIF-rotated photos, decompression bombs,
+dbtr-predict's inputs and output. Each must either work correctly or stop with one message naming the file."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
 from PIL import Image
 
+from cli_helpers import run_cli
 from dbtr.data.images import ClipImageTransform, ImageDataset, ImageDecodeError, ImageRecords, load_image
 from dbtr.models.clip import ClipEncoder
 from dbtr.utils.errors import UserError
@@ -32,6 +32,7 @@ def clean_failure(proc, *names: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ model folders
+
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
@@ -52,8 +53,11 @@ def test_a_folder_that_is_not_a_clip_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
     bert = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(bert)
+    BertModel(
+        BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    ).save_pretrained(bert)
     with pytest.raises(UserError, match=r"bert is not a CLIP model: its config\.json has model_type='bert'"):
         ClipEncoder.from_pretrained(str(bert))
 
@@ -89,10 +93,19 @@ def test_missing_damaged_or_incomplete_weights_are_refused(tiny_clip, tmp_path):
 
 def test_a_clip_without_tokenizer_files_is_refused(tiny_clip, tmp_path):
     bare = broken_copy(tiny_clip, tmp_path, "bare")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+    ):
         (bare / name).unlink(missing_ok=True)
-    with pytest.raises(UserError, match=r"bare has no tokenizer files: it needs tokenizer\.json or vocab\.json \+ "
-                                        r"merges\.txt \(it holds config\.json, model\.safetensors\)"):
+    with pytest.raises(
+        UserError,
+        match=r"bare has no tokenizer files: it needs tokenizer\.json or vocab\.json \+ "
+        r"merges\.txt \(it holds config\.json, model\.safetensors\)",
+    ):
         ClipEncoder.from_pretrained(str(bare))
 
 
@@ -102,13 +115,18 @@ def test_a_tokenizer_that_cannot_be_the_models_is_refused(tiny_clip, tmp_path):
     from dbtr.models.tiny import BOS, EOS, tiny_clip_config
 
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_clip))
-    for name, vocab_size, why in (("larger", len(tokenizer) - 10, "but the text model embeds"),
-                                  ("smaller", 4 * len(tokenizer), "but the text model embeds")):
+    for name, vocab_size, why in (
+        ("larger", len(tokenizer) - 10, "but the text model embeds"),
+        ("smaller", 4 * len(tokenizer), "but the text model embeds"),
+    ):
         folder = tmp_path / name
         CLIPModel(tiny_clip_config(vocab_size)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        with pytest.raises(UserError, match=rf"tokenizer of .*{name} does not fit.*{len(tokenizer)} tokens {why} "
-                                            rf"{vocab_size}"):
+        with pytest.raises(
+            UserError,
+            match=rf"tokenizer of .*{name} does not fit.*{len(tokenizer)} tokens {why} "
+            rf"{vocab_size}",
+        ):
             ClipEncoder.from_pretrained(str(folder))
 
     # a vocabulary of the right size that knows no English: every word is the unknown token
@@ -131,16 +149,28 @@ def test_the_shipped_and_fixture_clips_still_load(tiny_clip, clip_dir):
 
 def test_dbtr_train_refuses_a_clip_without_tokenizer_before_training(demo_dir, tmp_path):
     bare = tmp_path / "bare"
-    shutil.copytree(demo_dir / "clip", bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
-                                                                           "special_tokens_map.json"))
+    shutil.copytree(
+        demo_dir / "clip",
+        bare,
+        ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"),
+    )
     run = tmp_path / "run"
-    proc = run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"clip.name_or_path={bare}",
-                   f"hydra.run.dir={run}", "logger=none", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"clip.name_or_path={bare}",
+        f"hydra.run.dir={run}",
+        "logger=none",
+        cwd=tmp_path,
+        check=False,
+    )
     clean_failure(proc, f"{bare} has no tokenizer files", "tokenizer.json", "vocab.json + merges.txt")
     assert not (run / "metrics.json").exists()
 
 
 # ------------------------------------------------------------------------------------------ image modes
+
 
 def decoded(tmp_path: Path, image: Image.Image, fmt: str = "png") -> np.ndarray:
     """What the model sees of ``image`` saved as a file: load_image, then the CLIP crop at its own size."""
@@ -162,16 +192,20 @@ def test_high_bit_depth_images_are_scaled_not_clipped_to_white(tmp_path):
     big_endian = Image.frombytes("I;16B", (2, 2), sixteen.astype(">u2").tobytes())
     np.testing.assert_array_equal(decoded(tmp_path, big_endian, "tiff"), want)
     # I (32-bit int): 8-bit-like values as they are, 16-bit values / 257, anything else stretched min..max
-    np.testing.assert_array_equal(decoded(tmp_path, Image.fromarray(np.array([[0, 10], [128, 255]], np.int32)),
-                                          "tiff"), want)
+    np.testing.assert_array_equal(
+        decoded(tmp_path, Image.fromarray(np.array([[0, 10], [128, 255]], np.int32)), "tiff"), want
+    )
     np.testing.assert_array_equal(decoded(tmp_path, Image.fromarray(sixteen.astype(np.int32)), "tiff"), want)
     stretched = Image.fromarray(np.array([[-1000, 0], [1000, 3000]], np.int32))
     np.testing.assert_array_equal(decoded(tmp_path, stretched, "tiff"), grey([[0, 64], [128, 255]]))
     # F (float): 0..1 times 255, 0..255 as they are
-    np.testing.assert_array_equal(decoded(tmp_path, Image.fromarray(np.array([[0, 0.5], [0.25, 1]], np.float32)),
-                                          "tiff"), grey([[0, 128], [64, 255]]))
-    np.testing.assert_array_equal(decoded(tmp_path, Image.fromarray(np.array([[0, 10.2], [128, 255]], np.float32)),
-                                          "tiff"), want)
+    np.testing.assert_array_equal(
+        decoded(tmp_path, Image.fromarray(np.array([[0, 0.5], [0.25, 1]], np.float32)), "tiff"),
+        grey([[0, 128], [64, 255]]),
+    )
+    np.testing.assert_array_equal(
+        decoded(tmp_path, Image.fromarray(np.array([[0, 10.2], [128, 255]], np.float32)), "tiff"), want
+    )
 
 
 def test_alpha_palette_cmyk_and_one_bit_images_become_the_right_rgb(tmp_path):
@@ -184,11 +218,15 @@ def test_alpha_palette_cmyk_and_one_bit_images_become_the_right_rgb(tmp_path):
     palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
     palette.putdata([0, 1, 2, 1])
     palette.info["transparency"] = 1  # green is the transparent entry: its colour is kept, alpha dropped
-    np.testing.assert_array_equal(decoded(tmp_path, palette),
-                                  np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [0, 255, 0]]], np.uint8))
+    np.testing.assert_array_equal(
+        decoded(tmp_path, palette),
+        np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [0, 255, 0]]], np.uint8),
+    )
     cmyk = Image.frombytes("CMYK", (2, 2), bytes([255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 0, 255, 0, 0, 0, 0]))
-    np.testing.assert_array_equal(decoded(tmp_path, cmyk, "tiff"),
-                                  np.array([[[0, 255, 255], [255, 0, 255]], [[0, 0, 0], [255, 255, 255]]], np.uint8))
+    np.testing.assert_array_equal(
+        decoded(tmp_path, cmyk, "tiff"),
+        np.array([[[0, 255, 255], [255, 0, 255]], [[0, 0, 0], [255, 255, 255]]], np.uint8),
+    )
     one_bit = Image.fromarray(np.array([[True, False], [False, True]]))
     assert one_bit.mode == "1"
     np.testing.assert_array_equal(decoded(tmp_path, one_bit), grey([[255, 0], [0, 255]]))
@@ -206,21 +244,35 @@ def test_exif_orientation_is_applied(tmp_path):
     photo.save(path, quality=95, exif=exif)
     image = load_image(path)
     assert image.size == (16, 32)  # upright: portrait
-    top, bottom = np.asarray(image, np.float32)[:12].mean((0, 1)), np.asarray(image, np.float32)[-12:].mean((0, 1))
+    top, bottom = (
+        np.asarray(image, np.float32)[:12].mean((0, 1)),
+        np.asarray(image, np.float32)[-12:].mean((0, 1)),
+    )
     assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50  # red on top, blue below
 
 
-# ------------------------------------------------------------------------------------------ decompression bombs
+# ------------------------------------------------------------------------------------ decompression bombs
+
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header claims ``width`` x ``height`` (8-bit grey) and whose pixels are absent: Pillow judges
-    the size from the header, so no gigabytes are needed to make a decompression bomb."""
+    """A PNG whose header claims ``width`` x ``height`` (8-bit grey) and whose pixels are absent: Pillow
+    judges the size from the header, so no gigabytes are needed to make a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -234,12 +286,14 @@ def test_a_decompression_bomb_is_an_undecodable_image_naming_the_file(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"cannot decode image .*bomb\.png: .*decompression bomb"):
         load_image(bomb)
     records = ImageRecords(tmp_path, ["bomb.png"], np.ones((1, 2), dtype=np.int8), ["a", "b"])
-    assert ImageDataset(records, ClipImageTransform(8), on_bad_image="skip")[0]["ok"] is False  # a counted skip
+    assert (
+        ImageDataset(records, ClipImageTransform(8), on_bad_image="skip")[0]["ok"] is False
+    )  # a counted skip
 
 
 @pytest.fixture()
 def data_with_a_bomb(demo_dir, tmp_path) -> Path:
-    """The tiny data with one test image replaced by a decompression bomb (its CLIP folder linked, not copied)."""
+    """The tiny data, one test image replaced by a decompression bomb (its CLIP folder linked, not copied)."""
     root = tmp_path / "tiny"
     shutil.copytree(demo_dir, root, ignore=shutil.ignore_patterns("clip"))
     (root / "clip").symlink_to(demo_dir / "clip", target_is_directory=True)
@@ -248,14 +302,30 @@ def data_with_a_bomb(demo_dir, tmp_path) -> Path:
 
 
 def test_bad_images_are_found_at_setup_before_fit(data_with_a_bomb):
+    import lightning as L
+
     from dbtr.data.datamodule import TextToImageDataModule
 
     def datamodule(policy: str) -> TextToImageDataModule:
         root = data_with_a_bomb
-        return TextToImageDataModule(classes=str(root / "classes.txt"), train_captions=str(root / "captions.jsonl"),
-                                     val_images=str(root / "images"), val_labels=str(root / "val.jsonl"),
-                                     test_images=str(root / "images"), test_labels=str(root / "test.jsonl"),
-                                     image_size=32, on_bad_image=policy)
+        dm = TextToImageDataModule(
+            classes=str(root / "classes.txt"),
+            train_captions=str(root / "captions.jsonl"),
+            val_images=str(root / "images"),
+            val_labels=str(root / "val.jsonl"),
+            test_images=str(root / "images"),
+            test_labels=str(root / "test.jsonl"),
+            image_size=32,
+            on_bad_image=policy,
+        )
+        dm.trainer = L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )  # as trainer.fit sets it
+        return dm
 
     with pytest.raises(ImageDecodeError, match=r"test_0003\.png.*data\.on_bad_image=skip"):
         datamodule("error").setup("fit")
@@ -274,8 +344,16 @@ def trained_past_a_bomb(demo_dir, tmp_path_factory) -> Path:
     (root / "clip").symlink_to(demo_dir / "clip", target_is_directory=True)
     png_header_only(root / "images" / "test_0003.png", *over_twice_the_limit())
     run = tmp / "run"
-    run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={root}", "data.on_bad_image=skip",
-            "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={run}", cwd=tmp)
+    run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={root}",
+        "data.on_bad_image=skip",
+        "trainer.max_epochs=2",
+        "logger=none",
+        f"hydra.run.dir={run}",
+        cwd=tmp,
+    )
     return run
 
 
@@ -288,13 +366,21 @@ def test_training_skips_and_counts_a_decompression_bomb(trained_past_a_bomb):
 
 def test_training_stops_at_a_bad_test_image_before_fit(data_with_a_bomb, tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={data_with_a_bomb}", "logger=none",
-                   f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={data_with_a_bomb}",
+        "logger=none",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        check=False,
+    )
     clean_failure(proc, str(data_with_a_bomb / "images" / "test_0003.png"), "data.on_bad_image=skip")
     assert not list(run.rglob("*.ckpt"))  # stopped before training, not after it
 
 
 # ------------------------------------------------------------------------------------------ dbtr-predict
+
 
 @pytest.fixture(scope="module")
 def ckpt(trained_past_a_bomb) -> str:

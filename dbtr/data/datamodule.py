@@ -19,8 +19,8 @@ from dbtr.data.images import (
     CachedImageDataset,
     ClipImageTransform,
     ImageDataset,
-    ImageFeatures,
     ImageDecodeError,
+    ImageFeatures,
     ImageRecords,
     check_image_header,
     encode_image_features,
@@ -205,8 +205,9 @@ class TextToImageDataModule(L.LightningDataModule):
 
     def check_image_headers(self, splits: Sequence[str] = ("val", "test")) -> None:
         """Open every image of ``splits`` without decoding it, so that an unreadable file (not an image, zero
-        size, over the decompression-bomb limit) stops the run before training, not after it; on_bad_image=skip
-        drops and counts it instead. Splits already decoded (scanned, cached) need no check."""
+        size, over the decompression-bomb limit) stops the run before training, not after it;
+        on_bad_image=skip drops and counts it instead. Splits already decoded (scanned, cached) are not
+        checked again."""
         for split in splits:
             records = self._records(split)
             if records is None or split in self._scanned or split in self._headers_checked:
@@ -242,9 +243,10 @@ class TextToImageDataModule(L.LightningDataModule):
                 self.captions = read_caption_jsonl(self.train_captions, self.class_names)
         if stage in (None, "fit", "validate") and self.val_records is None and self.has_val:
             self.val_records = self.read_images("val")
-        if stage in (None, "fit"):
-            # the test split is read (and its image headers checked) before fit: a bad test image or labels
-            # file is reported before training, not after it
+        if stage in (None, "fit") and self.trainer is not None:
+            # Lightning is about to train: read the test split too and check the header of every evaluation
+            # image, so a bad test image or labels file stops the run now, not after training (a setup("fit")
+            # outside a Trainer, e.g. dbtr-data's caption statistics, reads no images)
             if self.test_records is None:
                 self.test_records = self.read_images("test")
             self.check_image_headers()

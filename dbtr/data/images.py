@@ -146,12 +146,13 @@ class ClipImageTransform:
 def to_rgb(image: Image.Image) -> Image.Image:
     """The image as 8-bit RGB, whatever its mode.
 
-    Pillow's own ``convert("RGB")`` is right for 8-bit modes (1, L, P, CMYK, YCbCr, LAB, HSV, ...) and drops
-    alpha (RGBA, LA, PA, P with transparency), as CLIP's own preprocessing does. It is wrong for high-bit-depth
-    modes: it clips them at 255, so a 16-bit greyscale PNG becomes white. Those are scaled to 0..255 instead:
-    I;16* (unsigned 16-bit) divided by 257; I (32-bit int) and F (float) as they are if every value lies in
-    0..255, divided by 257 if in 0..65535 (16-bit data, how Pillow opens some 16-bit TIFFs); F in 0..1 (normalised
-    floats) times 255; anything else (negative or larger values) stretched linearly from its min..max.
+    Pillow's own ``convert("RGB")`` is right for 8-bit modes (1, L, P, CMYK, YCbCr, LAB, HSV, ...) and
+    drops alpha (RGBA, LA, PA, P with transparency), as CLIP's own preprocessing does. It is wrong for
+    high-bit-depth modes: it clips them at 255, so a 16-bit greyscale PNG becomes white. Those are scaled to
+    0..255 instead: I;16* (unsigned 16-bit) divided by 257; I (32-bit int) and F (float) as they are if every
+    value lies in 0..255, divided by 257 if in 0..65535 (16-bit data, how Pillow opens some 16-bit TIFFs);
+    F in 0..1 (normalised floats) times 255; anything else (negative or larger values) stretched linearly from
+    its min..max.
     """
     if image.mode == "RGB":
         return image
@@ -181,7 +182,7 @@ def _high_depth_to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _upright(image: Image.Image, path: Path) -> Image.Image:
-    """Apply the EXIF orientation (phone photos store pixels sideways and a tag that says how to turn them)."""
+    """Apply the EXIF orientation (phone photos store pixels sideways, with a tag saying how to turn them)."""
     try:
         return ImageOps.exif_transpose(image)
     except Exception as err:  # noqa: BLE001 - a damaged EXIF block must not make the pixels unusable
@@ -191,10 +192,10 @@ def _upright(image: Image.Image, path: Path) -> Image.Image:
 
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
-    """``Image.open(path)``, with every way opening or decoding it fails turned into ImageDecodeError naming it.
+    """``Image.open(path)``; every way opening or decoding it fails becomes ImageDecodeError naming the file.
 
-    Over twice ``Image.MAX_IMAGE_PIXELS`` Pillow refuses the file (DecompressionBombError, not an OSError); between
-    once and twice it only warns, and the image is decoded (:func:`load_image` logs it with the file's name)."""
+    Over twice ``Image.MAX_IMAGE_PIXELS`` Pillow refuses the file (DecompressionBombError, not an OSError);
+    between once and twice it only warns and the image is decoded (:func:`load_image` logs it, naming it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -222,8 +223,8 @@ def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
         image = im.copy()
     _require_area(path, image.width, image.height)
     if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-        log.warning("%s: %dx%d pixels, over Pillow's decompression-bomb limit of %d (decoded, as Pillow does up "
-                    "to twice the limit)", path, image.width, image.height, Image.MAX_IMAGE_PIXELS)
+        log.warning("%s: %dx%d pixels, over Pillow's decompression-bomb limit of %d (decoded, as Pillow does "
+                    "up to twice the limit)", path, image.width, image.height, Image.MAX_IMAGE_PIXELS)
     return to_rgb(_upright(image, path))
 
 

@@ -70,18 +70,20 @@ def _missing_weights_message(name_or_path: str, err: Exception) -> str:
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("clip",)
 # What CLIPTokenizer reads: the fast tokenizer file, or the BPE vocabulary and its merges.
 TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-# A byte-level BPE has a token per byte; fewer means a placeholder tokenizer (HF builds a 2-token one from nothing).
+# A byte-level BPE has a token per byte; fewer means a placeholder (HF builds a 2-token one out of nothing).
 MIN_TOKENIZER_VOCAB = 256
 _PROBE_SENTENCE = "a photo of a dog."
 
 
 class InvalidClipFolder(UserError):
-    """A CLIP folder or hub id that holds the wrong model, incomplete or damaged weights, or no usable tokenizer."""
+    """A CLIP folder or hub id with the wrong model, incomplete or damaged weights, or no usable tokenizer."""
 
 
 def _folder_listing(path: Path) -> str:
     names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    return ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "") if names else "nothing"
+    if not names:
+        return "nothing"
+    return ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
 
 
 def _check_model_type(name_or_path: str, source: str, path: Path | None) -> None:
@@ -97,9 +99,9 @@ def _check_model_type(name_or_path: str, source: str, path: Path | None) -> None
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InvalidClipFolder(
-            f"{name_or_path} is not a CLIP model: its config.json has model_type={model_type!r}, and dbtr needs "
-            f"one of {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}; pass clip.name_or_path=<a folder saved by "
-            f"CLIPModel.save_pretrained> (or a CLIP hub id such as openai/clip-vit-base-patch16)"
+            f"{name_or_path} is not a CLIP model: its config.json has model_type={model_type!r}, and dbtr "
+            f"needs one of {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}; pass clip.name_or_path=<a folder "
+            f"saved by CLIPModel.save_pretrained> (or a CLIP hub id such as openai/clip-vit-base-patch16)"
         )
 
 
@@ -108,8 +110,8 @@ def _check_tokenizer_files(name_or_path: str, path: Path) -> None:
         return
     needed = " or ".join(" + ".join(group) for group in TOKENIZER_FILES)
     raise InvalidClipFolder(
-        f"{name_or_path} has no tokenizer files: it needs {needed} (it holds {_folder_listing(path)}); save the "
-        f"matching tokenizer into it, e.g. CLIPTokenizer.from_pretrained('openai/clip-vit-base-patch16')"
+        f"{name_or_path} has no tokenizer files: it needs {needed} (it holds {_folder_listing(path)}); save "
+        f"the matching tokenizer into it, e.g. CLIPTokenizer.from_pretrained('openai/clip-vit-base-patch16')"
         f".save_pretrained('{name_or_path}')"
     )
 
@@ -132,26 +134,28 @@ def _check_tokenizer(name_or_path: str, tokenizer, vocab_size: int) -> None:
             problem = f"it tokenizes {_PROBE_SENTENCE!r} to unknown tokens only ({ids})"
     if problem:
         raise InvalidClipFolder(
-            f"the tokenizer of {name_or_path} does not fit its CLIP model: {problem}; put the tokenizer the model "
-            f"was trained with into the folder (tokenizer.json, or vocab.json + merges.txt)"
+            f"the tokenizer of {name_or_path} does not fit its CLIP model: {problem}; put the tokenizer the "
+            f"model was trained with into the folder (tokenizer.json, or vocab.json + merges.txt)"
         )
 
 
 def _weights_files(path: Path) -> str:
-    files = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    files = sorted(p.name for p in path.glob("*")
+                   if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
     return ", ".join(files) if files else "its weights"
 
 
 def _check_loading_info(name_or_path: str, info: dict) -> None:
-    """Every parameter must come from the file: transformers initialises missing ones at random (a warning)."""
+    """Every parameter must come from the file: transformers initialises missing ones at random (a warning)"""
     for kind, what in (("missing_keys", "lack"), ("unexpected_keys", "hold the unknown"),
                        ("mismatched_keys", "have a wrongly shaped")):
         keys = sorted(info.get(kind) or ())
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise InvalidClipFolder(
-                f"the weights in {name_or_path} do not match its CLIP config: they {what} weight {keys[0]!r}{more}, "
-                f"so part of the model would be random; use the folder exactly as save_pretrained wrote it"
+                f"the weights in {name_or_path} do not match its CLIP config: they {what} weight "
+                f"{keys[0]!r}{more}, so part of the model would be random; use the folder exactly as "
+                f"save_pretrained wrote it"
             )
 
 
@@ -175,8 +179,8 @@ def _load_weights(name_or_path: str, source: str, path: Path | None, kwargs: dic
         where = _weights_files(path) if path is not None else "its weights"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InvalidClipFolder(
-            f"cannot load the CLIP weights in {name_or_path} ({where}): truncated, damaged or not matching its "
-            f"config.json ({type(err).__name__}: {first}); copy or download the folder again"
+            f"cannot load the CLIP weights in {name_or_path} ({where}): truncated, damaged or not matching "
+            f"its config.json ({type(err).__name__}: {first}); copy or download the folder again"
         ) from err
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -186,7 +190,8 @@ def _load_weights(name_or_path: str, source: str, path: Path | None, kwargs: dic
 
 def load_clip(name_or_path: str, torch_dtype: torch.dtype | None = None, attn_implementation: str | None = None):
     """Load ``(CLIPModel, CLIPTokenizer)`` from a local folder or a hub id, with one clear error when missing,
-    when the folder is not a CLIP, and when its weights or tokenizer are incomplete (never a half-random model)."""
+    when the folder is not a CLIP, and when its weights or tokenizer are incomplete (never a half-random
+    model)."""
     from transformers import CLIPTokenizer
 
     path = Path(name_or_path).expanduser()
