@@ -4,8 +4,10 @@
     dbtr-predict ckpt.ckpt 'shots/*.jpg' a.png -o out.csv -k 3 --heatmaps heat/
     dbtr-predict ckpt.ckpt photos/ --classes "dog,cat,zebra"      # a new vocabulary (zebra: see below)
 
-Unreadable images are skipped and listed (summary, ``<output>.skipped.txt``); the exit status is 0 unless no
-image could be read (1) or the arguments are wrong (2). Every output file is written atomically.
+Unreadable images, and inputs that yield none (a missing file, an empty folder, a pattern matching nothing),
+are skipped and listed (summary, ``<output>.skipped.txt``); the exit status is 0 unless no image could be read
+(1) or the arguments are wrong (2). The output is checked to be writable before the model is loaded; every
+output file is written atomically.
 A name the model was not trained on is scored as the model scores any class without training labels: zero
 residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for TaI-DPT
 prompts (``dbtr.inference.new_class_rule``); it is reported on stderr and in the summary.
