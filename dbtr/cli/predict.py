@@ -4,8 +4,10 @@
     dbtr-predict ckpt.ckpt 'shots/*.jpg' a.png -o out.csv -k 3 --heatmaps heat/
     dbtr-predict ckpt.ckpt photos/ --classes "dog,cat,zebra"      # a new vocabulary (zebra: see below)
 
-Unreadable images are skipped and listed (summary, ``<output>.skipped.txt``); the exit status is 0 unless no
-image could be read (1) or the arguments are wrong (2). Every output file is written atomically.
+Unreadable images, and inputs that yield none (a missing file, an empty folder, a pattern matching nothing),
+are skipped and listed (summary, ``<output>.skipped.txt``); the exit status is 0 unless no image could be read
+(1) or the arguments are wrong (2). The output is checked to be writable before the model is loaded; every
+output file is written atomically.
 A name the model was not trained on is scored as the model scores any class without training labels: zero
 residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for TaI-DPT
 prompts (``dbtr.system.checkpoint.new_class_rule``); it is reported on stderr and in the summary.
@@ -50,19 +52,23 @@ def parse_class_list(spec: str) -> list[str]:
 
 
 def collect_images(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files, folders (searched recursively for image suffixes) and glob patterns -> (candidates, missing)."""
+    """Files, folders (searched recursively for image suffixes) and glob patterns -> (candidates, missing).
+
+    A name that is not there, a folder without images and a pattern that matches nothing are each listed in
+    ``missing`` with the reason (reported and counted as skipped): one empty input does not stop the run."""
     found: list[Path] = []
     missing: list[tuple[str, str]] = []
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
     for spec in specs:
         if glob.has_magic(spec):
             matches = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
             if not matches:
-                raise UsageError(f"the pattern {spec!r} matches no file (quote it so the shell does not expand it)")
+                missing.append((spec, "the pattern matches no file (quote it: the shell must not expand it)"))
             found += matches
         elif Path(spec).is_dir():
             files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not files:
-                raise UsageError(f"the folder {spec} holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                missing.append((spec, f"the folder holds no image file ({suffixes})"))
             found += files
         elif Path(spec).is_file():
             found.append(Path(spec))
@@ -72,13 +78,38 @@ def collect_images(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
     return unique, missing
 
 
+def check_output(output: str) -> None:
+    """Refuse an output file that cannot be written, before the model is loaded and every image scored.
+
+    The file's folder must exist or be creatable (its nearest existing ancestor is a folder) and accept a new
+    file: a test file is created there and removed, which also catches read-only file systems and, unlike
+    permission bits, holds for root."""
+    import errno
+    import tempfile
+
+    from dbtr.utils.io import AtomicWriteError
+
+    if output == "-":
+        return
+    out = Path(output)
+    if out.is_dir():
+        raise AtomicWriteError(errno.EISDIR, "it is a folder (give a file name)", str(out))
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise AtomicWriteError(errno.ENOTDIR, f"{folder} is a file, not a folder", str(out))
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise AtomicWriteError(err.errno or errno.EIO, err.strerror or str(err), str(out)) from None
+
+
 def read_image(path: Path) -> Image.Image:
     from dbtr.data.images import load_image
 
-    try:
-        return load_image(path)
-    except Image.DecompressionBombError as err:  # not an OSError: huge (or hostile) images
-        raise OSError(f"cannot decode image {path}: {err}") from None
+    return load_image(path)  # ImageDecodeError (an OSError) naming the file, also for decompression bombs
 
 
 def output_format(output: str, fmt: str | None) -> str:
@@ -177,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     paths, skipped = collect_images(args.images)
     if not paths:
         raise UsageError("no image to score: " + "; ".join(f"{p}: {why}" for p, why in skipped))
+    check_output(args.output)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     classes = parse_class_list(args.classes) if args.classes else None
     loaded = load_checkpoint(args.checkpoint, clip=args.clip, classes=classes, device=device,

@@ -12,14 +12,17 @@ from torch.utils.data import DataLoader
 
 from dbtr.data.captions import CaptionCollate, CaptionDataset, CaptionFeatures, CaptionRecords, read_caption_jsonl
 from dbtr.data.images import (
+    BAD_IMAGE_HINT,
     BAD_IMAGE_POLICIES,
     CLIP_MEAN,
     CLIP_STD,
     CachedImageDataset,
     ClipImageTransform,
     ImageDataset,
+    ImageDecodeError,
     ImageFeatures,
     ImageRecords,
+    check_image_header,
     encode_image_features,
     read_image_jsonl,
 )
@@ -90,6 +93,7 @@ class TextToImageDataModule(L.LightningDataModule):
             raise choice_error("data.on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
         self.on_bad_image, self.fast_decode = on_bad_image, bool(fast_decode)
         self._scanned: set[str] = set()
+        self._headers_checked: set[str] = set()
         self.captions: CaptionRecords | None = None
         self.caption_features: CaptionFeatures | None = None
         self.val_records: ImageRecords | None = None
@@ -203,6 +207,26 @@ class TextToImageDataModule(L.LightningDataModule):
         self._set_records(split, self._drop_bad(records, ok))
         self._scanned.add(split)
 
+    def check_image_headers(self, splits: Sequence[str] = ("val", "test")) -> None:
+        """Open every image of ``splits`` without decoding it, so that an unreadable file (not an image, zero
+        size, over the decompression-bomb limit) stops the run before training, not after it;
+        on_bad_image=skip drops and counts it instead. Splits already decoded (scanned, cached) are not
+        checked again."""
+        for split in splits:
+            records = self._records(split)
+            if records is None or split in self._scanned or split in self._headers_checked:
+                continue
+            ok = np.ones(len(records), dtype=bool)
+            for i, name in enumerate(records.file_names):
+                try:
+                    check_image_header(records.root / name)
+                except ImageDecodeError as err:
+                    if self.on_bad_image == "error":
+                        raise ImageDecodeError(f"{err}; {BAD_IMAGE_HINT}") from None
+                    ok[i] = False
+            self._set_records(split, self._drop_bad(records, ok))
+            self._headers_checked.add(split)
+
     def setup(self, stage: str | None = None) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
         if world > 1 and not self._per_device:
@@ -223,6 +247,13 @@ class TextToImageDataModule(L.LightningDataModule):
                 self.captions = read_caption_jsonl(self.train_captions, self.class_names)
         if stage in (None, "fit", "validate") and self.val_records is None and self.has_val:
             self.val_records = self.read_images("val")
+        if stage in (None, "fit") and self.trainer is not None:
+            # Lightning is about to train: read the test split too and check the header of every evaluation
+            # image, so a bad test image or labels file stops the run now, not after training (a setup("fit")
+            # outside a Trainer, e.g. dbtr-data's caption statistics, reads no images)
+            if self.test_records is None:
+                self.test_records = self.read_images("test")
+            self.check_image_headers()
         if stage in (None, "test") and self.test_records is None:
             self.test_records = self.read_images("test")
             if self.test_records is None:

@@ -6,14 +6,17 @@ is optional. The label matrix is VOC-style: 1 present, 0 difficult only, -1 abse
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -21,8 +24,13 @@ from dbtr.data.labels import label_row, require_text
 from dbtr.utils.files import DataFormatError, iter_jsonl
 from dbtr.utils.errors import ConfigError, UserError, choice_error
 
+log = logging.getLogger(__name__)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# How files become RGB pixels (load_image): part of the image-feature cache key, so features cached before a
+# change are rebuilt. 2: EXIF orientation applied, high-bit-depth modes scaled (were clipped to white).
+DECODE_VERSION = 2
 
 
 class ImageDecodeError(UserError, OSError):
@@ -117,11 +125,12 @@ class ClipImageTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def identity(self) -> str:
-        return f"size={self.size}|mean={self.mean.flatten().tolist()}|std={self.std.flatten().tolist()}|draft={self.draft}"
+        return (f"size={self.size}|mean={self.mean.flatten().tolist()}|std={self.std.flatten().tolist()}"
+                f"|draft={self.draft}|decode={DECODE_VERSION}")
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The RGB ``size`` x ``size`` view the model sees (heatmaps are drawn over it, patch for patch)."""
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         scale = self.size / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
@@ -135,20 +144,98 @@ class ClipImageTransform:
         return (x - self.mean) / self.std
 
 
-def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
-    """The decoded image, or ImageDecodeError naming the file (also for a header of zero width or height, which
-    would otherwise fail later, in the resize, without the file name)."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB, whatever its mode.
+
+    Pillow's own ``convert("RGB")`` is right for 8-bit modes (1, L, P, CMYK, YCbCr, LAB, HSV, ...) and
+    drops alpha (RGBA, LA, PA, P with transparency), as CLIP's own preprocessing does. It is wrong for
+    high-bit-depth modes: it clips them at 255, so a 16-bit greyscale PNG becomes white. Those are scaled to
+    0..255 instead: I;16* (unsigned 16-bit) divided by 257; I (32-bit int) and F (float) as they are if every
+    value lies in 0..255, divided by 257 if in 0..65535 (16-bit data, how Pillow opens some 16-bit TIFFs);
+    F in 0..1 (normalised floats) times 255; anything else (negative or larger values) stretched linearly from
+    its min..max.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_8bit(np.asarray(image), image.mode)).convert("RGB")
+    if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the documented way (else Pillow warns), then alpha dropped as above
+    return image.convert("RGB")
+
+
+def _high_depth_to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        a = a / 257.0
+    elif lo >= 0 and hi <= 1 and mode == "F":
+        a = a * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a / 257.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _upright(image: Image.Image, path: Path) -> Image.Image:
+    """Apply the EXIF orientation (phone photos store pixels sideways, with a tag saying how to turn them)."""
     try:
-        with Image.open(path) as im:
-            if draft_size:
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-            image = im.copy()
+        return ImageOps.exif_transpose(image)
+    except Exception as err:  # noqa: BLE001 - a damaged EXIF block must not make the pixels unusable
+        log.warning("%s: its EXIF orientation cannot be read (%s); using the image as stored", path, err)
+        return image
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``Image.open(path)``; every way opening or decoding it fails becomes ImageDecodeError naming the file.
+
+    Over twice ``Image.MAX_IMAGE_PIXELS`` Pillow refuses the file (DecompressionBombError, not an OSError);
+    between once and twice it only warns and the image is decoded (:func:`load_image` logs it, naming it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                yield im
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"cannot decode image {path}: {err} (Image.MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"cannot decode image {path}: {err}") from None
-    if image.width <= 0 or image.height <= 0:
-        raise ImageDecodeError(f"cannot decode image {path}: it has zero width or height ({image.width}x{image.height})")
-    return image
+
+
+def _require_area(path: Path, width: int, height: int) -> None:
+    # a header of zero width or height would otherwise fail later, in the resize, without the file name
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"cannot decode image {path}: it has zero width or height ({width}x{height})")
+
+
+def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
+    """The decoded image, upright (EXIF orientation applied) and RGB (:func:`to_rgb`): the one way dbtr reads
+    an image. ImageDecodeError naming the file if it cannot be (see :func:`_opened`)."""
+    with _opened(path) as im:
+        if draft_size:
+            im.draft("RGB", (draft_size, draft_size))
+        im.load()
+        image = im.copy()
+    _require_area(path, image.width, image.height)
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        log.warning("%s: %dx%d pixels, over Pillow's decompression-bomb limit of %d (decoded, as Pillow does "
+                    "up to twice the limit)", path, image.width, image.height, Image.MAX_IMAGE_PIXELS)
+    return to_rgb(_upright(image, path))
+
+
+def check_image_header(path: Path) -> None:
+    """Read the header only: ImageDecodeError naming the file for what Pillow cannot identify, a zero width or
+    height, or a size over twice the decompression-bomb limit. Cheap enough to run on every image of the
+    evaluation splits before training; a file damaged after its header is only found by decoding it."""
+    with _opened(path) as im:
+        width, height = im.size
+    _require_area(path, width, height)
 
 
 BAD_IMAGE_HINT = "set data.on_bad_image=skip to leave undecodable images out (they are counted and listed)"

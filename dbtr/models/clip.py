@@ -65,9 +65,134 @@ def _missing_weights_message(name_or_path: str, err: Exception) -> str:
     )
 
 
+# Backbones ClipEncoder can drive: config.json's model_type must be one of these (another folder, e.g. a BERT,
+# would otherwise load as a randomly initialised full-size CLIP).
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("clip",)
+# What CLIPTokenizer reads: the fast tokenizer file, or the BPE vocabulary and its merges.
+TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# A byte-level BPE has a token per byte; fewer means a placeholder (HF builds a 2-token one out of nothing).
+MIN_TOKENIZER_VOCAB = 256
+_PROBE_SENTENCE = "a photo of a dog."
+
+
+class InvalidClipFolder(UserError):
+    """A CLIP folder or hub id with the wrong model, incomplete or damaged weights, or no usable tokenizer."""
+
+
+def _folder_listing(path: Path) -> str:
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not names:
+        return "nothing"
+    return ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+
+
+def _check_model_type(name_or_path: str, source: str, path: Path | None) -> None:
+    from transformers import PretrainedConfig
+
+    if path is not None and not (path / "config.json").is_file():  # HF reads an absent one as an empty config
+        raise ClipWeightsNotFound(_missing_weights_message(
+            name_or_path, FileNotFoundError(f"no config.json in {path} (it holds {_folder_listing(path)})")))
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source)
+    except (OSError, ValueError) as err:
+        raise ClipWeightsNotFound(_missing_weights_message(name_or_path, err)) from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InvalidClipFolder(
+            f"{name_or_path} is not a CLIP model: its config.json has model_type={model_type!r}, and dbtr "
+            f"needs one of {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}; pass clip.name_or_path=<a folder "
+            f"saved by CLIPModel.save_pretrained> (or a CLIP hub id such as openai/clip-vit-base-patch16)"
+        )
+
+
+def _check_tokenizer_files(name_or_path: str, path: Path) -> None:
+    if any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        return
+    needed = " or ".join(" + ".join(group) for group in TOKENIZER_FILES)
+    raise InvalidClipFolder(
+        f"{name_or_path} has no tokenizer files: it needs {needed} (it holds {_folder_listing(path)}); save "
+        f"the matching tokenizer into it, e.g. CLIPTokenizer.from_pretrained('openai/clip-vit-base-patch16')"
+        f".save_pretrained('{name_or_path}')"
+    )
+
+
+def _check_tokenizer(name_or_path: str, tokenizer, vocab_size: int) -> None:
+    """A tokenizer that loaded but cannot be this model's: too small, larger than the embedding table (ids out
+    of range), far smaller than it (another model's), or one that maps plain English to the unknown token."""
+    size = len(tokenizer)
+    problem = None
+    if size < MIN_TOKENIZER_VOCAB:
+        problem = f"its vocabulary has {size} tokens (a CLIP tokenizer has at least {MIN_TOKENIZER_VOCAB})"
+    elif not vocab_size // 2 <= size <= vocab_size:
+        problem = f"its vocabulary has {size} tokens but the text model embeds {vocab_size}"
+    else:
+        ids = tokenizer(_PROBE_SENTENCE)["input_ids"]
+        specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        words = [i for i in ids if i not in specials]
+        unk = tokenizer.unk_token_id
+        if not words or (unk is not None and all(i == unk for i in words)):
+            problem = f"it tokenizes {_PROBE_SENTENCE!r} to unknown tokens only ({ids})"
+    if problem:
+        raise InvalidClipFolder(
+            f"the tokenizer of {name_or_path} does not fit its CLIP model: {problem}; put the tokenizer the "
+            f"model was trained with into the folder (tokenizer.json, or vocab.json + merges.txt)"
+        )
+
+
+def _weights_files(path: Path) -> str:
+    files = sorted(p.name for p in path.glob("*")
+                   if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    return ", ".join(files) if files else "its weights"
+
+
+def _check_loading_info(name_or_path: str, info: dict) -> None:
+    """Every parameter must come from the file: transformers initialises missing ones at random (a warning)"""
+    for kind, what in (("missing_keys", "lack"), ("unexpected_keys", "hold the unknown"),
+                       ("mismatched_keys", "have a wrongly shaped")):
+        keys = sorted(info.get(kind) or ())
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise InvalidClipFolder(
+                f"the weights in {name_or_path} do not match its CLIP config: they {what} weight "
+                f"{keys[0]!r}{more}, so part of the model would be random; use the folder exactly as "
+                f"save_pretrained wrote it"
+            )
+
+
+def _load_weights(name_or_path: str, source: str, path: Path | None, kwargs: dict):
+    """``CLIPModel.from_pretrained`` that refuses absent, damaged or incomplete weights."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its missing/unexpected-keys table: we raise one message instead
+    try:
+        model, info = CLIPModel.from_pretrained(source, output_loading_info=True, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except OSError as err:  # HF raises OSError / EnvironmentError subclasses when files are absent
+        raise ClipWeightsNotFound(_missing_weights_message(name_or_path, err)) from None
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+        where = _weights_files(path) if path is not None else "its weights"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InvalidClipFolder(
+            f"cannot load the CLIP weights in {name_or_path} ({where}): truncated, damaged or not matching "
+            f"its config.json ({type(err).__name__}: {first}); copy or download the folder again"
+        ) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_loading_info(name_or_path, info)
+    return model
+
+
 def load_clip(name_or_path: str, torch_dtype: torch.dtype | None = None, attn_implementation: str | None = None):
-    """Load ``(CLIPModel, CLIPTokenizer)`` from a local folder or a hub id, with one clear error when missing."""
-    from transformers import CLIPModel, CLIPTokenizer
+    """Load ``(CLIPModel, CLIPTokenizer)`` from a local folder or a hub id, with one clear error when missing,
+    when the folder is not a CLIP, and when its weights or tokenizer are incomplete (never a half-random
+    model)."""
+    from transformers import CLIPTokenizer
 
     path = Path(name_or_path).expanduser()
     # A string that is not an existing folder is a hub id only if it has the "org/name" shape;
@@ -76,16 +201,20 @@ def load_clip(name_or_path: str, torch_dtype: torch.dtype | None = None, attn_im
     if not is_hub_id and not path.is_dir():
         raise ClipWeightsNotFound(_missing_weights_message(name_or_path, FileNotFoundError(f"no folder at {path.resolve()}")))
     source = name_or_path if is_hub_id else str(path)
+    _check_model_type(name_or_path, source, None if is_hub_id else path)
+    if not is_hub_id:
+        _check_tokenizer_files(name_or_path, path)
     kwargs = {}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    model = _load_weights(name_or_path, source, None if is_hub_id else path, kwargs)
     try:
-        model = CLIPModel.from_pretrained(source, **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:  # HF raises OSError / EnvironmentError subclasses when files are absent
+    except (OSError, ValueError) as err:
         raise ClipWeightsNotFound(_missing_weights_message(name_or_path, err)) from None
+    _check_tokenizer(name_or_path, tokenizer, int(model.config.text_config.vocab_size))
     return model, tokenizer
 
 
