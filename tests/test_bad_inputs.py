@@ -388,13 +388,13 @@ def ckpt(trained_past_a_bomb) -> str:
 
 
 def test_predict_checks_its_output_before_loading_the_model(ckpt, demo_dir, tmp_path, monkeypatch, capsys):
-    import dbtr.inference
-    from dbtr.predict import main
+    import dbtr.system.checkpoint
+    from dbtr.cli.predict import main
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded although the output cannot be written")
 
-    monkeypatch.setattr(dbtr.inference, "load_model", never)
+    monkeypatch.setattr(dbtr.system.checkpoint, "load_checkpoint", never)
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("")
     with pytest.raises(SystemExit) as exc:
@@ -408,7 +408,7 @@ def test_predict_checks_its_output_before_loading_the_model(ckpt, demo_dir, tmp_
 
 
 def test_predict_reports_an_empty_folder_and_scores_the_rest(ckpt, demo_dir, tmp_path, capsys):
-    from dbtr.predict import main
+    from dbtr.cli.predict import main
 
     empty = tmp_path / "empty"
     empty.mkdir()
