@@ -420,3 +420,19 @@ def test_predict_reports_an_empty_folder_and_scores_the_rest(ckpt, demo_dir, tmp
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == [str(image)]
     summary = json.loads(out.with_name("p.jsonl.summary.json").read_text())
     assert [s["image"] for s in summary["skipped"]] == [str(empty)]
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(ckpt, demo_dir, tmp_path, capsys):
+    from dbtr.cli.predict import main
+
+    data = Path(ckpt).read_bytes()
+    for name, content in (("half.ckpt", data[: len(data) // 2]), ("tail_cut.ckpt", data[:-200])):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        with pytest.raises(SystemExit) as exc:
+            main([str(bad), str(demo_dir / "images" / "test_0000.png"), "-o", str(tmp_path / "p.jsonl")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback" not in err, err
+        assert f"{bad}: not a readable PyTorch checkpoint" in err and "truncated or damaged" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p.jsonl").exists()
