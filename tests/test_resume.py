@@ -78,3 +78,32 @@ def test_resume_from_missing_path_fails_clearly(demo_dir, tmp_path):
     proc = run_cli("dbtr-train", *_args(demo_dir, tmp_path / "r", f"ckpt_path={tmp_path / 'nope.ckpt'}"),
                    cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def two_epochs(demo_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("two_epochs") / "run"
+    run_cli("dbtr-train", *_args(demo_dir, run, "trainer.max_epochs=2"), cwd=run.parent)
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_resume_refuses_a_checkpoint_of_another_class_order(two_epochs, demo_dir, tmp_path):
+    names = (demo_dir / "classes.txt").read_text().split()
+    reordered = tmp_path / "classes.txt"
+    reordered.write_text("\n".join(reversed(names)) + "\n")
+    proc = run_cli("dbtr-train", *_args(demo_dir, tmp_path / "r", f"ckpt_path={two_epochs}", f"data.classes={reordered}"),
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"ckpt_path={two_epochs}" in proc.stderr and "same names in a different order" in proc.stderr
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_init_from_refuses_a_checkpoint_of_another_clip(two_epochs, demo_dir, tmp_path):
+    from dbtr.models.tiny import save_random_clip
+
+    other = tmp_path / "clip_other"
+    save_random_clip(other, ["a red square"], seed=7, vision_image_size=32)
+    proc = run_cli("dbtr-train", *_args(demo_dir, tmp_path / "i", f"model.init_from={two_epochs}",
+                                        f"clip.name_or_path={other}"), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"model.init_from={two_epochs}" in proc.stderr and "was trained on another CLIP" in proc.stderr

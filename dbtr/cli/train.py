@@ -70,6 +70,10 @@ def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict
     identity = {"choices": {}, "overrides": [], **(identity or run_identity())}
     model.run_info = {"task_name": cfg.task_name, "seed": cfg.seed, **identity}  # saved in every checkpoint
     timings["load_model_s"] = time.perf_counter() - t0
+    if resume:  # safe loading, and the same classes and CLIP, before Lightning restores anything
+        from dbtr.system.checkpoint import check_continues, read_checkpoint
+
+        check_continues(read_checkpoint(resume), model.class_names, model.encoder, resume, "ckpt_path")
 
     best_ckpt, selection = None, {}
     if cfg.train and not model.head.trainable:

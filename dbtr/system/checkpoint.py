@@ -223,9 +223,29 @@ def new_class_rule(hp: dict[str, Any]) -> str | None:
     return "a zero residual (plain zero-shot T0)"
 
 
-def load_head_init(head: torch.nn.Module, path: str) -> None:
-    """``model.init_from``: initialise a head from another checkpoint's head tensors (same shapes required)."""
-    state = read_checkpoint(path)["state_dict"]
+def check_continues(ckpt: dict[str, Any], class_names: Sequence[str], encoder, ckpt_path: str, what: str) -> None:
+    """A checkpoint that training continues from (``ckpt_path=`` resume, ``model.init_from``) must have been
+    trained on the same classes in the same order and on the same CLIP: its rows would otherwise land on other
+    classes (the resumed "red" row would be the old "green" one) or mean nothing on these features."""
+    advice = (f"Training cannot continue from it: start a fresh run (drop {what}) or use the classes and CLIP it "
+              "was trained with")
+    try:
+        check_class_names(ckpt["hyper_parameters"]["class_names"], class_names, f"{what}={ckpt_path}")
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{err}. {advice}") from None
+    trained_on = (ckpt.get(META_KEY) or {}).get("clip_fingerprint")
+    if trained_on and trained_on != encoder.fingerprint():
+        raise CheckpointMismatchError(f"{what}={ckpt_path} was trained on another CLIP than this run's "
+                                      f"clip.name_or_path (projection hash {trained_on} != {encoder.fingerprint()}). "
+                                      f"{advice}")
+
+
+def load_head_init(head: torch.nn.Module, path: str, class_names: Sequence[str], encoder) -> None:
+    """``model.init_from``: initialise a head from another checkpoint's head tensors (same classes, CLIP and
+    shapes required)."""
+    ckpt = read_checkpoint(path)
+    check_continues(ckpt, class_names, encoder, path, "model.init_from")
+    state = ckpt["state_dict"]
     head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     mine = head.state_dict()
     bad = {k: tuple(v.shape) for k, v in head_state.items() if k not in mine or v.shape != mine[k].shape}

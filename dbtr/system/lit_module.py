@@ -180,7 +180,7 @@ class DbtrLitModule(L.LightningModule):
         weights) and load the ensemble's text-only model (both through :mod:`dbtr.system.checkpoint`)."""
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if self.init_from and stage == "fit" and not resuming:
-            load_head_init(self.head, self.init_from)
+            load_head_init(self.head, self.init_from, self.class_names, self.encoder)
         if self.ensemble_cfg.get("text_ckpt") and self.text_model is None:
             text = load_companion(self.ensemble_cfg["text_ckpt"], self.encoder, self.class_names)
             object.__setattr__(self, "text_model", text)  # not a submodule: never saved, never optimised
