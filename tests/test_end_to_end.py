@@ -128,3 +128,24 @@ def test_toyworld_cli_on_a_tiny_world(tmp_path):
     assert "| full method" in (out / "results.md").read_text() and (out / "heatmaps.png").stat().st_size > 1000
     for method, value in (("zsclip", zs), ("dbtr", full)):  # one run folder per method and seed, as tabulated
         assert json.loads((out / "runs" / method / "seed1" / "metrics.json").read_text())["test"]["test/mAP"] == value
+
+
+def test_eval_keeps_the_checkpoints_clip_settings_and_refuses_model_overrides(demo_dir, tmp_path):
+    """An experiment's clip group does not replace the dense mode the checkpoint was trained with, the record
+    says what was used, and a model override (which could not apply) is refused instead of recorded."""
+    run = tmp_path / "maskclip"
+    run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}",
+            "trainer.max_epochs=2", "clip.dense=maskclip", cwd=tmp_path)
+    trained = json.loads((run / "metrics.json").read_text())
+    common = [f"ckpt_path={trained['checkpoint']}", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}"]
+    run_cli("dbtr-eval", *common, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    got = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert got["config"]["clip"]["dense"] == "maskclip"
+    assert got["test"]["test/mAP"] == pytest.approx(trained["test"]["test/mAP"], abs=1e-9)
+    proc = run_cli("dbtr-eval", *common, "+model.head.alpha=0.9", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot apply +model.head.alpha=0.9" in proc.stderr and "model.evaluation" in proc.stderr
+    assert not (tmp_path / "e2" / "metrics.json").exists()
+    explicit = run_cli("dbtr-eval", *common, "clip.dense=naive", f"hydra.run.dir={tmp_path / 'e3'}", cwd=tmp_path)
+    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["config"]["clip"]["dense"] == "naive", explicit

@@ -23,9 +23,36 @@ from omegaconf import DictConfig
 from dbtr.system.pipeline import build_trainer, feature_caching, report_run, write_data_report
 from dbtr.system.run_record import RunRecord
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
+from dbtr.utils.errors import ConfigError
 from dbtr.utils.progress import set_quiet
 
 log = logging.getLogger("dbtr")
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def refuse_model_overrides(overrides: list[str]) -> None:
+    """A trained checkpoint's model is what it stored: only ``model.evaluation.*`` (how it is scored) can change.
+    Anything else would be recorded as applied while the checkpoint's value is used."""
+    bad = [o for o in overrides
+           if (key := _override_key(o)) == "model" or (key.startswith("model.") and not key.startswith("model.evaluation"))]
+    if bad:
+        raise ConfigError(f"dbtr-eval cannot apply {', '.join(bad)}: the model's settings are stored in the checkpoint "
+                          "and always come from it. Only model.evaluation.* (difficult, top_k, f1_at, val_subset) "
+                          "change how it is scored; to change the model, train it with dbtr-train.")
+
+
+def clip_overrides(clip: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The CLIP settings that replace the checkpoint's: where the weights are (``clip.name_or_path``, from any
+    config: it is machine-specific and checked by fingerprint), and the rest only when set on the command line
+    (``clip=<group>`` or ``clip.<field>=``). An experiment's clip group must not silently change, say, the dense
+    mode the checkpoint was trained and selected with."""
+    keys = {_override_key(o) for o in overrides}
+    if "clip" in keys:
+        return dict(clip)
+    return {k: v for k, v in clip.items() if k == "name_or_path" or f"clip.{k}" in keys}
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -37,9 +64,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ckpt_path = str(cfg.ckpt_path)
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    overrides = run_identity().get("overrides", [])
+    refuse_model_overrides(overrides)
     datamodule = instantiate(cfg.data)
     allow = bool(cfg.get("allow_mismatch", False))
-    clip_over = to_container(cfg.clip) if cfg.get("clip") else {}
+    clip_over = clip_overrides(to_container(cfg.clip) if cfg.get("clip") else {}, overrides)
     eval_over = to_container(cfg.model.evaluation) if cfg.get("model") and cfg.model.get("evaluation") else {}
     loaded = load_checkpoint(ckpt_path, clip=clip_over, allow_mismatch=allow, evaluation=eval_over)
     check_class_names(loaded.trained_classes, datamodule.class_names, ckpt_path)
@@ -53,7 +82,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         write_data_report(Path(cfg.paths.output_dir), datamodule)
         RunRecord(
-            kind="eval", task_name=cfg.task_name, config=to_container(cfg), seed=cfg.seed, tags=list(cfg.tags),
+            kind="eval", task_name=cfg.task_name, config={**to_container(cfg), "clip": dict(model.hparams.clip)}, seed=cfg.seed, tags=list(cfg.tags),
             class_names=datamodule.class_names, test=metrics, checkpoint=ckpt_path, timings=caching.timings,
             evaluation=dict(model.eval_cfg),
             source=loaded.meta.get("run"), **{"choices": {}, "overrides": [], **run_identity()},
