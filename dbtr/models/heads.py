@@ -107,6 +107,7 @@ class _MaxPooledMix(torch.autograd.Function):
 
     Only the argmax indices are kept for the backward pass (autograd's ``amax`` would keep the whole (B, N, D)
     product); the backward scatters the incoming gradient to those positions and runs the two matmuls per chunk.
+    (At an exact tie the gradient goes to one of the tied positions, where ``amax`` would split it.)
     A row without any valid position pools to 0 and gets no gradient (as ``masked_max``).
     """
 
@@ -137,13 +138,15 @@ class _MaxPooledMix(torch.autograd.Function):
         b, n, c = weights.shape
         d_w = torch.empty_like(weights) if need_w else None
         d_t = torch.zeros_like(classes) if need_t else None
+        buffer = grad.new_zeros(min(b, ctx.step), n, grad.shape[1])  # zeroed once, reset after each chunk
         for s in range(0, b, ctx.step):
-            g = grad[s : s + ctx.step]
-            sparse = g.new_zeros(g.shape[0], n, g.shape[1]).scatter_(1, index[s : s + ctx.step, None, :], g[:, None, :])
+            g, at = grad[s : s + ctx.step], index[s : s + ctx.step, None, :]
+            sparse = buffer[: len(g)].scatter_(1, at, g[:, None, :])  # the gradient at the argmax positions
             if need_w:
                 d_w[s : s + ctx.step] = sparse @ classes.t()
             if need_t:
                 d_t.addmm_(weights[s : s + ctx.step].reshape(-1, c).t(), sparse.reshape(-1, sparse.shape[-1]))
+            sparse.scatter_(1, at, 0.0)
         return d_w, d_t, None
 
 
