@@ -77,7 +77,8 @@ def measure(args) -> dict:
     class_names = coco_class_names()[: args.classes]
     tmp = tempfile.TemporaryDirectory(prefix="dbtr-coco-bench-")
     start = time.perf_counter()
-    records, feats = synthetic_caption_cache(tmp.name, args.captions, classes=len(class_names))
+    dim = 32 if args.tiny else 512
+    records, feats = synthetic_caption_cache(tmp.name, args.captions, dim=dim, classes=len(class_names))
     built = time.perf_counter() - start
 
     loader_ = loader(records, feats, class_names, args.batch, device)
@@ -95,7 +96,7 @@ def measure(args) -> dict:
     n_mean = statistics.mean(float(b["attention_mask"].shape[1]) for b in batches)
 
     dtype = getattr(torch, args.dtype)
-    encoder = random_text_encoder(class_names, device=device, dtype=dtype)
+    encoder = random_text_encoder(class_names, device=device, dtype=dtype, tiny=args.tiny)
     results = {}
     for name in args.models:
         model, optimizer = build_model(name, encoder, class_names)
@@ -116,7 +117,9 @@ def measure(args) -> dict:
             times.append(time.perf_counter() - t)
         step = statistics.median(times)
         text_tokens = 0 if model.head.prompts is None else 2 * model.head.prompts.token_ids.numel()
-        minimum = step_min_flops(name, args.batch, round(n_mean), len(class_names), encoder.embed_dim, text_tokens)
+        text = encoder.model.config.text_config
+        minimum = step_min_flops(name, args.batch, round(n_mean), len(class_names), encoder.embed_dim, text_tokens,
+                                 (text.hidden_size, text.num_hidden_layers))
         epoch = loader_epoch + steps_per_epoch * step
         results[name] = {
             "measured_steps": steps, "step_s": step, "compute_epoch_s": steps_per_epoch * step,
@@ -172,6 +175,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="CLIP (text tower) dtype")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--tiny", action="store_true", help="toy CLIP (D 32): checks the script runs end to end")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
     r = measure(args)

@@ -10,17 +10,23 @@ from typing import Callable
 import torch
 
 
-def vit_b16_clip(dtype=torch.float32, device="cpu", bos_token_id=49406, eos_token_id=49407):
-    """A CLIPModel with ViT-B/16's shapes (random weights: speed does not depend on the values)."""
+def vit_b16_clip(dtype=torch.float32, device="cpu", bos_token_id=49406, eos_token_id=49407, tiny: bool = False):
+    """A CLIPModel with ViT-B/16's shapes (random weights: speed does not depend on the values); ``tiny``: the
+    same layout at toy sizes (2 layers, width 32, 32 px), for checking a benchmark runs end to end."""
     from transformers import CLIPConfig, CLIPModel
 
+    text = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
+    vision = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12)
+    if tiny:
+        text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=8, max_position_embeddings=77, bos_token_id=bos_token_id,
-                         eos_token_id=eos_token_id, pad_token_id=eos_token_id),
-        vision_config=dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
-                           num_hidden_layers=12, num_attention_heads=12),
-        projection_dim=512,
+        text_config=dict(**text, max_position_embeddings=77, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         pad_token_id=eos_token_id),
+        vision_config=vision,
+        projection_dim=32 if tiny else 512,
     )
     torch.manual_seed(0)
     return CLIPModel(cfg).to(device=device, dtype=dtype).eval()
@@ -95,13 +101,24 @@ def coco_class_names() -> list[str]:
     return list(resolve_vocabulary("coco2014").class_names)
 
 
-def random_text_encoder(class_names, device="cpu", dtype=torch.float32):
+def synthetic_captions(class_names, n: int, seed: int = 0) -> list[str]:
+    """COCO-caption-like sentences naming one to three of the classes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" and ".join(f"a {class_names[c]} next to the {class_names[rng.integers(len(class_names))]} on the street"
+                         for c in rng.choice(len(class_names), size=rng.integers(1, 4), replace=False)) for _ in range(n)]
+
+
+def random_text_encoder(class_names, device="cpu", dtype=torch.float32, tiny: bool = False):
     """A ClipEncoder on ViT-B/16-shaped random weights, with a small BPE tokenizer trained on the class names."""
     from dbtr.models.clip import ClipEncoder
     from dbtr.models.tiny import train_bpe_tokenizer
 
-    tokenizer = train_bpe_tokenizer([f"a photo of a {n}." for n in class_names], vocab_size=600)
-    model = vit_b16_clip(dtype, device, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer = train_bpe_tokenizer([f"a photo of a {n}." for n in class_names] + synthetic_captions(class_names, 200),
+                                    vocab_size=600)
+    model = vit_b16_clip(dtype, device, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tiny=tiny)
     return ClipEncoder(model, tokenizer, dense="clearclip")
 
 
@@ -141,14 +158,16 @@ def matmul_gflops(size: int = 2048, device="cpu", dtype=torch.float32, sync=lamb
     return 2 * size**3 / seconds / 1e9
 
 
-def step_min_flops(name: str, b: int, n: int, c: int, d: int, text_tokens: int = 0) -> float:
+def step_min_flops(name: str, b: int, n: int, c: int, d: int, text_tokens: int = 0,
+                   tower: tuple[int, int] = (512, 12)) -> float:
     """FLOPs of the matmuls a training step cannot avoid (docs/method.md §3; features frozen, so no gradient
     w.r.t. them): one unit ``u = 2 b n c d`` per (B, N, C, D) product.
 
     global logits f_g T_g^T: 2bcd forward + 2bcd for dT_g (when trained); local similarities F T_l^T: u + u;
     PFA per branch: its own similarities (global branch; the local one shares F T_l^T) u + u, the max-pooled
-    mix W_cl T_b u forward, 2u backward (dW_cl, dT_b). TaI-DPT adds the text tower on its 2C prompts, forward and
-    the activation gradients back to the contexts: ~2 x 2 x params x tokens (``text_tokens`` = 2C x length).
+    mix W_cl T_b u forward, 2u backward (dW_cl, dT_b). TaI-DPT adds the text tower (``tower`` = width, layers) on
+    its 2C prompts, forward and the activation gradients back to the contexts: 2 x 2 x 12 W^2 x layers per token
+    (``text_tokens`` = 2C x length; the attention scores over ~20 tokens are left out).
     """
     full = model_config(name)
     cfg, prompts = full["head"], full.get("prompts") is not None  # learned prompts: T_g, T_l get gradients
@@ -163,6 +182,6 @@ def step_min_flops(name: str, b: int, n: int, c: int, d: int, text_tokens: int =
     if pfa in ("local", "both"):
         flops += u * (1 + 2 * trained_l)
     if text_tokens:
-        width, layers = 512, 12
+        width, layers = tower
         flops += 2 * 2 * text_tokens * layers * 12 * width * width
     return flops
