@@ -4,7 +4,8 @@
     python benchmarks/gpu_bench.py --tiny --out /tmp/x.json                              # toy sizes, any CPU
 
 ViT-B/16-shaped random CLIP (bf16 on the GPU; the head stays fp32):
-1. image throughput of the full model (global + dense features in one pass, both branches, PFA in both) against
+1. image throughput of the full model (global + dense features in one pass, both branches, PFA in both)
+against
    plain ``get_image_features`` + cosine, batch 256;
 2. caption-encoding throughput of the frozen text tower (the one-off feature caching), batch 256, 77 tokens;
 3. the wall time of a 20-epoch full-method (conf/model/dbtr.yaml) run on 118,287 COCO-scale cached captions,
@@ -58,8 +59,12 @@ def image_throughput(encoder, classes: int, batch: int, repeats: int, sync) -> d
         return head(out.image_embeds, out.patch_embeds, None, modality="image").logits
 
     t_plain, t_full = timeit(plain, repeats, warmup=2, sync=sync), timeit(full, repeats, warmup=2, sync=sync)
-    return {"batch": batch, "plain_images_per_s": batch / t_plain, "full_images_per_s": batch / t_full,
-            "full_over_plain_time": t_full / t_plain}
+    return {
+        "batch": batch,
+        "plain_images_per_s": batch / t_plain,
+        "full_images_per_s": batch / t_full,
+        "full_over_plain_time": t_full / t_plain,
+    }
 
 
 def caption_throughput(encoder, class_names, batch: int, repeats: int, sync) -> dict:
@@ -70,11 +75,16 @@ def caption_throughput(encoder, class_names, batch: int, repeats: int, sync) -> 
     def encode():
         return encoder.encode_text(**tokens)
 
-    return {"batch": batch, "tokens": int(tokens["input_ids"].shape[1]),
-            "captions_per_s": batch / timeit(encode, repeats, warmup=2, sync=sync)}
+    return {
+        "batch": batch,
+        "tokens": int(tokens["input_ids"].shape[1]),
+        "captions_per_s": batch / timeit(encode, repeats, warmup=2, sync=sync),
+    }
 
 
-def training_run(encoder, class_names, captions: int, batch: int, epochs: int, budget_s: float, sync, tmp) -> dict:
+def training_run(
+    encoder, class_names, captions: int, batch: int, epochs: int, budget_s: float, sync, tmp
+) -> dict:
     records, feats = synthetic_caption_cache(tmp, captions, dim=encoder.embed_dim, classes=len(class_names))
     model, optimizer = build_model("dbtr", encoder, class_names)
     model.train()
@@ -94,17 +104,27 @@ def training_run(encoder, class_names, captions: int, batch: int, epochs: int, b
         if time.perf_counter() - start + epoch_times[-1] > budget_s:
             break
     wall = time.perf_counter() - start
-    return {"captions": captions, "batch": batch, "steps_per_epoch": len(train), "epochs": epochs,
-            "epochs_run": done, "features_on_device": bool(on_device), "epoch_s": epoch_times,
-            "wall_s": wall, "projected": done < epochs,
-            "run_s": wall if done == epochs else wall + (epochs - done) * min(epoch_times)}
+    return {
+        "captions": captions,
+        "batch": batch,
+        "steps_per_epoch": len(train),
+        "epochs": epochs,
+        "epochs_run": done,
+        "features_on_device": bool(on_device),
+        "epoch_s": epoch_times,
+        "wall_s": wall,
+        "projected": done < epochs,
+        "run_s": wall if done == epochs else wall + (epochs - done) * min(epoch_times),
+    }
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--tiny", action="store_true", help="toy model and data sizes: checks the script runs, on a CPU")
+    p.add_argument(
+        "--tiny", action="store_true", help="toy model and data sizes: checks the script runs, on a CPU"
+    )
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=300.0, help="wall-time cap of the training run")
     p.add_argument("--out", default="gpu_bench.json")
@@ -114,16 +134,30 @@ def main(argv=None) -> dict:
     tiny = args.tiny
     class_names = coco_class_names()[: 8 if tiny else 80]
     encoder = random_text_encoder(class_names, device=dev, dtype=getattr(torch, args.dtype), tiny=tiny)
-    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": args.dtype,
-              "tiny": tiny, "torch": torch.__version__}
+    result = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "tiny": tiny,
+        "torch": torch.__version__,
+    }
     started = time.perf_counter()
-    result["images"] = image_throughput(encoder, len(class_names), 8 if tiny else 256, 2 if tiny else 10, sync)
+    result["images"] = image_throughput(
+        encoder, len(class_names), 8 if tiny else 256, 2 if tiny else 10, sync
+    )
     result["captions"] = caption_throughput(encoder, class_names, 8 if tiny else 256, 2 if tiny else 10, sync)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="dbtr-gpu-bench-") as tmp:
-        result["training"] = training_run(encoder, class_names, 200 if tiny else COCO_CAPTIONS, 16 if tiny else 512,
-                                          2 if tiny else args.epochs, args.budget_s, sync, tmp)
+        result["training"] = training_run(
+            encoder,
+            class_names,
+            200 if tiny else COCO_CAPTIONS,
+            16 if tiny else 512,
+            2 if tiny else args.epochs,
+            args.budget_s,
+            sync,
+            tmp,
+        )
     if dev.type == "cuda":
         result["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     result["total_s"] = time.perf_counter() - started

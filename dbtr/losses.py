@@ -60,8 +60,8 @@ def ranking_loss(logits: Tensor, targets: Tensor, known: Tensor | None = None, m
 
     Samples without any (known positive, known negative) pair add 0 but still count in the mean.
     Computed without the (B, C, C) pair tensor: with the negatives sorted, positive i's hinges sum to
-    ``S_i - n_i (z_i - margin)``, where n_i negatives (sum S_i) lie above ``z_i - margin`` (a suffix sum found by
-    binary search), in float64 so the subtraction loses nothing against the per-pair sum.
+    ``S_i - n_i (z_i - margin)``, where n_i negatives (sum S_i) lie above ``z_i - margin`` (a suffix sum found
+    by binary search), in float64 so the subtraction loses nothing against the per-pair sum.
     """
     z, y, k = _prepare(logits, targets, known)
     pos = k & (y > 0.5)

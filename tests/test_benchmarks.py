@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end at toy sizes (the real sizes are for `make bench` and benchmarks/gpu.sh)."""
+"""The benchmark scripts run end to end at toy sizes (the real sizes are for `make bench` and
+benchmarks/gpu.sh)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,29 @@ def test_coco_scale_benchmark_runs_every_model(tmp_path, capsys):
     import bench_coco_scale
 
     out = tmp_path / "coco.json"
-    r = bench_coco_scale.main(["--tiny", "--captions", "700", "--batch", "64", "--classes", "6", "--steps", "1",
-                               "--prompt-steps", "1", "--threads", "1", "--json", str(out)])
+    r = bench_coco_scale.main(
+        [
+            "--tiny",
+            "--captions",
+            "700",
+            "--batch",
+            "64",
+            "--classes",
+            "6",
+            "--steps",
+            "1",
+            "--prompt-steps",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text())["models"].keys() == {"taskres_global", "dual_noattn", "dbtr", "taidpt"}
-    assert r["steps_per_epoch"] == 11 and all(m["step_s"] > 0 and m["min_flops"] > 0 for m in r["models"].values())
+    assert r["steps_per_epoch"] == 11 and all(
+        m["step_s"] > 0 and m["min_flops"] > 0 for m in r["models"].values()
+    )
     # the full method's unavoidable matmuls exceed the no-attention model's; TaI-DPT's text tower dominates
     ms = r["models"]
     assert ms["dbtr"]["min_flops"] > ms["dual_noattn"]["min_flops"] > ms["taskres_global"]["min_flops"]

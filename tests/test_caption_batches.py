@@ -1,5 +1,5 @@
-"""Caption batches gathered in one go from the ragged cache: the same captions, order and tensors per step as the
-per-item path they replaced (single process and every DDP slice); inconsistent caches are refused."""
+"""Caption batches gathered in one go from the ragged cache: the same captions, order and tensors per step as
+the per-item path they replaced (single process and every DDP slice); inconsistent caches are refused."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import torch
 
 from dbtr.data.captions import CaptionCollate, CaptionDataset, CaptionFeatures, CaptionRecords
 from dbtr.data.datamodule import TextToImageDataModule
-from dbtr.data.feature_cache import CacheDamaged, cached_caption_features, load_caption_features, save_caption_features
+from dbtr.data.feature_cache import (
+    CacheDamaged,
+    cached_caption_features,
+    load_caption_features,
+    save_caption_features,
+)
 from dbtr.utils.seeding import derive_seed
 
 
@@ -23,8 +28,11 @@ def _corpus(n: int, classes: int = 6, dim: int = 8, seed: int = 0) -> tuple[Capt
     lengths = rng.integers(1, 12, size=n)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     labels = np.where(rng.random((n, classes)) < 0.3, 1, -1).astype(np.int8)
-    feats = CaptionFeatures(rng.standard_normal((n, dim)).astype(np.float16),
-                            rng.standard_normal((int(offsets[-1]), dim)).astype(np.float16), offsets)
+    feats = CaptionFeatures(
+        rng.standard_normal((n, dim)).astype(np.float16),
+        rng.standard_normal((int(offsets[-1]), dim)).astype(np.float16),
+        offsets,
+    )
     return CaptionRecords([f"caption {i}" for i in range(n)], labels), feats
 
 
@@ -42,8 +50,11 @@ def _old_indices(n, global_batch, world, rank, seed, epoch):
 
 def _old_item(records, feats, i):
     tokens = feats.token_embeds[feats.offsets[i] : feats.offsets[i + 1]]
-    return {"labels": torch.from_numpy(records.labels[i].astype(np.int64)),
-            "text_embeds": torch.from_numpy(np.array(feats.text_embeds[i])), "token_embeds": torch.from_numpy(np.array(tokens))}
+    return {
+        "labels": torch.from_numpy(records.labels[i].astype(np.int64)),
+        "text_embeds": torch.from_numpy(np.array(feats.text_embeds[i])),
+        "token_embeds": torch.from_numpy(np.array(tokens)),
+    }
 
 
 def _old_collate(items):
@@ -53,25 +64,38 @@ def _old_collate(items):
     for j, it in enumerate(items):
         padded[j, : len(it["token_embeds"])] = it["token_embeds"]
         mask[j, : len(it["token_embeds"])] = True
-    return {"labels": torch.stack([it["labels"] for it in items]), "text_embeds": torch.stack([it["text_embeds"] for it in items]),
-            "token_embeds": padded, "attention_mask": mask}
+    return {
+        "labels": torch.stack([it["labels"] for it in items]),
+        "text_embeds": torch.stack([it["text_embeds"] for it in items]),
+        "token_embeds": padded,
+        "attention_mask": mask,
+    }
 
 
 def _old_batches(records, feats, global_batch, world, rank, seed, epoch):
     idx = _old_indices(len(records.texts), global_batch, world, rank, seed, epoch)
     per = global_batch // world
-    return [_old_collate([_old_item(records, feats, i) for i in idx[s : s + per]]) for s in range(0, len(idx), per)]
+    return [
+        _old_collate([_old_item(records, feats, i) for i in idx[s : s + per]])
+        for s in range(0, len(idx), per)
+    ]
 
 
 def _datamodule(records, feats, global_batch, world, rank):
-    dm = TextToImageDataModule(classes=[f"c{i}" for i in range(records.labels.shape[1])], batch_size=global_batch)
+    dm = TextToImageDataModule(
+        classes=[f"c{i}" for i in range(records.labels.shape[1])], batch_size=global_batch
+    )
     dm.captions = records
     dm.set_caption_features(feats)
-    dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm.trainer = SimpleNamespace(
+        world_size=world, global_rank=rank, strategy=SimpleNamespace(root_device=torch.device("cpu"))
+    )
     return dm
 
 
-@pytest.mark.parametrize("n, global_batch, world", [(103, 16, 1), (103, 16, 2), (97, 8, 4), (5, 4, 2), (64, 64, 4)])
+@pytest.mark.parametrize(
+    "n, global_batch, world", [(103, 16, 1), (103, 16, 2), (97, 8, 4), (5, 4, 2), (64, 64, 4)]
+)
 def test_gathered_batches_equal_the_per_item_path(n, global_batch, world, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")
     records, feats = _corpus(n)
@@ -89,15 +113,25 @@ def test_gathered_batches_equal_the_per_item_path(n, global_batch, world, monkey
 
 
 def test_memory_mapped_cache_gathers_like_in_memory_arrays(encoder, tmp_path):
-    texts = ["a dog on a sofa", "two cats", "a red bus near a very long row of parked cars and a bicycle", "sky"]
+    texts = [
+        "a dog on a sofa",
+        "two cats",
+        "a red bus near a very long row of parked cars and a bicycle",
+        "sky",
+    ]
     feats, status = cached_caption_features(encoder, texts, tmp_path)
     assert status == "built" and isinstance(feats.token_embeds, np.memmap)
-    in_memory = CaptionFeatures(np.array(feats.text_embeds), np.array(feats.token_embeds), np.array(feats.offsets))
+    in_memory = CaptionFeatures(
+        np.array(feats.text_embeds), np.array(feats.token_embeds), np.array(feats.offsets)
+    )
     index = torch.tensor([2, 0, 3])
     got, want = feats.gather(index), in_memory.gather(index)
     assert all(torch.equal(got[k], want[k]) for k in want)
     lengths = np.diff(feats.offsets)[index.numpy()]
-    assert got["attention_mask"].sum(1).tolist() == lengths.tolist() and got["token_embeds"].shape[1] == lengths.max()
+    assert (
+        got["attention_mask"].sum(1).tolist() == lengths.tolist()
+        and got["token_embeds"].shape[1] == lengths.max()
+    )
 
 
 def test_raw_text_batches_are_tokenised_as_a_whole():
@@ -143,7 +177,10 @@ def test_an_inconsistent_cache_entry_is_rebuilt_with_one_warning(encoder, tmp_pa
     key = json.loads((folder / "meta.json").read_text())["key"]
     offsets = np.array(feats.offsets)
     offsets[1:] += 3  # points past the end of the token array
-    wrong = _Unchecked(CaptionFeatures(np.array(feats.text_embeds), np.array(feats.token_embeds), np.array(feats.offsets)), offsets)
+    wrong = _Unchecked(
+        CaptionFeatures(np.array(feats.text_embeds), np.array(feats.token_embeds), np.array(feats.offsets)),
+        offsets,
+    )
     shutil.rmtree(folder)
     save_caption_features(folder, wrong, key)
     with caplog.at_level(logging.WARNING):

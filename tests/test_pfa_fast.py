@@ -29,7 +29,9 @@ def _reference_forward(h: DualBranchHead, f_g, feats, mask, modality):
 
     def pfa(query, classes):
         text_att, pooled = _reference_pfa(feats, classes, mask, h.pfa_temperature)
-        z = h.logit_scale * (h.beta2 * torch.einsum("bd,bcd->bc", query, text_att) + h.beta3 * pooled @ classes.t())
+        z = h.logit_scale * (
+            h.beta2 * torch.einsum("bd,bcd->bc", query, text_att) + h.beta3 * pooled @ classes.t()
+        )
         return z - z.mean(dim=1, keepdim=True) if h.pfa_center else z
 
     t_g = h.global_classifier(h.class_embeds)
@@ -79,10 +81,14 @@ def _grads(outputs, tensors, seed):
 
 @pytest.mark.parametrize("shape", [(4, 7, 5, 16), (9, 3, 11, 8), (2, 22, 80, 32)])
 @pytest.mark.parametrize("masked", [True, False])
-@pytest.mark.parametrize("pfa, center, query", [("both", True, "mean"), ("both", False, "global"),
-                                                ("global", True, "mean"), ("local", False, "mean")])
+@pytest.mark.parametrize(
+    "pfa, center, query",
+    [("both", True, "mean"), ("both", False, "global"), ("global", True, "mean"), ("local", False, "mean")],
+)
 @pytest.mark.parametrize("modality", ["text", "image"])
-def test_pfa_identities_match_the_explicit_formulation(shape, masked, pfa, center, query, modality, monkeypatch):
+def test_pfa_identities_match_the_explicit_formulation(
+    shape, masked, pfa, center, query, modality, monkeypatch
+):
     b, n, c, d = shape
     monkeypatch.setattr(heads, "_MAX_POOL_CHUNK", 2 * n * d)  # several chunks of 2 samples
     f_g, feats, t0, mask, g = _case(b, n, c, d, masked, seed=sum(shape))
@@ -94,7 +100,9 @@ def test_pfa_identities_match_the_explicit_formulation(shape, masked, pfa, cente
     for got, ref in zip((out.logits, out.logits_global, out.logits_local), want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     tensors = [f_g, feats, *h.parameters()]
-    for got, ref in zip(_grads((out.logits, out.logits_local), tensors, 0), _grads((want[0], want[2]), tensors, 0)):
+    for got, ref in zip(
+        _grads((out.logits, out.logits_local), tensors, 0), _grads((want[0], want[2]), tensors, 0)
+    ):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 

@@ -14,8 +14,12 @@ NAMES = ["cat", "dog", "car", "tree"]
 
 def _model(clip_dir, dtype: str) -> DbtrLitModule:
     torch.manual_seed(0)
-    model = DbtrLitModule(clip={"name_or_path": str(clip_dir), "dtype": dtype}, class_names=NAMES, templates="simple",
-                          head={"pfa": "both"})
+    model = DbtrLitModule(
+        clip={"name_or_path": str(clip_dir), "dtype": dtype},
+        class_names=NAMES,
+        templates="simple",
+        head={"pfa": "both"},
+    )
     with torch.no_grad():  # the same non-zero residuals in both models
         g = torch.Generator().manual_seed(1)
         for p in model.head.parameters():
@@ -31,7 +35,11 @@ def test_bf16_clip_keeps_the_head_fp32_and_close_to_fp32(clip_dir):
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want, got = fp32(pixels), bf16(pixels)
-    for a, b in ((got.logits, want.logits), (got.logits_global, want.logits_global), (got.logits_local, want.logits_local)):
+    for a, b in (
+        (got.logits, want.logits),
+        (got.logits_global, want.logits_global),
+        (got.logits_local, want.logits_local),
+    ):
         assert a.dtype == torch.float32
         assert (a - b).abs().max() < 0.05 * b.abs().max()  # bf16 features (8-bit mantissa), fp32 head
     assert bf16.head.class_embeds.dtype == torch.float32

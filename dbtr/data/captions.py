@@ -57,9 +57,11 @@ def read_caption_jsonl(path: str | os.PathLike, class_names: Sequence[str]) -> C
 
 
 def offsets_problem(offsets: np.ndarray, num_captions: int, num_tokens: int) -> str | None:
-    """Why ``offsets`` cannot index ``num_tokens`` ragged tokens of ``num_captions`` captions (None when it can)."""
+    """Why ``offsets`` cannot index ``num_tokens`` ragged tokens of ``num_captions`` captions (None if it
+    can)."""
     if offsets.ndim != 1 or len(offsets) != num_captions + 1:
-        return f"offsets has shape {offsets.shape}, expected ({num_captions + 1},) for {num_captions} captions"
+        want = num_captions + 1
+        return f"offsets has shape {offsets.shape}, expected ({want},) for {num_captions} captions"
     if len(offsets) and (offsets[0] != 0 or offsets[-1] != num_tokens):
         return f"offsets run from {offsets[0]} to {offsets[-1]}, the token array holds 0 to {num_tokens}"
     if (np.diff(offsets) < 0).any():
@@ -97,16 +99,20 @@ class CaptionFeatures:
     def nbytes(self) -> int:
         return sum(_nbytes(a) for a in (self.text_embeds, self.token_embeds, self.offsets))
 
-    def to(self, device: torch.device | str) -> "CaptionFeatures":
-        """The same features as torch tensors on ``device`` (the arrays are read once, e.g. from the memory map)."""
-        return CaptionFeatures(*(_as_tensor(a).to(device) for a in (self.text_embeds, self.token_embeds, self.offsets)))
+    def to(self, device: torch.device | str) -> CaptionFeatures:
+        """The same features as torch tensors on ``device`` (the arrays are read once, e.g. from the memory
+        map)."""
+        arrays = (self.text_embeds, self.token_embeds, self.offsets)
+        return CaptionFeatures(*(_as_tensor(a).to(device) for a in arrays))
 
     def gather(self, index: Tensor) -> dict[str, Tensor]:
-        """Captions ``index`` as one padded batch: ``text_embeds`` (b, D), ``token_embeds`` (b, L, D) zero-padded
-        to the longest of them, ``attention_mask`` (b, L) True on real tokens; fp16, on the arrays' device.
+        """Captions ``index`` as one padded batch: ``text_embeds`` (b, D), ``token_embeds`` (b, L, D)
+        zero-padded to the longest of them, ``attention_mask`` (b, L) True on real tokens; fp16, on the
+        arrays' device.
 
-        One row gather straight into the padded layout (padding reads a real row, clamped inside the array, then
-        is zeroed), on 8-byte words where the rows allow it: the batch is bound by memory bandwidth, not Python.
+        One row gather straight into the padded layout (padding reads a real row, clamped inside the array,
+        then is zeroed), on 8-byte words where the rows allow it: the batch is bound by memory bandwidth, not
+        Python.
         """
         if isinstance(self.token_embeds, Tensor):  # e.g. on an accelerator: index them there
             return self._gather_tensors(index.to(self.offsets.device))
@@ -138,7 +144,8 @@ class CaptionFeatures:
 
 def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``array[rows]`` (a new array), copied as 8-byte words when a row allows it (~25% faster)."""
-    if array.ndim == 2 and array.flags.c_contiguous and (array.shape[1] * array.itemsize) % 8 == 0 and array.size:
+    wide = array.ndim == 2 and array.flags.c_contiguous and (array.shape[1] * array.itemsize) % 8 == 0
+    if wide and array.size:
         return np.take(array.view(np.int64), rows, axis=0).view(array.dtype)
     return np.take(array, rows, axis=0)
 
@@ -182,15 +189,15 @@ def encode_caption_features(encoder, texts: Sequence[str], batch_size: int = 256
 
 
 class CaptionDataset(Dataset):
-    """Captions with their labels: ``dataset[i]`` is one item (a dict with ``labels`` and either cached features
-    or the raw text), ``dataset[index_tensor]`` a whole batch, gathered at once (:meth:`batch`)."""
+    """Captions with their labels: ``dataset[i]`` is one item (a dict with ``labels`` and either cached
+    features or the raw text), ``dataset[index_tensor]`` a whole batch, gathered at once (:meth:`batch`)."""
 
     def __init__(self, records: CaptionRecords, features: CaptionFeatures | None = None):
         if features is not None and len(features) != len(records.texts):
             raise ValueError(f"{len(features)} cached features for {len(records.texts)} captions")
         self.records, self.features = records, features
         self._labels = records.labels
-        if features is not None and isinstance(features.offsets, Tensor):  # batches are gathered on that device
+        if features is not None and isinstance(features.offsets, Tensor):  # batches gathered on that device
             self._labels = torch.from_numpy(np.ascontiguousarray(records.labels)).to(features.offsets.device)
 
     def __len__(self) -> int:
@@ -240,8 +247,12 @@ class CaptionCollate:
                 return {**out, **_pad_items(items)}
             texts = [it["text"] for it in items]
         if self.tokenizer is None:
-            raise RuntimeError("raw captions need a tokenizer: call datamodule.attach_encoder(encoder) or cache features")
-        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+            raise RuntimeError(
+                "raw captions need a tokenizer: call datamodule.attach_encoder(encoder) or cache features"
+            )
+        tok = self.tokenizer(
+            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
         out.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         return out
 
@@ -255,13 +266,15 @@ def _pad_items(items: list[dict]) -> dict:
     for j, t in enumerate(tokens):
         padded[j, : len(t)] = t
         mask[j, : len(t)] = True
-    return {"text_embeds": torch.stack([it["text_embeds"] for it in items]), "token_embeds": padded, "attention_mask": mask}
+    text = torch.stack([it["text_embeds"] for it in items])
+    return {"text_embeds": text, "token_embeds": padded, "attention_mask": mask}
 
 
-def features_on_device(features: CaptionFeatures, device: torch.device, headroom: float = 0.5) -> CaptionFeatures:
-    """The features moved onto an accelerator when they fit in its free memory with ``headroom`` (a fraction of
-    the free memory kept for the step), so a batch is gathered there; otherwise (or on CPU) unchanged, with a
-    one-line notice: host memory is slower but never runs out halfway through an epoch."""
+def features_on_device(features: CaptionFeatures, device: torch.device, headroom: float = 0.5
+                       ) -> CaptionFeatures:
+    """The features moved onto an accelerator when they fit in its free memory with ``headroom`` (a fraction
+    of the free memory kept for the step), so a batch is gathered there; otherwise (or on CPU) unchanged,
+    with a one-line notice: host memory is slower but never runs out halfway through an epoch."""
     if device.type != "cuda" or (isinstance(features.offsets, Tensor) and features.offsets.device == device):
         return features
     copies = features.__dict__.setdefault("_device_copies", {})  # train_dataloader() is called more than once

@@ -251,8 +251,8 @@ class TextToImageDataModule(L.LightningDataModule):
         if features is not None and self.trainer is not None:
             features = features_on_device(features, self.trainer.strategy.root_device)
         dataset = CaptionDataset(self.captions, features)
-        # Order from (seed, epoch), sliced per process: DDP steps see the single-process batches, resumes the same
-        # order. The sampler yields each step's index tensor and the dataset gathers the batch in one go.
+        # Order from (seed, epoch), sliced per process: DDP steps see the single-process batches, resumes the
+        # same order. The sampler yields each step's index tensor and the dataset gathers the batch in one go.
         sampler = GlobalBatchSampler(len(dataset), self.global_batch_size, world, rank, seed=run_seed())
         return DataLoader(
             dataset,

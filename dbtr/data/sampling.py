@@ -19,8 +19,9 @@ from dbtr.utils.seeding import derive_seed
 
 
 class GlobalBatchSampler(DistributedSampler):
-    """Shuffles ``range(num_items)`` from ``(seed, epoch)`` and yields this process's slice of every global batch,
-    one index tensor (int64) per step: the dataset gathers the whole batch at once (``batch_size=None`` loader).
+    """Shuffles ``range(num_items)`` from ``(seed, epoch)`` and yields this process's slice of every global
+    batch, one index tensor (int64) per step: the dataset gathers the whole batch at once (``batch_size=None``
+    loader).
 
     A subclass of DistributedSampler so Lightning keeps it under DDP (it only swaps in its own sampler when
     none is distributed) and calls ``set_epoch`` before every epoch, including the first one after a resume.

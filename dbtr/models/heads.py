@@ -90,8 +90,8 @@ def parameter_free_attention(
 
 
 def valid_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of ``x`` (B, N, K) over the valid positions of ``mask`` (B, N): one batched mat-vec, not a (B, N, K)
-    masked copy (a fully masked row gives zeros)."""
+    """Mean of ``x`` (B, N, K) over the valid positions of ``mask`` (B, N): one batched mat-vec, not a
+    (B, N, K) masked copy (a fully masked row gives zeros)."""
     if mask is None:
         return x.mean(1)
     m = mask.to(x.dtype)
@@ -103,10 +103,11 @@ _MAX_POOL_CHUNK = 1 << 20
 
 
 class _MaxPooledMix(torch.autograd.Function):
-    """``max_N (W @ T)`` over valid positions, (B, N, C) x (C, D) -> (B, D), computed over chunks of the batch.
+    """``max_N (W @ T)`` over valid positions, (B, N, C) x (C, D) -> (B, D), over chunks of the batch.
 
-    Only the argmax indices are kept for the backward pass (autograd's ``amax`` would keep the whole (B, N, D)
-    product); the backward scatters the incoming gradient to those positions and runs the two matmuls per chunk.
+    Only the argmax indices are kept for the backward pass (autograd's ``amax`` would keep the whole
+    (B, N, D) product); the backward scatters the incoming gradient to those positions and runs the two
+    matmuls per chunk.
     (At an exact tie the gradient goes to one of the tied positions, where ``amax`` would split it.)
     A row without any valid position pools to 0 and gets no gradient (as ``masked_max``).
     """
@@ -347,9 +348,10 @@ class DualBranchHead(nn.Module):
         base_g, base_l = self._bases(bases)
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
-        # the head runs in fp32 even under autocast (bf16 CLIP on an accelerator): its logits and margins need it
+        # the head runs in fp32 even under autocast (bf16 CLIP on an accelerator): its margins need it
         with torch.autocast(global_embeds.device.type, enabled=False):
-            return self._forward(global_embeds.float(), local_embeds.float(), local_mask, modality, base_g, base_l)
+            f_g, feats = global_embeds.float(), local_embeds.float()
+            return self._forward(f_g, feats, local_mask, modality, base_g, base_l)
 
     def _forward(self, f_g: Tensor, feats: Tensor, local_mask: Tensor | None, modality: str, base_g: Tensor,
                  base_l: Tensor) -> HeadOutput:
@@ -366,7 +368,10 @@ class DualBranchHead(nn.Module):
             sim = feats @ t_l.t()  # shared by the spatial aggregation and the local PFA
             z_l, attention = self._local_scores(feats, t_l, mask, modality, sim)
             if self.pfa in ("local", "both"):
-                query = f_g if self.pfa_local_query == "global" else F.normalize(valid_mean(feats, mask), dim=-1)
+                if self.pfa_local_query == "global":
+                    query = f_g
+                else:
+                    query = F.normalize(valid_mean(feats, mask), dim=-1)
                 z_l = z_l + self._pfa_logits(query, feats, t_l, mask, sim)
         score = z_g if z_l is None else self.merge_weight * z_g + (1.0 - self.merge_weight) * z_l
         if self.center_scores:
