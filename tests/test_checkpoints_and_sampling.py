@@ -74,3 +74,12 @@ def test_order_depends_on_seed_and_epoch_only():
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         GlobalBatchSampler(10, 8, num_replicas=3)
+
+
+def test_epoch_set_after_iter_still_orders_that_epoch():
+    """On a resume Lightning may create the loader's iterator before set_epoch: the order is drawn lazily."""
+    s, want = GlobalBatchSampler(40, 8, seed=2), GlobalBatchSampler(40, 8, seed=2)
+    want.set_epoch(3)
+    batches = iter(s)
+    s.set_epoch(3)
+    assert [b.tolist() for b in batches] == [b.tolist() for b in want]

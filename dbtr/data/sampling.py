@@ -58,7 +58,9 @@ class GlobalBatchSampler(DistributedSampler):
         return mine
 
     def __iter__(self) -> Iterator[Tensor]:
-        return iter(self.batches())
+        # lazily: Lightning may create the loader's iterator before it calls set_epoch (on a resume), so the
+        # epoch's order is drawn at the first batch, not when iter() is called
+        yield from self.batches()
 
     def __len__(self) -> int:
         return -(-self.num_items // self.global_batch_size)
