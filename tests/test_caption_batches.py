@@ -196,3 +196,25 @@ def test_features_held_as_tensors_gather_the_same_batches():
     want = CaptionDataset(records, feats)[index]
     got = CaptionDataset(records, feats.to("cpu"))[index]
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
+def test_features_move_to_the_accelerator_only_when_they_fit(monkeypatch, caplog):
+    """Checked against the device's free memory (faked here: no GPU in the tests); too big = host memory and a
+    one-line notice, never an out-of-memory error halfway through an epoch."""
+    from dbtr.data import captions
+
+    _, feats = _corpus(30)
+    moved = []
+    monkeypatch.setattr(CaptionFeatures, "to", lambda self, device: moved.append(str(device)) or "on device")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(captions.torch.cuda, "mem_get_info", lambda device: (feats.nbytes, 10 * feats.nbytes))
+    with caplog.at_level(logging.WARNING):
+        assert captions.features_on_device(feats, cuda) is feats
+    assert not moved and sum("stay in host memory" in r.getMessage() for r in caplog.records) == 1
+    _, roomy = _corpus(30)
+    monkeypatch.setattr(
+        captions.torch.cuda, "mem_get_info", lambda device: (100 * feats.nbytes, 100 * feats.nbytes)
+    )
+    assert captions.features_on_device(roomy, cuda) == "on device"
+    assert captions.features_on_device(roomy, cuda) == "on device" and moved == ["cuda:0"]  # moved once
+    assert captions.features_on_device(roomy, torch.device("cpu")) is roomy
