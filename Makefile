@@ -49,6 +49,7 @@ bench: install  ## performance ratios (printed)
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_cached_training.py
 	$(BIN)/python benchmarks/bench_image_eval.py
+	$(BIN)/python benchmarks/bench_coco_scale.py
 
 clean:  ## remove runs and generated data
 	rm -rf logs .toyworld .tiny

@@ -59,13 +59,21 @@ def ranking_loss(logits: Tensor, targets: Tensor, known: Tensor | None = None, m
     """TaI-DPT ranking loss: per sample ``sum_{i pos, j neg} max(0, margin - z_i + z_j)``, mean over the batch.
 
     Samples without any (known positive, known negative) pair add 0 but still count in the mean.
+    Computed without the (B, C, C) pair tensor: with the negatives sorted, positive i's hinges sum to
+    ``S_i - n_i (z_i - margin)``, where n_i negatives (sum S_i) lie above ``z_i - margin`` (a suffix sum found
+    by binary search), in float64 so the subtraction loses nothing against the per-pair sum.
     """
     z, y, k = _prepare(logits, targets, known)
     pos = k & (y > 0.5)
     neg = k & (y <= 0.5)
-    pair = pos[:, :, None] & neg[:, None, :]  # (B, C_pos, C_neg)
-    hinge = F.relu(margin - z[:, :, None] + z[:, None, :])
-    return torch.where(pair, hinge, torch.zeros_like(hinge)).sum(dim=(1, 2)).mean()
+    z64 = z.double()
+    ranked = torch.where(neg, z64, float("-inf")).sort(dim=1).values  # non-negatives first, as -inf
+    values = torch.where(torch.isfinite(ranked), ranked, torch.zeros((), dtype=z64.dtype, device=z.device))
+    suffix = F.pad(values.flip(1).cumsum(1).flip(1), (0, 1))  # suffix[b, r] = sum of ranked[b, r:]
+    threshold = z64 - margin
+    first = torch.searchsorted(ranked.detach(), threshold.detach(), right=True)  # first negative > threshold
+    per_pos = suffix.gather(1, first) - (z.shape[1] - first) * threshold
+    return torch.where(pos, per_pos, torch.zeros_like(per_pos)).sum(1).mean().to(z.dtype)
 
 
 def asymmetric_loss(

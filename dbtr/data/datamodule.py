@@ -10,7 +10,14 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from dbtr.data.captions import CaptionCollate, CaptionDataset, CaptionFeatures, CaptionRecords, read_caption_jsonl
+from dbtr.data.captions import (
+    CaptionCollate,
+    CaptionDataset,
+    CaptionFeatures,
+    CaptionRecords,
+    features_on_device,
+    read_caption_jsonl,
+)
 from dbtr.data.images import (
     BAD_IMAGE_HINT,
     BAD_IMAGE_POLICIES,
@@ -275,16 +282,19 @@ class TextToImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        dataset = CaptionDataset(self.captions, self.caption_features)
-        # Order from (seed, epoch), sliced per process: DDP steps see the single-process batches, resumes the same order
+        features = self.caption_features
+        if features is not None and self.trainer is not None:
+            features = features_on_device(features, self.trainer.strategy.root_device)
+        dataset = CaptionDataset(self.captions, features)
+        # Order from (seed, epoch), sliced per process: DDP steps see the single-process batches, resumes the
+        # same order. The sampler yields each step's index tensor and the dataset gathers the batch in one go.
         sampler = GlobalBatchSampler(len(dataset), self.global_batch_size, world, rank, seed=run_seed())
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=None,
             sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers if self.caption_features is None else 0,
-            drop_last=False,
         )
 
     def val_dataloader(self):

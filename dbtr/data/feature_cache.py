@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dbtr.data.captions import CaptionFeatures, encode_caption_features
+from dbtr.data.captions import CaptionFeatures, encode_caption_features, offsets_problem
 from dbtr.utils.io import atomic_directory, atomic_write_json, discard_directory, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,13 @@ class _Kind:
     arrays: tuple[str, ...]
     sizes: tuple[str, ...]
     shapes: Callable[[dict], dict[str, tuple[int, ...]]]
+    check: Callable[[dict], str | None] = lambda arrays: None  # what is inconsistent between the arrays
 
 
 _CAPTIONS = _Kind("caption", _ARRAYS, ("num_captions", "embed_dim", "num_tokens"), lambda m: {
     "text_embeds": (m["num_captions"], m["embed_dim"]), "token_embeds": (m["num_tokens"], m["embed_dim"]),
-    "offsets": (m["num_captions"] + 1,)})
+    "offsets": (m["num_captions"] + 1,)},
+    lambda a: offsets_problem(np.asarray(a["offsets"]), len(a["text_embeds"]), len(a["token_embeds"])))
 
 
 def _read_meta(folder: Path, key: str, kind: _Kind) -> dict:
@@ -144,6 +146,9 @@ def _load_entry(folder: Path, key: str, kind: _Kind, verify: bool = True) -> dic
             raise CacheDamaged(f"{path.name} is not a readable array ({err})") from None
         if arrays[name].shape != shapes[name]:
             raise CacheDamaged(f"{path.name} has shape {arrays[name].shape}, meta.json says {shapes[name]}")
+    problem = kind.check(arrays)
+    if problem:
+        raise CacheDamaged(problem)
     return arrays
 
 

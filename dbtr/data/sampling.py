@@ -12,13 +12,16 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 from dbtr.utils.seeding import derive_seed
 
 
 class GlobalBatchSampler(DistributedSampler):
-    """Shuffles ``range(num_items)`` from ``(seed, epoch)`` and yields this process's slice of every global batch.
+    """Shuffles ``range(num_items)`` from ``(seed, epoch)`` and yields this process's slice of every global
+    batch, one index tensor (int64) per step: the dataset gathers the whole batch at once (``batch_size=None``
+    loader).
 
     A subclass of DistributedSampler so Lightning keeps it under DDP (it only swaps in its own sampler when
     none is distributed) and calls ``set_epoch`` before every epoch, including the first one after a resume.
@@ -39,27 +42,25 @@ class GlobalBatchSampler(DistributedSampler):
         super().__init__(range(num_items), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.num_items, self.global_batch_size = num_items, global_batch_size
 
-    def _indices(self) -> list[int]:
+    def batches(self) -> list[Tensor]:
+        """This process's index tensor of every step of the current epoch."""
         if self.shuffle:
             g = torch.Generator().manual_seed(derive_seed("captions", self.seed, self.epoch))
             order = torch.randperm(self.num_items, generator=g)
         else:
             order = torch.arange(self.num_items)
-        mine: list[int] = []
+        mine = []
         for start in range(0, self.num_items, self.global_batch_size):
             batch = order[start : start + self.global_batch_size]
             if len(batch) < self.num_replicas:
                 batch = torch.cat([batch, order[torch.arange(self.num_replicas - len(batch)) % self.num_items]])
-            mine.extend(batch.tensor_split(self.num_replicas)[self.rank].tolist())
+            mine.append(batch.tensor_split(self.num_replicas)[self.rank])
         return mine
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+    def __iter__(self) -> Iterator[Tensor]:
+        # lazily: Lightning may create the loader's iterator before it calls set_epoch (on a resume), so the
+        # epoch's order is drawn at the first batch, not when iter() is called
+        yield from self.batches()
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_items, self.global_batch_size)
-        per = self.global_batch_size // self.num_replicas
-        if rest == 0:
-            return full * per
-        rest = max(rest, self.num_replicas)
-        return full * per + rest // self.num_replicas + (self.rank < rest % self.num_replicas)
+        return -(-self.num_items // self.global_batch_size)

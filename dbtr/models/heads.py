@@ -89,6 +89,88 @@ def parameter_free_attention(
     return text_attended, pooled
 
 
+def valid_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``x`` (B, N, K) over the valid positions of ``mask`` (B, N): one batched mat-vec, not a
+    (B, N, K) masked copy (a fully masked row gives zeros)."""
+    if mask is None:
+        return x.mean(1)
+    m = mask.to(x.dtype)
+    return (m[:, None, :] @ x).squeeze(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+
+
+# Elements of one chunk of mixed locals (b, N, D) in the max-pooled PFA term: 2**20 floats = 4 MiB.
+_MAX_POOL_CHUNK = 1 << 20
+
+
+class _MaxPooledMix(torch.autograd.Function):
+    """``max_N (W @ T)`` over valid positions, (B, N, C) x (C, D) -> (B, D), over chunks of the batch.
+
+    Only the argmax indices are kept for the backward pass (autograd's ``amax`` would keep the whole
+    (B, N, D) product); the backward scatters the incoming gradient to those positions and runs the two
+    matmuls per chunk.
+    (At an exact tie the gradient goes to one of the tied positions, where ``amax`` would split it.)
+    A row without any valid position pools to 0 and gets no gradient (as ``masked_max``).
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, classes: Tensor, mask: Tensor | None) -> Tensor:
+        b, n, _ = weights.shape
+        step = max(1, _MAX_POOL_CHUNK // max(1, n * classes.shape[1]))
+        values, index = [], []
+        for s in range(0, b, step):
+            mixed = weights[s : s + step] @ classes  # (b', N, D)
+            if mask is not None:
+                mixed.masked_fill_(~mask[s : s + step, :, None], float("-inf"))
+            v, i = mixed.max(dim=1)
+            values.append(v)
+            index.append(i)
+        out, index = torch.cat(values), torch.cat(index)
+        rows = torch.ones(b, dtype=torch.bool, device=weights.device) if mask is None else mask.any(1)
+        out = torch.where(rows[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        ctx.save_for_backward(weights, classes, index, rows)
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weights, classes, index, rows = ctx.saved_tensors
+        need_w, need_t = ctx.needs_input_grad[:2]
+        grad = torch.where(rows[:, None], grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        b, n, c = weights.shape
+        d_w = torch.empty_like(weights) if need_w else None
+        d_t = torch.zeros_like(classes) if need_t else None
+        buffer = grad.new_zeros(min(b, ctx.step), n, grad.shape[1])  # zeroed once, reset after each chunk
+        for s in range(0, b, ctx.step):
+            g, at = grad[s : s + ctx.step], index[s : s + ctx.step, None, :]
+            sparse = buffer[: len(g)].scatter_(1, at, g[:, None, :])  # the gradient at the argmax positions
+            if need_w:
+                d_w[s : s + ctx.step] = sparse @ classes.t()
+            if need_t:
+                d_t.addmm_(weights[s : s + ctx.step].reshape(-1, c).t(), sparse.reshape(-1, sparse.shape[-1]))
+            sparse.scatter_(1, at, 0.0)
+        return d_w, d_t, None
+
+
+def pfa_terms(query: Tensor, local: Tensor, classes: Tensor, mask: Tensor | None, temperature: float,
+              sim: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The two PFA scores (B, C) of docs/method.md §3.4, ``<q, T_a[c]>`` and ``f_a T^T``, without building the
+    (B, C, D) attended text or the (B, N, D) attended locals of :func:`parameter_free_attention`:
+
+        <q, W_sp^T F> = W_sp^T (F q)        mean_N(W_cl T) T^T = mean_N(W_cl) (T T^T)
+
+    and only the max-pooled term forms ``W_cl T``, chunk by chunk (:class:`_MaxPooledMix`). ``sim`` may pass
+    ``local @ classes.t()`` when the caller has it already (the local branch does).
+    """
+    sim = (local @ classes.t() if sim is None else sim) / temperature  # (B, N, C)
+    m = None if mask is None else mask[..., None]
+    over_space = masked_softmax(sim, m, dim=1)  # per class, over positions
+    over_classes = torch.softmax(sim, dim=2)  # per position, over classes
+    attended = ((local @ query[:, :, None]).transpose(1, 2) @ over_space).squeeze(1)  # (B, C)
+    pooled = valid_mean(over_classes, mask) @ (classes @ classes.t())
+    pooled = pooled + _MaxPooledMix.apply(over_classes, classes, mask) @ classes.t()
+    return attended, pooled
+
+
 class TaskResidual(nn.Module):
     """TaskRes classifier ``T = norm(T0 + alpha * X)`` with ``X`` zero-initialised (or off: ``T = T0``).
 
@@ -213,16 +295,16 @@ class DualBranchHead(nn.Module):
     def _noise(self, x: Tensor) -> Tensor:
         return F.normalize(x + self.feature_noise_std * torch.randn_like(x), dim=-1)
 
-    def _pfa_logits(self, query: Tensor, local: Tensor, classes: Tensor, mask: Tensor | None) -> Tensor:
-        text_att, pooled = parameter_free_attention(local, classes, mask, self.pfa_temperature)
-        z2 = torch.einsum("bd,bcd->bc", query, text_att)
-        z3 = pooled @ classes.t()
+    def _pfa_logits(self, query: Tensor, local: Tensor, classes: Tensor, mask: Tensor | None,
+                    sim: Tensor | None = None) -> Tensor:
+        z2, z3 = pfa_terms(query, local, classes, mask, self.pfa_temperature, sim)
         z = self.logit_scale * (self.beta2 * z2 + self.beta3 * z3)
         return z - z.mean(dim=1, keepdim=True) if self.pfa_center else z
 
-    def _local_scores(self, feats: Tensor, t_l: Tensor, mask: Tensor | None, modality: str) -> tuple[Tensor, Tensor]:
+    def _local_scores(self, feats: Tensor, t_l: Tensor, mask: Tensor | None, modality: str,
+                      sim: Tensor | None = None) -> tuple[Tensor, Tensor]:
         tau = self.tau_text if modality == "text" else self.tau_image
-        return spatial_aggregation(feats @ t_l.t(), mask, tau, self.logit_scale)
+        return spatial_aggregation(feats @ t_l.t() if sim is None else sim, mask, tau, self.logit_scale)
 
     def _bases(self, bases: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """Per-branch base class embeddings: T0 for both, or the given (e.g. learned-prompt) pair."""
@@ -266,7 +348,13 @@ class DualBranchHead(nn.Module):
         base_g, base_l = self._bases(bases)
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
-        f_g, feats = global_embeds.float(), local_embeds.float()
+        # the head runs in fp32 even under autocast (bf16 CLIP on an accelerator): its margins need it
+        with torch.autocast(global_embeds.device.type, enabled=False):
+            f_g, feats = global_embeds.float(), local_embeds.float()
+            return self._forward(f_g, feats, local_mask, modality, base_g, base_l)
+
+    def _forward(self, f_g: Tensor, feats: Tensor, local_mask: Tensor | None, modality: str, base_g: Tensor,
+                 base_l: Tensor) -> HeadOutput:
         mask = None if local_mask is None else local_mask.bool()
         if self.training and modality == "text" and self.feature_noise_std > 0:
             f_g, feats = self._noise(f_g), self._noise(feats)
@@ -277,10 +365,14 @@ class DualBranchHead(nn.Module):
         z_l, attention = None, None
         if self.use_local:
             t_l = self.local_classifier(base_l)
-            z_l, attention = self._local_scores(feats, t_l, mask, modality)
+            sim = feats @ t_l.t()  # shared by the spatial aggregation and the local PFA
+            z_l, attention = self._local_scores(feats, t_l, mask, modality, sim)
             if self.pfa in ("local", "both"):
-                query = f_g if self.pfa_local_query == "global" else F.normalize(masked_mean(feats, None if mask is None else mask[..., None], 1), dim=-1)
-                z_l = z_l + self._pfa_logits(query, feats, t_l, mask)
+                if self.pfa_local_query == "global":
+                    query = f_g
+                else:
+                    query = F.normalize(valid_mean(feats, mask), dim=-1)
+                z_l = z_l + self._pfa_logits(query, feats, t_l, mask, sim)
         score = z_g if z_l is None else self.merge_weight * z_g + (1.0 - self.merge_weight) * z_l
         if self.center_scores:
             score = score - score.mean(dim=1, keepdim=True)
