@@ -128,7 +128,7 @@ def synthetic_caption_cache(
 
 
 def coco_class_names() -> list[str]:
-    from dbtr.text.corpus import resolve_vocabulary
+    from dbtr.data.corpus import resolve_vocabulary
 
     return list(resolve_vocabulary("coco2014").class_names)
 
@@ -164,7 +164,7 @@ def random_text_encoder(class_names, device="cpu", dtype=torch.float32, tiny: bo
 
 def build_model(name: str, encoder, class_names):
     """The LightningModule of conf/model/<name>.yaml on ``encoder``, with T0 built, and its optimiser."""
-    from dbtr.models.lit_module import DbtrLitModule
+    from dbtr.system.lit_module import DbtrLitModule
 
     cfg = model_config(name)
     model = DbtrLitModule(

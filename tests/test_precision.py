@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dbtr.models.heads import DualBranchHead
-from dbtr.models.lit_module import DbtrLitModule
+from dbtr.system.lit_module import DbtrLitModule
 
 NAMES = ["cat", "dog", "car", "tree"]
 

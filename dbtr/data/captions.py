@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from dbtr.data.labels import label_row, require_text
