@@ -65,8 +65,13 @@ def main() -> None:
     head.set_class_embeddings(torch.nn.functional.normalize(torch.randn(20, 512, device=dev), dim=-1))
 
     def datamodule():
-        dm = VOC2007DataModule(root, val_size=0, eval_batch_size=args.batch, num_workers=args.workers,
-                               fast_decode=args.fast_decode)
+        dm = VOC2007DataModule(
+            root,
+            val_size=0,
+            eval_batch_size=args.batch,
+            num_workers=args.workers,
+            fast_decode=args.fast_decode,
+        )
         dm.attach_encoder(encoder)
         dm.setup("test")
         return dm
@@ -83,7 +88,9 @@ def main() -> None:
     status.update(dm.cache_image_features(encoder, ("test",), cache_dir=str(tmp / "cache")))
     cached_map = evaluate(dm, encoder, head)
     cached_s = time.perf_counter() - t
-    print(f"\n1. evaluation of {args.images} images ({args.device}, {torch.get_num_threads()} threads, {args.workers} workers)")
+    print(
+        f"\n1. evaluation of {args.images} images ({args.device}, {torch.get_num_threads()} threads, {args.workers} workers)"
+    )
     print(f"   full image pass     {full_s:8.2f} s   mAP {full_map:.2f}")
     print(f"   cache build (once)  {build_s:8.2f} s")
     print(f"   from disk cache     {cached_s:8.2f} s   mAP {cached_map:.2f}   (status {status['test']})")
@@ -104,8 +111,10 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
     model_rate = reps * args.batch / (time.perf_counter() - t)
-    print(f"\n2. throughput (images/s)")
-    print(f"   loader alone        {load_rate:8.1f}   (decode + resize + crop + normalise, {args.workers} workers)")
+    print("\n2. throughput (images/s)")
+    print(
+        f"   loader alone        {load_rate:8.1f}   (decode + resize + crop + normalise, {args.workers} workers)"
+    )
     print(f"   image tower alone   {model_rate:8.1f}")
     print(f"   ratio loader/model  {load_rate / model_rate:8.1f}x   (target >= 2)")
 

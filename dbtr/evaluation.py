@@ -7,7 +7,8 @@ result dict that is logged, printed and written to metrics.json.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -17,7 +18,9 @@ EVALUATION_DEFAULTS = {"difficult": "negative", "top_k": [3], "f1_at": [], "val_
 BRANCHES = ("merged", "global", "local")
 
 
-def branch_metrics(scores: Tensor, labels: Tensor, eval_cfg: dict[str, Any], with_f1: bool = True) -> dict[str, Any]:
+def branch_metrics(
+    scores: Tensor, labels: Tensor, eval_cfg: dict[str, Any], with_f1: bool = True
+) -> dict[str, Any]:
     """mAP, per-class AP, CF1/OF1@top_k and (``f1_at``) the zero-shot literature's F1@k of one score matrix."""
     top_k = tuple(k for k in eval_cfg["top_k"] if k <= scores.shape[1]) if with_f1 else ()
     metrics = evaluate_scores(scores, labels, difficult=eval_cfg["difficult"], top_k=top_k, per_class=True)
@@ -27,9 +30,14 @@ def branch_metrics(scores: Tensor, labels: Tensor, eval_cfg: dict[str, Any], wit
     return metrics
 
 
-def summarise(collected: dict[str, tuple[Tensor, Tensor]], stage: str, eval_cfg: dict[str, Any],
-              class_names: Sequence[str], class_subsets: dict[str, list[int]] | None = None,
-              ensemble_rate: float = 0.9) -> tuple[dict[str, Any], tuple[Tensor, Tensor] | None]:
+def summarise(
+    collected: dict[str, tuple[Tensor, Tensor]],
+    stage: str,
+    eval_cfg: dict[str, Any],
+    class_names: Sequence[str],
+    class_subsets: dict[str, list[int]] | None = None,
+    ensemble_rate: float = 0.9,
+) -> tuple[dict[str, Any], tuple[Tensor, Tensor] | None]:
     """``(result, merged (scores, labels))`` of one stage.
 
     :param collected: ``branch -> (scores, labels)`` for ``merged``, ``global``, ``local`` and, with an ensemble,
@@ -73,5 +81,8 @@ def summarise(collected: dict[str, tuple[Tensor, Tensor]], stage: str, eval_cfg:
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
     """The numbers loggers get (mAP and F1s); precision/recall and per-class AP go to metrics.json only."""
-    return {k: v for k, v in result.items()
-            if isinstance(v, float) and k.split("/")[-1].startswith(("mAP", "CF1", "OF1", "F1@"))}
+    return {
+        k: v
+        for k, v in result.items()
+        if isinstance(v, float) and k.split("/")[-1].startswith(("mAP", "CF1", "OF1", "F1@"))
+    }

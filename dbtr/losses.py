@@ -8,7 +8,8 @@ Losses are computed in float32 whatever the logits' dtype (bf16 ranking margins 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,11 +47,15 @@ def _prepare(logits: Tensor, targets: Tensor, known: Tensor | None) -> tuple[Ten
     if logits.ndim != 2:
         raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
     if targets.shape != logits.shape:
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} does not match logits shape {tuple(logits.shape)}"
+        )
     if known is None:
         known = torch.ones_like(logits, dtype=torch.bool)
     elif known.shape != logits.shape:
-        raise ValueError(f"known shape {tuple(known.shape)} does not match logits shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"known shape {tuple(known.shape)} does not match logits shape {tuple(logits.shape)}"
+        )
     z = logits.float()
     return z, targets.to(device=z.device, dtype=z.dtype), known.to(device=z.device, dtype=torch.bool)
 

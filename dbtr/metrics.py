@@ -13,7 +13,8 @@ computed in float64 numpy, once, on the full evaluation set.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,9 @@ def _check_difficult(difficult: str) -> None:
         raise ValueError(f"difficult must be one of {DIFFICULT_OPTIONS}, got {difficult!r}")
 
 
-def _prepare(scores: ArrayLike, labels: ArrayLike, difficult: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prepare(
+    scores: ArrayLike, labels: ArrayLike, difficult: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(scores float64, positive bool, valid bool)``, all (N, C)."""
     _check_difficult(difficult)
     s = _check_scores(scores)
@@ -86,7 +89,9 @@ def _prepare(scores: ArrayLike, labels: ArrayLike, difficult: str) -> tuple[np.n
 
 
 # ------------------------------------------------------------------------- AP
-def average_precision_per_class(scores: ArrayLike, labels: ArrayLike, difficult: str = "negative") -> np.ndarray:
+def average_precision_per_class(
+    scores: ArrayLike, labels: ArrayLike, difficult: str = "negative"
+) -> np.ndarray:
     """Non-interpolated AP per class, identical to ``sklearn.metrics.average_precision_score``.
 
     Tied scores form one threshold: ``AP = sum_k (R_k - R_{k-1}) * P_k`` over distinct score values.
@@ -276,7 +281,10 @@ def f1_at_k(scores: ArrayLike, labels: ArrayLike, k: int) -> dict[str, float]:
 
 
 def evaluate_scores(
-    scores: ArrayLike, labels: ArrayLike, difficult: str = "negative", top_k: Sequence[int] = (3,),
+    scores: ArrayLike,
+    labels: ArrayLike,
+    difficult: str = "negative",
+    top_k: Sequence[int] = (3,),
     per_class: bool = False,
 ) -> dict[str, Any]:
     """``{"mAP", "CP@k", "CR@k", "CF1@k", "OP@k", "OR@k", "OF1@k"}`` for every k in ``top_k``; with
@@ -319,7 +327,9 @@ class ScoreCollector(Metric):
         """``indices`` (B,) are the samples' dataset positions: with them, ``compute`` drops the repeats that
         DDP's DistributedSampler pads with and returns dataset order, so metrics equal a single-process run."""
         if scores.ndim != 2 or scores.shape != labels.shape:
-            raise ValueError(f"scores and labels must both be (B, C), got {tuple(scores.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"scores and labels must both be (B, C), got {tuple(scores.shape)} and {tuple(labels.shape)}"
+            )
         # Stay on the module's device so DDP's all-gather (NCCL needs CUDA tensors) works; cast to save memory.
         self.scores.append(scores.detach().float())
         self.labels.append(labels.detach().to(torch.int8))

@@ -19,15 +19,35 @@ def command(name: str) -> list[str]:
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Offline, no wandb upload, no warning noise in the captured output; ``extra`` wins."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **extra}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONWARNINGS": "ignore",
+        **extra,
+    }
 
 
-def run_cli(name: str, *args: str, cwd: Path, check: bool = True, timeout: float = 600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    name: str,
+    *args: str,
+    cwd: Path,
+    check: bool = True,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run console script ``name`` with ``args`` in ``cwd``, output captured. ``env`` adds to :func:`cli_env`.
     With ``check``, a non-zero exit fails the test and shows the end of both streams."""
-    proc = subprocess.run([*command(name), *args], cwd=cwd, env=cli_env(**(env or {})), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*command(name), *args],
+        cwd=cwd,
+        env=cli_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc

@@ -24,7 +24,9 @@ def demo_dir(tmp_path_factory) -> Path:
     """The tiny fixture layout (classes, captions, images, labels, random CLIP folder), generated once per session."""
     from dbtr.testing.fixtures import make_tiny_dataset
 
-    return make_tiny_dataset(tmp_path_factory.mktemp("demo"), seed=0, num_captions=96, num_val=24, num_test=32)
+    return make_tiny_dataset(
+        tmp_path_factory.mktemp("demo"), seed=0, num_captions=96, num_val=24, num_test=32
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +54,15 @@ def wandb_run(demo_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wandb_run")
     run = root / "run"
     wandb_dirs = {k: str(root / k.lower()) for k in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}
-    run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}",
-            "trainer.max_epochs=3", "seed=3", "logger=wandb", cwd=root, env={"WANDB_MODE": "offline", **wandb_dirs})
+    run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={run}",
+        "trainer.max_epochs=3",
+        "seed=3",
+        "logger=wandb",
+        cwd=root,
+        env={"WANDB_MODE": "offline", **wandb_dirs},
+    )
     return run

@@ -83,10 +83,13 @@ def test_base_datamodule_does_not_import_its_subclass_package():
 
 @pytest.mark.parametrize("library", LIBRARY)
 def test_library_does_not_import_lightning_apps(library):
-    assert not [d for s, d in edges() if part(s) == library and part(d) in ("system", "cli", "toyworld", "testing")]
+    assert not [
+        d for s, d in edges() if part(s) == library and part(d) in ("system", "cli", "toyworld", "testing")
+    ]
 
 
 def test_checker_reports_an_upward_edge():
     assert violations([("dbtr.data.labels", "dbtr.zeroshot.classifier")]) == [
-        "dbtr.data.labels imports dbtr.zeroshot.classifier (data -> zeroshot is not allowed)"]
+        "dbtr.data.labels imports dbtr.zeroshot.classifier (data -> zeroshot is not allowed)"
+    ]
     assert violations([("dbtr.text.synonyms", "dbtr.data.labels")])  # the old data <-> text cycle

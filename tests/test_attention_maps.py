@@ -38,7 +38,9 @@ def test_local_attention_on_text_uses_tau_text_and_ignores_padding():
     loc = F.normalize(torch.randn(2, 6, 16), dim=-1)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     att = head.local_attention(loc, mask, modality="text")
-    assert torch.equal(att, head(F.normalize(torch.randn(2, 16), dim=-1), loc, mask, modality="text").local_attention)
+    assert torch.equal(
+        att, head(F.normalize(torch.randn(2, 16), dim=-1), loc, mask, modality="text").local_attention
+    )
     assert att[0, 3:].abs().sum() == 0
     t_l = F.normalize(head.class_embeds + 0.5 * head.local_classifier.residual, dim=-1)
     torch.testing.assert_close(att[0, :3], torch.softmax(head.tau_text * loc[0, :3] @ t_l.t(), dim=0))

@@ -22,25 +22,30 @@ from dbtr.data.benchmarks.protocol import (
     write_image_list,
 )
 from dbtr.data.benchmarks.voc import VOC_CLASSES, read_voc2007
-from dbtr.utils.files import DataFormatError
 from dbtr.text.synonyms import builtin_vocabulary
+from dbtr.utils.files import DataFormatError
 
 V = {n: i for i, n in enumerate(VOC_CLASSES)}
 
 
 # ------------------------------------------------------------------------------------------------ VOC2007
 VOC_OBJECTS = {
-    "000001": [("dog", 0), ("dog", 1), ("person", 1)],              # dog 1 (one clear), person 0 (difficult only)
-    "000002": [("cat", 1), ("cat", 1), ("car", 0)],                 # cat 0, car 1
+    "000001": [("dog", 0), ("dog", 1), ("person", 1)],  # dog 1 (one clear), person 0 (difficult only)
+    "000002": [("cat", 1), ("cat", 1), ("car", 0)],  # cat 0, car 1
     "000003": [("person", 0), ("person", 0), ("bicycle", 1), ("bicycle", 0)],  # person 1, bicycle 1
-    "000004": [("chair", 1)],                                       # chair 0 only
+    "000004": [("chair", 1)],  # chair 0 only
     "000005": [("tvmonitor", 0), ("diningtable", 0), ("pottedplant", 1)],
 }
 
 
 def expected_voc(ids):
-    want = {"000001": {"dog": 1, "person": 0}, "000002": {"cat": 0, "car": 1}, "000003": {"person": 1, "bicycle": 1},
-            "000004": {"chair": 0}, "000005": {"tvmonitor": 1, "diningtable": 1, "pottedplant": 0}}
+    want = {
+        "000001": {"dog": 1, "person": 0},
+        "000002": {"cat": 0, "car": 1},
+        "000003": {"person": 1, "bicycle": 1},
+        "000004": {"chair": 0},
+        "000005": {"tvmonitor": 1, "diningtable": 1, "pottedplant": 0},
+    }
     out = np.full((len(ids), 20), -1, np.int8)
     for r, i in enumerate(ids):
         for name, v in want[i].items():
@@ -50,8 +55,9 @@ def expected_voc(ids):
 
 @pytest.fixture()
 def voc(tmp_path):
-    return synthetic.write_voc2007(tmp_path, {"trainval": ["000001", "000003", "000005"], "test": ["000002", "000004"]},
-                                   VOC_OBJECTS)
+    return synthetic.write_voc2007(
+        tmp_path, {"trainval": ["000001", "000003", "000005"], "test": ["000002", "000004"]}, VOC_OBJECTS
+    )
 
 
 def test_voc_labels_match_hand_computed(voc):
@@ -67,7 +73,9 @@ def test_voc_bad_inputs_name_the_problem(voc, tmp_path):
         read_voc2007(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="split must be one of"):
         read_voc2007(voc, "testing")
-    (voc / "Annotations" / "000004.xml").write_text("<annotation><object><name>doggo</name></object></annotation>")
+    (voc / "Annotations" / "000004.xml").write_text(
+        "<annotation><object><name>doggo</name></object></annotation>"
+    )
     with pytest.raises(DataFormatError, match=r"000004.xml: object 0 has class 'doggo'"):
         read_voc2007(voc, "test")
     (voc / "Annotations" / "000004.xml").write_text("<annotation>\n<object>\n</annotation>")
@@ -80,7 +88,9 @@ def test_voc_bad_inputs_name_the_problem(voc, tmp_path):
 
 def test_voc_missing_image_error_or_counted_skip(voc):
     (voc / "JPEGImages" / "000002.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"(?s)1 of 2 annotated images are not on disk.*000002.jpg.*JPEGImages"):
+    with pytest.raises(
+        FileNotFoundError, match=r"(?s)1 of 2 annotated images are not on disk.*000002.jpg.*JPEGImages"
+    ):
         VOC2007DataModule(voc, val_size=0).read_images("test")
     rec = VOC2007DataModule(voc, val_size=0, on_missing_image="skip").read_images("test")
     assert rec.file_names == ["JPEGImages/000004.jpg"] and rec.missing == ["JPEGImages/000002.jpg"]
@@ -108,13 +118,17 @@ def test_coco_labels_categories_and_unlabeled_images(tmp_path):
 
 def test_coco_bad_annotations(tmp_path):
     synthetic.write_coco2014(tmp_path, "val2014", COCO, [[0], [1]], missing=[1])
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 annotated images are not on disk.*COCO_val2014_000000000002"):
+    with pytest.raises(
+        FileNotFoundError, match=r"1 of 2 annotated images are not on disk.*COCO_val2014_000000000002"
+    ):
         Coco2014DataModule(tmp_path, val_size=0).read_images("test")
     path = tmp_path / "annotations" / "instances_val2014.json"
     data = json.loads(path.read_text())
     data["annotations"].append({"id": 99, "image_id": 5, "category_id": 1})
     path.write_text(json.dumps(data))
-    with pytest.raises(DataFormatError, match=r"annotations\[2\]: image_id 5 is not in the file's images list"):
+    with pytest.raises(
+        DataFormatError, match=r"annotations\[2\]: image_id 5 is not in the file's images list"
+    ):
         read_coco2014(tmp_path, "val2014")
     with pytest.raises(FileNotFoundError, match=r"instances_train2014.json not found\nexpected layout"):
         read_coco2014(tmp_path, "train2014")
@@ -123,16 +137,28 @@ def test_coco_bad_annotations(tmp_path):
 # ------------------------------------------------------------------------------------------------ NUS-WIDE
 NUS = builtin_vocabulary("nuswide").class_names
 NUS_SPLIT = load_class_split("nuswide_925_81")
-TAGS = json.loads((NUS_SPLIT and __import__("dbtr.data.benchmarks.protocol", fromlist=["x"]).SPLIT_DIR / "nuswide_925_81.json").read_text())["tag_list_1k"]
+TAGS = json.loads(
+    (
+        NUS_SPLIT
+        and __import__("dbtr.data.benchmarks.protocol", fromlist=["x"]).SPLIT_DIR / "nuswide_925_81.json"
+    ).read_text()
+)["tag_list_1k"]
 
 
 @pytest.fixture()
 def nus(tmp_path):
     sky, nature = TAGS.index("sky"), TAGS.index("nature")
     splits = {
-        "Train": [("actor/0001_1.jpg", [0, 55], [nature]), ("beach/0002_2.jpg", [2], [sky, nature]),
-                  ("zebra/0003_3.jpg", [], [])],
-        "Test": [("sky/0004_4.jpg", [55, 80], [sky]), ("cat/0005_5.jpg", [], [nature]), ("cat/0006_6.jpg", [11], [])],
+        "Train": [
+            ("actor/0001_1.jpg", [0, 55], [nature]),
+            ("beach/0002_2.jpg", [2], [sky, nature]),
+            ("zebra/0003_3.jpg", [], []),
+        ],
+        "Test": [
+            ("sky/0004_4.jpg", [55, 80], [sky]),
+            ("cat/0005_5.jpg", [], [nature]),
+            ("cat/0006_6.jpg", [11], []),
+        ],
     }
     return synthetic.write_nuswide(tmp_path / "nus", NUS, TAGS, splits, missing=["cat/0006_6.jpg"])
 
@@ -144,7 +170,10 @@ def test_nuswide_concept_labels_windows_paths_crlf(nus):
     want[0, [55, 80]] = 1
     want[2, 11] = 1
     np.testing.assert_array_equal(rec.labels, want)
-    assert read_nuswide(nus, "test", include_unlabeled=False).file_names == ["sky/0004_4.jpg", "cat/0006_6.jpg"]
+    assert read_nuswide(nus, "test", include_unlabeled=False).file_names == [
+        "sky/0004_4.jpg",
+        "cat/0006_6.jpg",
+    ]
     # the default dataset policy: missing Flickr files are skipped, counted and listed
     dm = NusWideDataModule(nus, val_size=0)
     got = dm.read_images("test")
@@ -161,7 +190,9 @@ def test_nuswide_tags_and_925_81_label_space(nus):
     nature = dm.class_names.index("nature")
     np.testing.assert_array_equal(rec.labels[:, nature], [-1, 1])  # "nature" is a seen tag (not a concept)
     np.testing.assert_array_equal(rec.labels[:, 925 + 55], [1, -1])  # concept 55 ("sky") from Labels_sky_Test
-    assert NusWideDataModule(nus, val_size=0, class_split="nuswide_925_81", classes="unseen").class_names == NUS
+    assert (
+        NusWideDataModule(nus, val_size=0, class_split="nuswide_925_81", classes="unseen").class_names == NUS
+    )
 
 
 def test_nuswide_bad_label_file_names_the_line(nus):
@@ -189,7 +220,9 @@ def test_shipped_class_splits_partition_their_label_spaces():
 def test_bad_class_split_fails_at_start_up(tmp_path):
     bad = tmp_path / "split.json"
     bad.write_text(json.dumps({"seen": ["cat", "unicorn"], "unseen": ["dog"]}))
-    with pytest.raises(DataFormatError, match=r"names 1 classes that coco2014's label space does not have: \['unicorn'\]"):
+    with pytest.raises(
+        DataFormatError, match=r"names 1 classes that coco2014's label space does not have: \['unicorn'\]"
+    ):
         Coco2014DataModule("/nonexistent", class_split=str(bad), classes="seen")
     bad.write_text(json.dumps({"seen": ["cat", "dog"], "unseen": ["dog"]}))
     with pytest.raises(DataFormatError, match="both seen and unseen"):
@@ -211,13 +244,19 @@ def test_partial_labels_saved_reloaded_and_checked(tmp_path):
     rng = np.random.default_rng(0)
     from dbtr.data.images import ImageRecords
 
-    rec = ImageRecords(tmp_path, [f"{i}.jpg" for i in range(400)], np.where(rng.random((400, 20)) < 0.2, 1, -1).astype(np.int8),
-                       [f"c{k}" for k in range(20)])
+    rec = ImageRecords(
+        tmp_path,
+        [f"{i}.jpg" for i in range(400)],
+        np.where(rng.random((400, 20)) < 0.2, 1, -1).astype(np.int8),
+        [f"c{k}" for k in range(20)],
+    )
     mask_file = tmp_path / "mask.npz"
     part, path = apply_partial_labels(rec, 0.3, seed=1, mask_file=mask_file)
     known = part.labels != 0
     assert path == mask_file and mask_file.is_file() and abs(known.mean() - 0.3) < 0.02
-    np.testing.assert_array_equal(part.labels[known], rec.labels[known])  # known labels unchanged, unknown = 0
+    np.testing.assert_array_equal(
+        part.labels[known], rec.labels[known]
+    )  # known labels unchanged, unknown = 0
     again, _ = apply_partial_labels(rec, 0.3, seed=999, mask_file=mask_file)  # the file wins over a new seed
     np.testing.assert_array_equal(again.labels, part.labels)
     with pytest.raises(DataFormatError, match="label_proportion=0.3, run asks 0.5"):
@@ -277,8 +316,11 @@ def test_image_cache_hit_matches_direct_features_and_rebuilds_corruption(tmp_pat
     direct = _voc_dm(root)
     direct.cache_image_features(encoder, ("test",))  # in memory, fp32
     cached = dm.image_features["test"]
-    np.testing.assert_allclose(np.asarray(cached.patch_embeds, np.float32), direct.image_features["test"].patch_embeds.numpy(),
-                               atol=2e-3)  # fp16 storage
+    np.testing.assert_allclose(
+        np.asarray(cached.patch_embeds, np.float32),
+        direct.image_features["test"].patch_embeds.numpy(),
+        atol=2e-3,
+    )  # fp16 storage
     dm2 = _voc_dm(root)
     assert dm2.cache_image_features(enc, ("test",), cache_dir=str(tmp_path / "cache")) == {"test": "hit"}
     assert enc.calls == built_calls  # no image forward on a hit
@@ -291,11 +333,15 @@ def test_image_cache_hit_matches_direct_features_and_rebuilds_corruption(tmp_pat
     data[-7] ^= 0xFF
     arr.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        assert _voc_dm(root).cache_image_features(enc, ("test",), cache_dir=str(tmp_path / "cache")) == {"test": "rebuilt"}
+        assert _voc_dm(root).cache_image_features(enc, ("test",), cache_dir=str(tmp_path / "cache")) == {
+            "test": "rebuilt"
+        }
     assert "does not match its checksum" in caplog.text
     # another dense mode or resolution is another entry
     encoder.dense = "naive" if encoder.dense != "naive" else "clearclip"
-    assert _voc_dm(root).cache_image_features(encoder, ("test",), cache_dir=str(tmp_path / "cache")) == {"test": "built"}
+    assert _voc_dm(root).cache_image_features(encoder, ("test",), cache_dir=str(tmp_path / "cache")) == {
+        "test": "built"
+    }
     assert len(list((tmp_path / "cache").glob("images-*"))) == 2
 
 
@@ -322,19 +368,40 @@ def test_dbtr_data_reports_a_native_split(tmp_path, voc):
 
     (voc / "JPEGImages" / "000004.jpg").write_bytes(b"truncated")
     out = tmp_path / "stats.json"
-    proc = run_cli("dbtr-data", "data=voc2007", f"data.root={voc}", "data.split=test", "data.on_bad_image=skip",
-                f"out={out}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = run_cli(
+        "dbtr-data",
+        "data=voc2007",
+        f"data.root={voc}",
+        "data.split=test",
+        "data.on_bad_image=skip",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     stats = json.loads(out.read_text())
     want = expected_voc(["000002"])  # 000004 cannot be decoded: skipped and listed
     assert stats["num_items"] == 1 and stats["classes"] == list(VOC_CLASSES)
-    assert stats["positives"] == (want == 1).sum(0).tolist() and stats["difficult"] == (want == 0).sum(0).tolist()
+    assert (
+        stats["positives"] == (want == 1).sum(0).tolist()
+        and stats["difficult"] == (want == 0).sum(0).tolist()
+    )
     assert stats["missing_images"] == 0 and stats["skipped"] == ["JPEGImages/000004.jpg"]
     assert (tmp_path / "evaluated_test.txt").read_text() == "JPEGImages/000002.jpg\n"
     assert "tvmonitor" in proc.stdout
     # the default (error) names the file
-    proc = run_cli("dbtr-data", "data=voc2007", f"data.root={voc}", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path,
-                check=False)
-    assert proc.returncode != 0 and "cannot decode image" in proc.stderr + proc.stdout and "000004.jpg" in proc.stderr + proc.stdout
+    proc = run_cli(
+        "dbtr-data",
+        "data=voc2007",
+        f"data.root={voc}",
+        f"hydra.run.dir={tmp_path / 'run2'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert (
+        proc.returncode != 0
+        and "cannot decode image" in proc.stderr + proc.stdout
+        and "000004.jpg" in proc.stderr + proc.stdout
+    )
 
 
 def test_train_then_eval_on_native_voc_with_disk_cache(tmp_path, demo_dir):
@@ -346,19 +413,37 @@ def test_train_then_eval_on_native_voc_with_disk_cache(tmp_path, demo_dir):
     root = synthetic.random_voc2007(tmp_path / "voc", num_trainval=24, num_test=16)
     names = builtin_vocabulary("voc2007").prompt_names
     captions = tmp_path / "captions.txt"  # two per class: seconds, not the 20 x 81 class sentences
-    captions.write_text("".join(f"a photo of a {a}.\na {a} next to a {b}.\n"
-                                for a, b in zip(names, names[1:] + names[:1])))
-    common = ["data=voc2007", f"data.root={root}", "clip=tiny", f"paths.tiny_dir={demo_dir}", "data.num_workers=0",
-              f"cache_dir={tmp_path / 'cache'}", "cache_image_features=disk"]
-    run_cli("dbtr-train", *common, "data.val_size=8", f"data.corpus.sources=[{{type: text_lines, path: {captions}}}]",
-            "data.corpus.class_sentences=null", "data.batch_size=64", "trainer.max_epochs=2",
-            f"hydra.run.dir={tmp_path / 'train'}", cwd=tmp_path)
+    captions.write_text(
+        "".join(f"a photo of a {a}.\na {a} next to a {b}.\n" for a, b in zip(names, names[1:] + names[:1]))
+    )
+    common = [
+        "data=voc2007",
+        f"data.root={root}",
+        "clip=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        "data.num_workers=0",
+        f"cache_dir={tmp_path / 'cache'}",
+        "cache_image_features=disk",
+    ]
+    run_cli(
+        "dbtr-train",
+        *common,
+        "data.val_size=8",
+        f"data.corpus.sources=[{{type: text_lines, path: {captions}}}]",
+        "data.corpus.class_sentences=null",
+        "data.batch_size=64",
+        "trainer.max_epochs=2",
+        f"hydra.run.dir={tmp_path / 'train'}",
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     report = json.loads((tmp_path / "train" / "data_report.json").read_text())
     assert report["val"]["num_items"] == 8 and report["test"]["num_items"] == 16
     assert len(list((tmp_path / "cache").glob("images-*"))) == 2  # val and test entries
     ckpt = metrics["checkpoint"]
-    proc = run_cli("dbtr-eval", *common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    proc = run_cli(
+        "dbtr-eval", *common, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path
+    )
     assert "'test': 'hit'" in proc.stdout + proc.stderr
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     assert evaluated["test/mAP"] == pytest.approx(metrics["test"]["test/mAP"], abs=1e-6)

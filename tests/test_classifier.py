@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbtr.zeroshot.classifier import build_class_embeddings
 from dbtr.text.names import validate_class_names
 from dbtr.text.templates import IMAGENET_TEMPLATES, get_templates
+from dbtr.zeroshot.classifier import build_class_embeddings
 
 
 def test_template_ensemble_is_mean_of_normalised_then_renormalised(encoder):
@@ -30,7 +30,11 @@ def test_imagenet_set_has_80_distinct_templates():
 
 @pytest.mark.parametrize(
     "names, match",
-    [([], "no class names"), (["cat", ""], "empty class name"), (["cat", "dog", "cat"], "duplicated.*'cat'.*0 and 2")],
+    [
+        ([], "no class names"),
+        (["cat", ""], "empty class name"),
+        (["cat", "dog", "cat"], "duplicated.*'cat'.*0 and 2"),
+    ],
 )
 def test_bad_class_lists(names, match):
     with pytest.raises(ValueError, match=match):

@@ -16,7 +16,8 @@ def _reference_last_block_input(model, pixel_values):
     cache = {}
     last = model.vision_model.encoder.layers[-1]
     handle = last.register_forward_pre_hook(
-        lambda mod, args, kwargs: cache.__setitem__("x", args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        lambda mod, args, kwargs: cache.__setitem__("x", args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True,
     )
     interpolate = pixel_values.shape[-1] != model.config.vision_config.image_size
     model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate)
@@ -56,7 +57,9 @@ def test_dense_naive_equals_last_hidden_state(encoder):
     px = torch.randn(2, 3, 32, 32)
     hs = encoder.model.vision_model(pixel_values=px).last_hidden_state[:, 1:]
     ref = encoder.model.visual_projection(encoder.model.vision_model.post_layernorm(hs))
-    torch.testing.assert_close(encoder.encode_image(px, normalize=False, dense="naive").patch_embeds, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        encoder.encode_image(px, normalize=False, dense="naive").patch_embeds, ref, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("mode", ["maskclip", "clearclip"])
@@ -64,7 +67,9 @@ def test_dense_naive_equals_last_hidden_state(encoder):
 def test_dense_modes_match_reference(encoder, mode, size):
     px = torch.randn(2, 3, size, size)
     got = encoder.encode_image(px, normalize=False, dense=mode)
-    torch.testing.assert_close(got.patch_embeds, _reference_dense(encoder.model, px, mode), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got.patch_embeds, _reference_dense(encoder.model, px, mode), atol=1e-5, rtol=1e-5
+    )
     assert got.patch_embeds.shape[1] == (size // 8) ** 2
     # normalised output is the normalised raw output
     norm = encoder.encode_image(px, dense=mode)

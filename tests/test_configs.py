@@ -76,8 +76,10 @@ def test_benchmark_experiment_builds_its_datamodule_and_head(experiment, entry):
     head = DualBranchHead(dm.num_classes, 32, **OmegaConf.to_container(cfg.model.head, resolve=True))
     assert head.trainable and head.num_classes == num_classes
     # every head setting the experiment (or its protocol) states reaches the built head
-    claimed = {**_own("protocol", protocol).get("model", {}).get("head", {}),
-               **_own("experiment", experiment).get("model", {}).get("head", {})}
+    claimed = {
+        **_own("protocol", protocol).get("model", {}).get("head", {}),
+        **_own("experiment", experiment).get("model", {}).get("head", {}),
+    }
     for key, value in claimed.items():
         assert getattr(head, key) == value, key
 
@@ -96,7 +98,9 @@ def test_model_config_builds_head(model):
     cfg = _compose("train.yaml", [f"model={model}"])
     head = DualBranchHead(6, 32, **OmegaConf.to_container(cfg.model.head))
     training_free = model.startswith(("zsclip", "calip"))
-    learns_prompts = cfg.model.get("prompts") is not None  # the contexts are built with CLIP (tests/test_prompts.py)
+    learns_prompts = (
+        cfg.model.get("prompts") is not None
+    )  # the contexts are built with CLIP (tests/test_prompts.py)
     assert (head.trainable or learns_prompts) is not training_free
 
 
@@ -110,11 +114,16 @@ def test_debug_presets_shorten_the_run(tmp_path):
     default_cfg, default = _trainer([], tmp_path)
     assert default.max_epochs == 20 and default.limit_train_batches == 1.0 and not default.fast_dev_run
     _, limit = _trainer(["debug=limit"], tmp_path)
-    assert limit.max_epochs < default.max_epochs and (limit.limit_train_batches, limit.limit_val_batches,
-                                                      limit.limit_test_batches) == (3, 2, 2)
+    assert limit.max_epochs < default.max_epochs and (
+        limit.limit_train_batches,
+        limit.limit_val_batches,
+        limit.limit_test_batches,
+    ) == (3, 2, 2)
     fdr_cfg, fdr = _trainer(["debug=fdr"], tmp_path)
     assert fdr.fast_dev_run and fdr.max_epochs == 1 and fdr.limit_train_batches == fdr.limit_test_batches == 1
-    assert default_cfg.callbacks and default_cfg.get("logger")  # the default run writes checkpoints, a CSV log
+    assert default_cfg.callbacks and default_cfg.get(
+        "logger"
+    )  # the default run writes checkpoints, a CSV log
     assert not fdr_cfg.callbacks and fdr_cfg.get("logger") is None  # the fast dev run writes neither
 
 
@@ -132,12 +141,17 @@ def test_caption_corpus_configs_compose(data):
     assert (corpus["max_per_class"] == 1000) == (data == "nuswide_captions")
 
 
-@pytest.mark.parametrize("overrides", [[f"data={d}"] for d in DATA] + [[f"experiment={e}"] for e in EXPERIMENTS])
+@pytest.mark.parametrize(
+    "overrides", [[f"data={d}"] for d in DATA] + [[f"experiment={e}"] for e in EXPERIMENTS]
+)
 def test_taidpt_composes_with_every_data_config_and_experiment(overrides):
     cfg = _compose("train.yaml", [*overrides, "model=taidpt", "paths.data_dir=/data"])
     model = OmegaConf.to_container(cfg.model, resolve=False)
     assert model["prompts"] == {"n_ctx": 16, "ctx_init": None, "ctx_std": 0.02, "class_specific": False}
-    assert model["head"]["global_residual"] is model["head"]["local_residual"] is False and model["head"]["pfa"] == "none"
+    assert (
+        model["head"]["global_residual"] is model["head"]["local_residual"] is False
+        and model["head"]["pfa"] == "none"
+    )
     image_trained = cfg.hydra.runtime.choices.protocol in ("partial", "seen_unseen")  # those train with ASL
     assert model["optimizer"]["name"] == "sgd" and model["loss"] == ("asl" if image_trained else "ranking")
 
@@ -167,8 +181,12 @@ def _restated(own, base, key: str = "") -> list[str]:
     if isinstance(own, dict) and isinstance(base, dict):
         if not own:
             return [key]  # an empty mapping merged into a mapping changes nothing
-        return [k for sub, v in own.items() if sub in base
-                for k in _restated(v, base[sub], f"{key}.{sub}" if key else str(sub))]
+        return [
+            k
+            for sub, v in own.items()
+            if sub in base
+            for k in _restated(v, base[sub], f"{key}.{sub}" if key else str(sub))
+        ]
     return [key] if own == base else []
 
 
@@ -183,15 +201,19 @@ def restated_defaults(group: str, name: str, conf: Path) -> list[str]:
     defaults = (yaml.safe_load(text) or {}).get("defaults")
     found = []
     try:
-        path.write_text(("# @package _global_\n" if "# @package _global_" in text else "")
-                        + (yaml.safe_dump({"defaults": defaults}) if defaults else ""))
+        path.write_text(
+            ("# @package _global_\n" if "# @package _global_" in text else "")
+            + (yaml.safe_dump({"defaults": defaults}) if defaults else "")
+        )
         for overrides in _contexts(group, name, conf):
             cfg = _compose("train.yaml", overrides, conf)
             base = OmegaConf.to_container(cfg, resolve=False)
             for key in _restated(own, base):
                 value = OmegaConf.select(cfg, key)
-                found.append(f"{group}/{name}.yaml: {key} = {value!r} restates the value it has without this "
-                             f"line (with {' '.join(overrides)})")
+                found.append(
+                    f"{group}/{name}.yaml: {key} = {value!r} restates the value it has without this "
+                    f"line (with {' '.join(overrides)})"
+                )
     finally:
         path.write_text(text)
     return sorted(set(found))
@@ -224,9 +246,12 @@ def test_restated_defaults_are_found(conf_copy):
     protocol = conf_copy / "protocol" / "partial.yaml"
     protocol.write_text(protocol.read_text().replace("data:\n", "data:\n  train_on: images\n"))
     assert [line.split(" = ")[0] for line in restated_defaults("experiment", "tiny_zsclip", conf_copy)] == [
-        "experiment/tiny_zsclip.yaml: trainer.max_epochs"]
+        "experiment/tiny_zsclip.yaml: trainer.max_epochs"
+    ]
     assert [line.split(" = ")[0] for line in restated_defaults("model", "zsclip_centered", conf_copy)] == [
         "model/zsclip_centered.yaml: model.head.merge_weight",
-        "model/zsclip_centered.yaml: model.head.tau_text"]
+        "model/zsclip_centered.yaml: model.head.tau_text",
+    ]
     assert {line.split(" = ")[0] for line in restated_defaults("protocol", "partial", conf_copy)} == {
-        "protocol/partial.yaml: data.train_on"}
+        "protocol/partial.yaml: data.train_on"
+    }

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from cli_helpers import run_cli
-from dbtr.utils.files import DataFormatError
 from dbtr.data.corpus import (
     balance_by_rarest_class,
     build_corpus,
@@ -18,14 +17,24 @@ from dbtr.data.corpus import (
     text_lines,
 )
 from dbtr.text.synonyms import SynonymVocabulary
+from dbtr.utils.files import DataFormatError
 
 VOCAB = SynonymVocabulary({"dog": ["dog", "puppy"], "cat": ["cat", "kitten"], "hot dog": ["hot dog"]})
 
 
 def test_coco_captions_layout(tmp_path):
     f = tmp_path / "captions_train2017.json"
-    f.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 9, "caption": "A dog."},
-                                                          {"id": 2, "image_id": 9, "caption": "Two kittens."}]}))
+    f.write_text(
+        json.dumps(
+            {
+                "images": [],
+                "annotations": [
+                    {"id": 1, "image_id": 9, "caption": "A dog."},
+                    {"id": 2, "image_id": 9, "caption": "Two kittens."},
+                ],
+            }
+        )
+    )
     assert [t for _, t in coco_captions(f)] == ["A dog.", "Two kittens."]
     f.write_text(json.dumps({"annotations": [{"id": 1}]}))
     with pytest.raises(DataFormatError, match=r"annotations\[0\] has no string 'caption'"):
@@ -37,7 +46,11 @@ def test_coco_captions_layout(tmp_path):
 
 def test_narratives_and_text_lines(tmp_path):
     f = tmp_path / "open_images_train_v6_captions.jsonl"
-    f.write_text(json.dumps({"image_id": "a", "caption": "In this image I can see a dog."}) + "\n" + '{"image_id": "b"}\n')
+    f.write_text(
+        json.dumps({"image_id": "a", "caption": "In this image I can see a dog."})
+        + "\n"
+        + '{"image_id": "b"}\n'
+    )
     with pytest.raises(DataFormatError, match=r"captions.jsonl:2: missing or non-string field 'caption'"):
         list(narratives(f))
     t = tmp_path / "caps.txt"
@@ -57,8 +70,13 @@ def test_build_corpus_counts_every_drop():
     assert texts == ["a dog and a kitten", "a hot dog"]
     np.testing.assert_array_equal(labels, [[1, 1, -1], [-1, -1, 1]])
     assert report.as_dict() == {
-        "num_items": 2, "read": 4, "classes": ["dog", "cat", "hot dog"], "positives": [1, 1, 1], "truncated": None,
-        "dropped": {"no_synonym_match": 1, "empty": 1}, "labels_per_caption": {"1": 1, "2": 1},
+        "num_items": 2,
+        "read": 4,
+        "classes": ["dog", "cat", "hot dog"],
+        "positives": [1, 1, 1],
+        "truncated": None,
+        "dropped": {"no_synonym_match": 1, "empty": 1},
+        "labels_per_caption": {"1": 1, "2": 1},
         "classes_without_caption": [],
     }
     with pytest.raises(DataFormatError, match="no labelled caption"):
@@ -71,8 +89,9 @@ def test_rarest_class_balancing_by_hand():
     # row 0 -> class 1 (rarer than 0), row 1 -> class 0, row 2 -> class 2, row 3 -> class 1 (cap 1: dropped)
     assert balance_by_rarest_class(labels, max_per_class=1).tolist() == [0, 1, 2]
     assert balance_by_rarest_class(labels, max_per_class=5).tolist() == [0, 1, 2, 3]
-    texts, _, report = build_corpus([(f"f:{i}", t) for i, t in enumerate(["a dog", "a dog", "a dog", "a cat"])], VOCAB,
-                                    max_per_class=2)
+    texts, _, report = build_corpus(
+        [(f"f:{i}", t) for i, t in enumerate(["a dog", "a dog", "a dog", "a cat"])], VOCAB, max_per_class=2
+    )
     assert texts == ["a dog", "a dog", "a cat"] and report.dropped == {"over_class_cap": 1}
     assert report.as_dict()["classes_without_caption"] == ["hot dog"]
 
@@ -84,8 +103,12 @@ def test_datamodule_builds_its_captions_from_a_corpus(tmp_path):
     caps.write_text("a dog on a sofa\nthe tree\na kitten\n")
     coco = tmp_path / "captions_train2017.json"
     coco.write_text(json.dumps({"annotations": [{"caption": "two cats and a dog"}]}))
-    spec = {"vocabulary": "voc2007", "class_sentences": 1, "max_per_class": None,
-            "sources": [{"type": "text_lines", "path": str(caps)}, {"type": "coco_captions", "path": str(coco)}]}
+    spec = {
+        "vocabulary": "voc2007",
+        "class_sentences": 1,
+        "max_per_class": None,
+        "sources": [{"type": "text_lines", "path": str(caps)}, {"type": "coco_captions", "path": str(coco)}],
+    }
     dm = TextToImageDataModule(corpus=spec)
     dm.setup("fit")
     assert dm.class_names[0] == "aeroplane" and len(dm.class_names) == 20
@@ -102,9 +125,15 @@ def test_dbtr_data_cli_writes_stats(tmp_path):
     caps.write_text("a dog on a sofa\nthe tree\n")
     out = tmp_path / "stats.json"
     proc = run_cli(
-        "dbtr-data", "data=corpus", "data.corpus.vocabulary=voc2007",
-        f"data.corpus.sources=[{{type: text_lines, path: {caps}}}]", "data.corpus.class_sentences=null", f"out={out}",
-        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=300,
+        "dbtr-data",
+        "data=corpus",
+        "data.corpus.vocabulary=voc2007",
+        f"data.corpus.sources=[{{type: text_lines, path: {caps}}}]",
+        "data.corpus.class_sentences=null",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=300,
     )
     stats = json.loads(out.read_text())
     assert stats["num_items"] == 1 and stats["dropped"] == {"no_synonym_match": 1}
@@ -119,8 +148,11 @@ def test_hf_datasets_source_on_local_files(tmp_path, fmt):
 
     frame = pd.DataFrame({"caption": ["a dog", "two kittens"], "id": [1, 2]})
     f = tmp_path / f"caps.{fmt}"
-    {"json": lambda: frame.to_json(f, orient="records", lines=True), "csv": lambda: frame.to_csv(f, index=False),
-     "parquet": lambda: frame.to_parquet(f)}[fmt]()
+    {
+        "json": lambda: frame.to_json(f, orient="records", lines=True),
+        "csv": lambda: frame.to_csv(f, index=False),
+        "parquet": lambda: frame.to_parquet(f),
+    }[fmt]()
     assert [t for _, t in hf_dataset(fmt, data_files=str(f))] == ["a dog", "two kittens"]
     with pytest.raises(DataFormatError, match="no column 'text'"):
         list(hf_dataset(fmt, data_files=str(f), column="text"))
@@ -140,11 +172,22 @@ def test_dbtr_train_on_a_synonym_labelled_corpus(tmp_path):
     tw = build_toyworld(tmp_path / "tw", num_captions=300, num_val=40, num_test=60)
     run = tmp_path / "run"
     overrides = [
-        "experiment=toyworld", "data=corpus", f"data.corpus.vocabulary={tw / 'synonyms.json'}",
-        f"data.corpus.sources=[{{type: text_lines, path: {tw / 'captions.txt'}}}]", "data.corpus.class_sentences=null",
-        f"data.val_images={tw / 'images'}", f"data.val_labels={tw / 'val.jsonl'}", f"data.test_images={tw / 'images'}",
-        f"data.test_labels={tw / 'test.jsonl'}", "data.image_size=64", "+data.mean=[0.5,0.5,0.5]", "+data.std=[0.5,0.5,0.5]",
-        "data.num_workers=0", "trainer.max_epochs=2", "model.scheduler.warmup_epochs=0", f"hydra.run.dir={run}",
+        "experiment=toyworld",
+        "data=corpus",
+        f"data.corpus.vocabulary={tw / 'synonyms.json'}",
+        f"data.corpus.sources=[{{type: text_lines, path: {tw / 'captions.txt'}}}]",
+        "data.corpus.class_sentences=null",
+        f"data.val_images={tw / 'images'}",
+        f"data.val_labels={tw / 'val.jsonl'}",
+        f"data.test_images={tw / 'images'}",
+        f"data.test_labels={tw / 'test.jsonl'}",
+        "data.image_size=64",
+        "+data.mean=[0.5,0.5,0.5]",
+        "+data.std=[0.5,0.5,0.5]",
+        "data.num_workers=0",
+        "trainer.max_epochs=2",
+        "model.scheduler.warmup_epochs=0",
+        f"hydra.run.dir={run}",
         f"cache_dir={tmp_path / 'cache'}",
     ]
     run_cli("dbtr-train", *overrides, cwd=tmp_path)

@@ -24,8 +24,15 @@ def _write(path, lines):
 
 
 def test_caption_labels(tmp_path):
-    f = _write(tmp_path / "c.jsonl", [{"text": "a cat", "labels": ["cat"]}, "", {"text": "a tree", "labels": []},
-                                      {"text": "a dog at a table", "labels": ["dog", "dining table"]}])
+    f = _write(
+        tmp_path / "c.jsonl",
+        [
+            {"text": "a cat", "labels": ["cat"]},
+            "",
+            {"text": "a tree", "labels": []},
+            {"text": "a dog at a table", "labels": ["dog", "dining table"]},
+        ],
+    )
     rec = read_caption_jsonl(f, CLASSES)
     assert rec.texts == ["a cat", "a dog at a table"]
     np.testing.assert_array_equal(rec.labels, [[1, -1, -1], [-1, 1, 1]])
@@ -36,7 +43,10 @@ def test_caption_labels(tmp_path):
     "lines, match",
     [
         ([{"text": "a cat", "labels": ["cat"]}, '{"text": "oops", '], r"c.jsonl:2: malformed JSON"),
-        ([{"text": "a cat", "labels": ["cat"]}, {"text": "a cow", "labels": ["cow"]}], r"c.jsonl:2: unknown class 'cow'"),
+        (
+            [{"text": "a cat", "labels": ["cat"]}, {"text": "a cow", "labels": ["cow"]}],
+            r"c.jsonl:2: unknown class 'cow'",
+        ),
         ([{"text": "  ", "labels": ["cat"]}], r"c.jsonl:1: field 'text' is empty"),
         ([{"caption": "x", "labels": ["cat"]}], r"c.jsonl:1: missing or non-string field 'text'"),
         ([{"text": "a cat", "labels": "cat"}], r"c.jsonl:1: labels must be a list"),
@@ -71,7 +81,13 @@ def _images(tmp_path, names):
 
 def test_image_labels_with_difficult(tmp_path):
     root = _images(tmp_path, ["a.png", "b.png"])
-    f = _write(tmp_path / "l.jsonl", [{"file_name": "a.png", "labels": ["cat"], "difficult": ["dog"]}, {"file_name": "b.png", "labels": []}])
+    f = _write(
+        tmp_path / "l.jsonl",
+        [
+            {"file_name": "a.png", "labels": ["cat"], "difficult": ["dog"]},
+            {"file_name": "b.png", "labels": []},
+        ],
+    )
     rec = read_image_jsonl(root, f, CLASSES)
     np.testing.assert_array_equal(rec.labels, [[1, 0, -1], [-1, -1, -1]])
     item = ImageDataset(rec, ClipImageTransform(16))[0]
@@ -80,13 +96,18 @@ def test_image_labels_with_difficult(tmp_path):
 
 def test_image_errors(tmp_path):
     root = _images(tmp_path, ["a.png"])
-    f = _write(tmp_path / "l.jsonl", [{"file_name": "a.png", "labels": ["cat"]}, {"file_name": "zz.png", "labels": ["cat"]}])
+    f = _write(
+        tmp_path / "l.jsonl",
+        [{"file_name": "a.png", "labels": ["cat"]}, {"file_name": "zz.png", "labels": ["cat"]}],
+    )
     with pytest.raises(FileNotFoundError, match=r"1 of \d+ annotated images are not on disk under .*zz.png"):
         read_image_jsonl(root, f, CLASSES)
     f = _write(tmp_path / "l.jsonl", [{"file_name": "a.png", "labels": ["horse"]}])
     with pytest.raises(DataFormatError, match=r"l.jsonl:1: unknown class 'horse'"):
         read_image_jsonl(root, f, CLASSES)
-    f = _write(tmp_path / "l.jsonl", [{"file_name": "a.png", "labels": []}, {"file_name": "a.png", "labels": []}])
+    f = _write(
+        tmp_path / "l.jsonl", [{"file_name": "a.png", "labels": []}, {"file_name": "a.png", "labels": []}]
+    )
     with pytest.raises(DataFormatError, match=r"l.jsonl:2: 'a.png' is listed twice \(first at line 1\)"):
         read_image_jsonl(root, f, CLASSES)
     with pytest.raises(FileNotFoundError, match="expected layout"):
@@ -114,20 +135,30 @@ def test_clip_transform_resizes_short_side_and_centre_crops():
 
 
 def test_caption_features_cache_and_collate(encoder, tmp_path):
-    f = _write(tmp_path / "c.jsonl", [{"text": "a red square", "labels": ["cat"]}, {"text": "a blue ball and a green box", "labels": ["dog"]}])
+    f = _write(
+        tmp_path / "c.jsonl",
+        [
+            {"text": "a red square", "labels": ["cat"]},
+            {"text": "a blue ball and a green box", "labels": ["dog"]},
+        ],
+    )
     rec = read_caption_jsonl(f, CLASSES)
     feats = encode_caption_features(encoder, rec.texts)
     assert feats.token_embeds.dtype == np.float16
     live = encoder.encode_text(**encoder.tokenize(rec.texts))
     lengths = live.attention_mask.sum(1).tolist()
     assert np.diff(feats.offsets).tolist() == lengths  # only real tokens are stored
-    torch.testing.assert_close(torch.from_numpy(feats.text_embeds).float(), live.text_embeds, atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(feats.text_embeds).float(), live.text_embeds, atol=2e-3, rtol=0
+    )
     batch = CaptionCollate()([CaptionDataset(rec, feats)[i] for i in range(2)])
     assert set(batch) == {"labels", "text_embeds", "token_embeds", "attention_mask"}
     # the padded batch equals the live features on real tokens, and the mask is the tokenizer's
     assert batch["attention_mask"].sum(1).tolist() == lengths
     for j, n in enumerate(lengths):
-        torch.testing.assert_close(batch["token_embeds"][j, :n].float(), live.token_embeds[j, :n], atol=2e-3, rtol=0)
+        torch.testing.assert_close(
+            batch["token_embeds"][j, :n].float(), live.token_embeds[j, :n], atol=2e-3, rtol=0
+        )
     raw = CaptionCollate(encoder.tokenizer, encoder.max_length)([CaptionDataset(rec)[i] for i in range(2)])
     assert raw["input_ids"].shape == (2, encoder.max_length)
 

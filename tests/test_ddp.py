@@ -36,12 +36,26 @@ def odd_splits(demo_dir, tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(demo_dir, odd_splits, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    common = ["experiment=tiny_full", f"paths.tiny_dir={demo_dir}", *odd_splits, "seed=3", "trainer.max_epochs=3",
-              "quiet=true"]
+    common = [
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        *odd_splits,
+        "seed=3",
+        "trainer.max_epochs=3",
+        "quiet=true",
+    ]
     out = {"single": root / "single", "ddp": root / "ddp"}
     run_cli("dbtr-train", *common, f"hydra.run.dir={out['single']}", cwd=root)
-    run_cli("dbtr-train", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-            f"hydra.run.dir={out['ddp']}", cwd=root, timeout=300)
+    run_cli(
+        "dbtr-train",
+        *common,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={out['ddp']}",
+        cwd=root,
+        timeout=300,
+    )
     return out
 
 
@@ -66,8 +80,16 @@ def test_two_process_training_matches_one_process(runs):
 
 def test_same_checkpoint_scores_identically_on_one_and_two_processes(runs, demo_dir, odd_splits, tmp_path):
     ddp = _metrics(runs["ddp"])  # its test ran on two processes
-    run_cli("dbtr-eval", f"ckpt_path={ddp['checkpoint']}", "data=tiny", f"paths.tiny_dir={demo_dir}", *odd_splits,
-            "quiet=true", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    run_cli(
+        "dbtr-eval",
+        f"ckpt_path={ddp['checkpoint']}",
+        "data=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        *odd_splits,
+        "quiet=true",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     one = _metrics(tmp_path / "eval")["test"]
     assert one["test/num_images"] == ddp["test"]["test/num_images"] == 31
     for key in ("test/mAP", "test/mAP_global", "test/mAP_local", "test/CF1@3", "test/OF1@3"):

@@ -29,14 +29,22 @@ def bad_citations(text: str, known: set[str], where: str) -> list[str]:
             bad.append(f"{where}:{line}: cite the repository's docs/method.md §<section>: {quoted!r}")
     for m in CITATION.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
-        bad += [f"{where}:{line}: docs/method.md has no section §{s}" for s in re.findall(SECTION, m.group(1))
-                if s not in known]
+        bad += [
+            f"{where}:{line}: docs/method.md has no section §{s}"
+            for s in re.findall(SECTION, m.group(1))
+            if s not in known
+        ]
     return bad
 
 
 def repository_text_files() -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     skip = (METHOD, Path(__file__).resolve())  # the document itself, and this file's own examples
     paths = (ROOT / name for name in out)
     return [p for p in paths if p.is_file() and p not in skip and p.suffix in TEXT_SUFFIXES]
@@ -51,8 +59,13 @@ def test_every_citation_names_an_existing_section():
     known = sections(METHOD.read_text(encoding="utf-8"))
     files = repository_text_files()
     assert any(p.name == "heads.py" for p in files) and any(p.suffix == ".yaml" for p in files)
-    bad = [b for p in files for b in bad_citations(p.read_text(encoding="utf-8", errors="replace"), known,
-                                                    str(p.relative_to(ROOT)))]
+    bad = [
+        b
+        for p in files
+        for b in bad_citations(
+            p.read_text(encoding="utf-8", errors="replace"), known, str(p.relative_to(ROOT))
+        )
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -65,8 +78,9 @@ def test_the_documents_own_cross_references_exist():
 
 def test_a_stale_citation_is_reported():
     known = {"3", "3.4", "5", "5.1"}
-    text = ("see docs/method.md §3.4 and docs/method.md §5.1, §5.9\n(method.md 2.4-2.8)\n"
-            "docs/method.md §5–§7\n")
+    text = (
+        "see docs/method.md §3.4 and docs/method.md §5.1, §5.9\n(method.md 2.4-2.8)\ndocs/method.md §5–§7\n"
+    )
     assert bad_citations(text, known, "x.py") == [
         "x.py:2: cite the repository's docs/method.md §<section>: '(method.md 2.4-2.8)'",
         "x.py:1: docs/method.md has no section §5.9",

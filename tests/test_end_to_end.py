@@ -16,7 +16,15 @@ from cli_helpers import run_cli
 @pytest.fixture(scope="module")
 def trained(demo_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "full"
-    run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}", "trainer.max_epochs=3", "seed=3", cwd=run.parent)
+    run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={run}",
+        "trainer.max_epochs=3",
+        "seed=3",
+        cwd=run.parent,
+    )
     return run
 
 
@@ -47,7 +55,9 @@ def test_load_from_checkpoint_without_hydra_reproduces_eval(trained, demo_dir):
     from dbtr.data.images import ClipImageTransform, ImageDataset, read_image_jsonl
     from dbtr.metrics import mean_average_precision
 
-    model = DbtrLitModule.load_from_checkpoint(json.loads((trained / "metrics.json").read_text())["checkpoint"])
+    model = DbtrLitModule.load_from_checkpoint(
+        json.loads((trained / "metrics.json").read_text())["checkpoint"]
+    )
     records = read_image_jsonl(demo_dir / "images", demo_dir / "test.jsonl", model.class_names)
     ds = ImageDataset(records, ClipImageTransform(32))
     batch = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
@@ -59,7 +69,14 @@ def test_load_from_checkpoint_without_hydra_reproduces_eval(trained, demo_dir):
 
 def test_eval_cli_matches_train_test(trained, demo_dir, tmp_path):
     ckpt = json.loads((trained / "metrics.json").read_text())["checkpoint"]
-    run_cli("dbtr-eval", f"ckpt_path={ckpt}", "data=tiny", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    run_cli(
+        "dbtr-eval",
+        f"ckpt_path={ckpt}",
+        "data=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     got = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     want = json.loads((trained / "metrics.json").read_text())["test"]
     assert got["test/mAP"] == pytest.approx(want["test/mAP"], abs=1e-9)
@@ -73,8 +90,15 @@ def test_eval_refuses_other_class_list(trained, demo_dir, tmp_path):
     labels = tmp_path / "test.jsonl"
     labels.write_text((demo_dir / "test.jsonl").read_text().replace('"orange"', '"brown"'))
     proc = run_cli(
-        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
-        f"data.classes={classes}", f"data.test_labels={labels}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
+        "dbtr-eval",
+        f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
+        "data=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        f"data.classes={classes}",
+        f"data.test_labels={labels}",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode != 0
     assert "trained on 6 classes" in proc.stderr and "only in checkpoint: ['orange']" in proc.stderr
@@ -87,15 +111,27 @@ def test_eval_refuses_clip_with_other_embedding_size(trained, demo_dir, tmp_path
     shutil.copytree(demo_dir / "clip", other)
     save_random_clip(other, ["a red square"], projection_dim=48, vision_image_size=32)
     proc = run_cli(
-        "dbtr-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
-        f"clip.name_or_path={other}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path, check=False,
+        "dbtr-eval",
+        f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
+        "data=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        f"clip.name_or_path={other}",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode != 0
     assert "CLIP projection dim 48" in proc.stderr and "embedding size 32" in proc.stderr
 
 
 def test_training_free_baseline_skips_fit(demo_dir, tmp_path):
-    run_cli("dbtr-train", "experiment=tiny_zsclip", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={tmp_path / 'zs'}", cwd=tmp_path)
+    run_cli(
+        "dbtr-train",
+        "experiment=tiny_zsclip",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={tmp_path / 'zs'}",
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert metrics["checkpoint"] is None and "fit_s" not in metrics["timings"]
     assert "test/mAP_local" not in metrics["test"] and 0 < metrics["test"]["test/mAP"] <= 100
@@ -106,46 +142,90 @@ def test_eval_refuses_another_clip_of_the_same_size_unless_allowed(trained, demo
 
     other = tmp_path / "clip_other"
     save_random_clip(other, ["a red square"], seed=7, vision_image_size=32)
-    args = [f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "data=tiny", f"paths.tiny_dir={demo_dir}",
-            f"clip.name_or_path={other}"]
+    args = [
+        f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
+        "data=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        f"clip.name_or_path={other}",
+    ]
     proc = run_cli("dbtr-eval", *args, f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "not the one the residuals were trained on" in proc.stderr
-    proc = run_cli("dbtr-eval", *args, "data.image_size=48", "allow_mismatch=true", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path)
+    proc = run_cli(
+        "dbtr-eval",
+        *args,
+        "data.image_size=48",
+        "allow_mismatch=true",
+        f"hydra.run.dir={tmp_path / 'e2'}",
+        cwd=tmp_path,
+    )
     assert (tmp_path / "e2" / "metrics.json").is_file()
     assert "image preprocessing differs" in proc.stderr + proc.stdout
 
 
 def test_toyworld_cli_on_a_tiny_world(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("dbtr-toyworld", "--methods", "zsclip", "dbtr", "--out", str(out),
-                   f"paths.toyworld_dir={tmp_path / 'world'}", "data.num_captions=300", "data.num_val=20",
-                   "data.num_test=40", "trainer.max_epochs=2", cwd=tmp_path)
+    proc = run_cli(
+        "dbtr-toyworld",
+        "--methods",
+        "zsclip",
+        "dbtr",
+        "--out",
+        str(out),
+        f"paths.toyworld_dir={tmp_path / 'world'}",
+        "data.num_captions=300",
+        "data.num_val=20",
+        "data.num_test=40",
+        "trainer.max_epochs=2",
+        cwd=tmp_path,
+    )
     summary = json.loads((out / "results.json").read_text())
     assert summary["num_test_images"] == 40 and summary["num_captions"] == 300 and summary["seeds"] == [1]
     zs, full = summary["methods"]["zsclip"]["mAP"][0], summary["methods"]["dbtr"]["mAP"][0]
     assert summary["chance_mAP"] + 30 < zs < 100 and 0 < full <= 100  # the shipped toy CLIP, far above chance
     assert f"{zs:.2f}" in proc.stdout and "toy world, test split (40 images)" in proc.stdout
-    assert "| full method" in (out / "results.md").read_text() and (out / "heatmaps.png").stat().st_size > 1000
+    assert (
+        "| full method" in (out / "results.md").read_text() and (out / "heatmaps.png").stat().st_size > 1000
+    )
     for method, value in (("zsclip", zs), ("dbtr", full)):  # one run folder per method and seed, as tabulated
-        assert json.loads((out / "runs" / method / "seed1" / "metrics.json").read_text())["test"]["test/mAP"] == value
+        assert (
+            json.loads((out / "runs" / method / "seed1" / "metrics.json").read_text())["test"]["test/mAP"]
+            == value
+        )
 
 
 def test_eval_keeps_the_checkpoints_clip_settings_and_refuses_model_overrides(demo_dir, tmp_path):
     """An experiment's clip group does not replace the dense mode the checkpoint was trained with, the record
     says what was used, and a model override (which could not apply) is refused instead of recorded."""
     run = tmp_path / "maskclip"
-    run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}",
-            "trainer.max_epochs=2", "clip.dense=maskclip", cwd=tmp_path)
+    run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={run}",
+        "trainer.max_epochs=2",
+        "clip.dense=maskclip",
+        cwd=tmp_path,
+    )
     trained = json.loads((run / "metrics.json").read_text())
     common = [f"ckpt_path={trained['checkpoint']}", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}"]
     run_cli("dbtr-eval", *common, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
     got = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert got["config"]["clip"]["dense"] == "maskclip"
     assert got["test"]["test/mAP"] == pytest.approx(trained["test"]["test/mAP"], abs=1e-9)
-    proc = run_cli("dbtr-eval", *common, "+model.head.alpha=0.9", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path,
-                   check=False)
+    proc = run_cli(
+        "dbtr-eval",
+        *common,
+        "+model.head.alpha=0.9",
+        f"hydra.run.dir={tmp_path / 'e2'}",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "cannot apply +model.head.alpha=0.9" in proc.stderr and "model.evaluation" in proc.stderr
     assert not (tmp_path / "e2" / "metrics.json").exists()
-    explicit = run_cli("dbtr-eval", *common, "clip.dense=naive", f"hydra.run.dir={tmp_path / 'e3'}", cwd=tmp_path)
-    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["config"]["clip"]["dense"] == "naive", explicit
+    explicit = run_cli(
+        "dbtr-eval", *common, "clip.dense=naive", f"hydra.run.dir={tmp_path / 'e3'}", cwd=tmp_path
+    )
+    assert json.loads((tmp_path / "e3" / "metrics.json").read_text())["config"]["clip"]["dense"] == "naive", (
+        explicit
+    )

@@ -84,6 +84,7 @@ def _edit_meta(change):
     def damage(folder, array):
         path = folder / "meta.json"
         path.write_text(json.dumps(change(json.loads(path.read_text()), array)))
+
     return damage
 
 
@@ -100,10 +101,15 @@ DAMAGE = {
     "meta.json a list": _edit_meta(lambda meta, array: [meta]),
     "meta.json null": _edit_meta(lambda meta, array: None),
     "no checksums": _edit_meta(_drop("checksums")),
-    "checksums a list": _edit_meta(lambda meta, array: {**meta, "checksums": list(meta["checksums"].values())}),
-    "one checksum missing": _edit_meta(lambda meta, array: {
-        **meta, "checksums": {k: v for k, v in meta["checksums"].items() if k != array}}),
-    "checksum a number": _edit_meta(lambda meta, array: {**meta, "checksums": {**meta["checksums"], array: 3}}),
+    "checksums a list": _edit_meta(
+        lambda meta, array: {**meta, "checksums": list(meta["checksums"].values())}
+    ),
+    "one checksum missing": _edit_meta(
+        lambda meta, array: {**meta, "checksums": {k: v for k, v in meta["checksums"].items() if k != array}}
+    ),
+    "checksum a number": _edit_meta(
+        lambda meta, array: {**meta, "checksums": {**meta["checksums"], array: 3}}
+    ),
     "size missing": _edit_meta(_drop("embed_dim")),
     "size a string": _edit_meta(lambda meta, array: {**meta, "embed_dim": str(meta["embed_dim"])}),
     "size wrong": _edit_meta(lambda meta, array: {**meta, "embed_dim": meta["embed_dim"] + 1}),
@@ -120,7 +126,9 @@ def test_damaged_caption_cache_is_rebuilt_with_one_warning(encoder, tmp_path, ca
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert status == "rebuilt" and len(warnings) == 1 and "unusable" in warnings[0].getMessage()
     assert "\n" not in warnings[0].getMessage()
-    np.testing.assert_array_equal(np.asarray(feats.token_embeds), encode_caption_features(encoder, TEXTS).token_embeds)
+    np.testing.assert_array_equal(
+        np.asarray(feats.token_embeds), encode_caption_features(encoder, TEXTS).token_embeds
+    )
     assert cached_caption_features(encoder, TEXTS, tmp_path)[1] == "hit"  # the rebuilt entry is sound
     assert [p.name for p in tmp_path.iterdir()] == [_folder(tmp_path).name]  # nothing left beside it
 
@@ -148,8 +156,12 @@ def test_an_image_replaced_by_another_of_the_same_size_is_a_new_key(encoder, dem
     assert status == "built"
     key = image_cache_key(encoder, loader.dataset.records, loader.dataset.transform)
     first, other = (root / n for n in loader.dataset.records.file_names[:2])
-    data = bytearray(first.read_bytes())  # same size, other pixels: swap in the other image's bytes if they fit
-    swapped = other.read_bytes() if other.stat().st_size == len(data) else bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    data = bytearray(
+        first.read_bytes()
+    )  # same size, other pixels: swap in the other image's bytes if they fit
+    swapped = (
+        other.read_bytes() if other.stat().st_size == len(data) else bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    )
     stat = first.stat()
     first.write_bytes(swapped)
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # written a second later
@@ -201,7 +213,9 @@ def test_two_jobs_publishing_the_same_entry_keep_the_first_and_never_show_a_half
     from dbtr.data.feature_cache import load_caption_features
 
     kept = load_caption_features(folder, key)
-    np.testing.assert_array_equal(np.asarray(kept.text_embeds), feats.text_embeds)  # the first one, not replaced
+    np.testing.assert_array_equal(
+        np.asarray(kept.text_embeds), feats.text_embeds
+    )  # the first one, not replaced
 
 
 def test_temporary_folders_of_killed_runs_are_removed_on_the_next_start(encoder, tmp_path):

@@ -52,7 +52,12 @@ def ref_pfa(query, feats, t, m, temp, s, beta2, beta3, center=False):
             t_att = sum(w[k] * feats[b, j] for k, j in enumerate(idx))
             term2[c] = query[b] @ t_att
         # direction 2: per position, softmax over classes -> text-aware locals, mean + max pooled
-        fa = torch.stack([sum((torch.exp(A[k]) / torch.exp(A[k]).sum())[c] * t[c] for c in range(C)) for k in range(len(idx))])
+        fa = torch.stack(
+            [
+                sum((torch.exp(A[k]) / torch.exp(A[k]).sum())[c] * t[c] for c in range(C))
+                for k in range(len(idx))
+            ]
+        )
         pooled = fa.mean(0) + fa.max(0).values
         term3 = torch.stack([pooled @ t[c] for c in range(C)])
         out[b] = s * (beta2 * term2 + beta3 * term3)
@@ -67,7 +72,9 @@ def test_task_residual_equation_and_zero_init():
     torch.testing.assert_close(res(t0), t0)  # zero-initialised: starts at T0
     with torch.no_grad():
         res.residual.normal_()
-    expected = torch.stack([(t0[c] + 0.5 * res.residual[c]) / (t0[c] + 0.5 * res.residual[c]).norm() for c in range(C)])
+    expected = torch.stack(
+        [(t0[c] + 0.5 * res.residual[c]) / (t0[c] + 0.5 * res.residual[c]).norm() for c in range(C)]
+    )
     torch.testing.assert_close(res(t0), expected)
     assert TaskResidual(C, D, enabled=False)(t0) is t0
 
@@ -114,7 +121,9 @@ def test_full_head_composes_the_equations():
     t_l = F.normalize(t0 + 0.5 * head.local_classifier.residual, dim=-1).detach()
     z_g = 4.0 * f_g @ t_g.t() + ref_pfa(f_g, feats, t_g, m, 0.5, 4.0, 0.7, 0.05, center=True)
     q_l = torch.stack([F.normalize(feats[b, _valid(m, b)].mean(0), dim=0) for b in range(B)])
-    z_l = ref_spatial(feats, t_l, m, 50.0, 4.0) + ref_pfa(q_l, feats, t_l, m, 0.5, 4.0, 0.7, 0.05, center=True)
+    z_l = ref_spatial(feats, t_l, m, 50.0, 4.0) + ref_pfa(
+        q_l, feats, t_l, m, 0.5, 4.0, 0.7, 0.05, center=True
+    )
     out = head(f_g, feats, m, modality="text")
     torch.testing.assert_close(out.logits_global, z_g, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.logits_local, z_l, atol=1e-4, rtol=1e-4)
@@ -131,23 +140,36 @@ def test_image_modality_uses_image_temperature():
 
 def test_baseline_switches():
     f_g, feats, t0, _ = _rand(6, False)
-    zs = DualBranchHead(C, D, global_residual=False, local_residual=False, use_local=False, pfa="none", merge_weight=1.0)
+    zs = DualBranchHead(
+        C, D, global_residual=False, local_residual=False, use_local=False, pfa="none", merge_weight=1.0
+    )
     zs.set_class_embeddings(t0)
     out = zs(f_g, feats)
     torch.testing.assert_close(out.logits, 4.0 * f_g @ t0.t())
     assert out.logits_local is None and not zs.trainable
-    calip = DualBranchHead(C, D, global_residual=False, local_residual=False, use_local=False, pfa="global", merge_weight=1.0)
+    calip = DualBranchHead(
+        C, D, global_residual=False, local_residual=False, use_local=False, pfa="global", merge_weight=1.0
+    )
     calip.set_class_embeddings(t0)
     torch.testing.assert_close(
-        calip(f_g, feats).logits, 4.0 * f_g @ t0.t() + ref_pfa(f_g, feats, t0, None, 0.5, 4.0, 1.0, 0.1, center=True),
-        atol=1e-4, rtol=1e-4,
+        calip(f_g, feats).logits,
+        4.0 * f_g @ t0.t() + ref_pfa(f_g, feats, t0, None, 0.5, 4.0, 1.0, 0.1, center=True),
+        atol=1e-4,
+        rtol=1e-4,
     )
-    raw = DualBranchHead(C, D, global_residual=False, use_local=False, pfa="global", merge_weight=1.0, pfa_center=False)
+    raw = DualBranchHead(
+        C, D, global_residual=False, use_local=False, pfa="global", merge_weight=1.0, pfa_center=False
+    )
     raw.set_class_embeddings(t0)
     torch.testing.assert_close(
-        raw(f_g, feats).logits, 4.0 * f_g @ t0.t() + ref_pfa(f_g, feats, t0, None, 0.5, 4.0, 1.0, 0.1), atol=1e-4, rtol=1e-4
+        raw(f_g, feats).logits,
+        4.0 * f_g @ t0.t() + ref_pfa(f_g, feats, t0, None, 0.5, 4.0, 1.0, 0.1),
+        atol=1e-4,
+        rtol=1e-4,
     )
-    centred = DualBranchHead(C, D, global_residual=False, use_local=False, pfa="none", merge_weight=1.0, center_scores=True)
+    centred = DualBranchHead(
+        C, D, global_residual=False, use_local=False, pfa="none", merge_weight=1.0, center_scores=True
+    )
     centred.set_class_embeddings(t0)
     z = 4.0 * f_g @ t0.t()
     torch.testing.assert_close(centred(f_g, feats).logits, z - z.mean(1, keepdim=True))

@@ -25,8 +25,14 @@ def _datamodule(demo_dir):
 
 
 def _model(encoder, dm, scheduler=None, **head):
-    return DbtrLitModule(clip={"name_or_path": "unused"}, class_names=dm.class_names, head=head, templates="simple",
-                         encoder=encoder, scheduler=scheduler or {"warmup_epochs": 0})
+    return DbtrLitModule(
+        clip={"name_or_path": "unused"},
+        class_names=dm.class_names,
+        head=head,
+        templates="simple",
+        encoder=encoder,
+        scheduler=scheduler or {"warmup_epochs": 0},
+    )
 
 
 def test_cached_training_runs_no_text_encoder_forward(demo_dir, encoder):
@@ -39,7 +45,9 @@ def test_cached_training_runs_no_text_encoder_forward(demo_dir, encoder):
     calls = []
     handle = encoder.model.text_model.register_forward_hook(lambda *a: calls.append(1))
     before = model.head.global_classifier.residual.detach().clone()
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     trainer.fit(model, datamodule=dm)
     handle.remove()
     assert calls == []
@@ -67,13 +75,18 @@ def test_unknown_labels_are_masked_in_training(demo_dir, encoder):
     full = model.branch_losses(out, torch.tensor([[1, -1, -1, -1, -1, -1]]))["global"]
     partial = model.branch_losses(out, torch.tensor([[1, 0, 0, 0, 0, -1]]))["global"]
     assert float(partial) < float(full)
-    torch.testing.assert_close(partial, ranking_loss(out.logits_global[:, [0, 5]], torch.tensor([[1.0, 0.0]])))
+    torch.testing.assert_close(
+        partial, ranking_loss(out.logits_global[:, [0, 5]], torch.tensor([[1.0, 0.0]]))
+    )
 
 
 def test_state_dict_mismatch_is_a_clear_error(demo_dir, encoder):
     dm = _datamodule(demo_dir)
     model = _model(encoder, dm)
-    bad = {"head.global_classifier.residual": torch.zeros(4, 32), "head.local_classifier.residual": torch.zeros(6, 32)}
+    bad = {
+        "head.global_classifier.residual": torch.zeros(4, 32),
+        "head.local_classifier.residual": torch.zeros(6, 32),
+    }
     with pytest.raises(CheckpointMismatchError, match="trained with 4 classes"):
         model.load_state_dict(bad)
     with pytest.raises(CheckpointMismatchError, match="missing"):
@@ -93,15 +106,28 @@ def test_no_learnable_residual_refuses_to_configure_optimizer(demo_dir, encoder)
 def test_bad_evaluation_and_schedule_settings_fail_early(demo_dir, encoder):
     dm = _datamodule(demo_dir)
     with pytest.raises(ValueError, match=r"top_k \[9\] must lie in \[1, 6\]"):
-        DbtrLitModule(clip={"name_or_path": "x"}, class_names=dm.class_names, evaluation={"top_k": [3, 9]}, encoder=encoder)
+        DbtrLitModule(
+            clip={"name_or_path": "x"},
+            class_names=dm.class_names,
+            evaluation={"top_k": [3, 9]},
+            encoder=encoder,
+        )
     with pytest.raises(ValueError, match="clip.dtype"):
-        DbtrLitModule(clip={"name_or_path": "x", "dtype": "float8"}, class_names=dm.class_names, encoder=encoder)
+        DbtrLitModule(
+            clip={"name_or_path": "x", "dtype": "float8"}, class_names=dm.class_names, encoder=encoder
+        )
 
 
 def test_warmup_covering_the_whole_run_is_shortened_with_a_notice(demo_dir, encoder, caplog):
     dm = _datamodule(demo_dir)  # 96 captions / batch 32 = 3 steps per epoch
-    model = DbtrLitModule(clip={"name_or_path": "x"}, class_names=dm.class_names, templates="simple", encoder=encoder,
-                          optimizer={"lr": 1e-2}, scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4})
+    model = DbtrLitModule(
+        clip={"name_or_path": "x"},
+        class_names=dm.class_names,
+        templates="simple",
+        encoder=encoder,
+        optimizer={"lr": 1e-2},
+        scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4},
+    )
     dm.attach_encoder(encoder)
     lrs = []
 
@@ -109,8 +135,14 @@ def test_warmup_covering_the_whole_run_is_shortened_with_a_notice(demo_dir, enco
         def on_train_batch_start(self, trainer, *args):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[Record()])
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+    )
     with caplog.at_level(logging.WARNING, logger="dbtr"):
         trainer.fit(model, datamodule=dm)
     notices = [r.getMessage() for r in caplog.records if "covers the whole run" in r.getMessage()]
@@ -121,8 +153,14 @@ def test_warmup_covering_the_whole_run_is_shortened_with_a_notice(demo_dir, enco
 
 def test_warmup_then_cosine_schedule(demo_dir, encoder):
     dm = _datamodule(demo_dir)  # 96 captions / batch 32 = 3 steps per epoch
-    model = DbtrLitModule(clip={"name_or_path": "x"}, class_names=dm.class_names, templates="simple", encoder=encoder,
-                          optimizer={"lr": 1e-2}, scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4})
+    model = DbtrLitModule(
+        clip={"name_or_path": "x"},
+        class_names=dm.class_names,
+        templates="simple",
+        encoder=encoder,
+        optimizer={"lr": 1e-2},
+        scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4},
+    )
     dm.attach_encoder(encoder)
     lrs = []
 
@@ -130,8 +168,14 @@ def test_warmup_then_cosine_schedule(demo_dir, encoder):
         def on_train_batch_start(self, trainer, *args):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[Record()])
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+    )
     trainer.fit(model, datamodule=dm)
     assert lrs[:3] == pytest.approx([1e-4] * 3)  # constant warm-up for one epoch
     assert lrs[3] == pytest.approx(1e-2)  # cosine starts at the base rate

@@ -70,11 +70,17 @@ def test_ranking_loss_samples_without_pairs_count_in_mean():
     # sample 0: positive z=0, negative z=0.5 -> 1.5; the mean still divides by both samples
     assert ranking_loss(torch.tensor([[0.0, 0.5], [0.0, 0.0]]), y).item() == pytest.approx(1.5 / 2)
 
+
 # ----------------------------------------------------------------------------- ASL
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"gamma_neg": 4.0, "gamma_pos": 0.0, "clip": 0.05}, {"gamma_neg": 0.0, "gamma_pos": 0.0, "clip": 0.0}]
+    "kwargs",
+    [
+        {},
+        {"gamma_neg": 4.0, "gamma_pos": 0.0, "clip": 0.05},
+        {"gamma_neg": 0.0, "gamma_pos": 0.0, "clip": 0.0},
+    ],
 )
 def test_asl_matches_per_element_reference(seed, masked, kwargs):
     z, y, k = _random_batch(seed)

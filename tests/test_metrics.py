@@ -35,10 +35,14 @@ def reference() -> dict[str, np.ndarray]:
     path = _reference_path()
     if not path.is_file():
         # Shipped in tests/data/reference: its absence is a broken checkout, not a reason to skip.
-        pytest.fail(f"reference predictions not found at {path} (set DBTR_REFERENCE_DIR to the folder holding {REFERENCE_NAME})")
+        pytest.fail(
+            f"reference predictions not found at {path} (set DBTR_REFERENCE_DIR to the folder holding {REFERENCE_NAME})"
+        )
     with np.load(path) as d:
         data = {k: d[k] for k in ("labels", "global_scores", "local_scores")}
-    data["merged_scores"] = 0.5 * data["global_scores"].astype(np.float64) + 0.5 * data["local_scores"].astype(np.float64)
+    data["merged_scores"] = 0.5 * data["global_scores"].astype(np.float64) + 0.5 * data[
+        "local_scores"
+    ].astype(np.float64)
     return data
 
 
@@ -111,7 +115,9 @@ def test_torch_and_numpy_inputs_agree_and_half_precision_works():
     scores = rng.normal(size=(64, 6)).astype(np.float32)
     labels = rng.choice([-1, 0, 1], size=(64, 6), p=[0.6, 0.1, 0.3]).astype(np.int8)
     ref = average_precision_per_class(scores, labels)
-    np.testing.assert_array_equal(ref, average_precision_per_class(torch.from_numpy(scores), torch.from_numpy(labels)))
+    np.testing.assert_array_equal(
+        ref, average_precision_per_class(torch.from_numpy(scores), torch.from_numpy(labels))
+    )
     for dtype in (torch.bfloat16, torch.float16):
         s = torch.from_numpy(scores).to(dtype)
         got = average_precision_per_class(s, torch.from_numpy(labels))
@@ -294,7 +300,9 @@ def test_relative_threshold_predictions():
 
 def test_f1_with_prediction_matrix():
     pred = F1_SCORES >= 0.65
-    assert multilabel_f1(F1_SCORES, F1_LABELS, predictions=pred) == multilabel_f1(F1_SCORES, F1_LABELS, threshold=0.65)
+    assert multilabel_f1(F1_SCORES, F1_LABELS, predictions=pred) == multilabel_f1(
+        F1_SCORES, F1_LABELS, threshold=0.65
+    )
     rel = relative_threshold_predictions(F1_SCORES)
     got = multilabel_f1(F1_SCORES, F1_LABELS, predictions=torch.from_numpy(rel))
     assert got == multilabel_f1(F1_SCORES, F1_LABELS, predictions=rel)
@@ -313,7 +321,16 @@ def test_torchmetrics_per_batch_sigmoid_pitfall():
     from torchmetrics.classification import MultilabelAveragePrecision
 
     labels = torch.tensor(
-        [[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0]]
+        [
+            [1, 0, 0, 1],
+            [0, 1, 0, 0],
+            [1, 1, 1, 0],
+            [0, 0, 1, 1],
+            [1, 0, 0, 0],
+            [0, 1, 1, 0],
+            [0, 0, 0, 1],
+            [1, 1, 0, 0],
+        ]
     )
     # batch 1 happens to lie in [0, 1], batch 2 does not: torchmetrics squashes only batch 2
     scores = torch.tensor(
@@ -339,7 +356,9 @@ def test_torchmetrics_per_batch_sigmoid_pitfall():
         collector.update(scores[sl], labels[sl])
     tm_value = 100.0 * float(tm.compute())
     # torchmetrics 1.9 measured: 94.58 vs the exact 96.67
-    assert abs(tm_value - exact) > 1.0, "torchmetrics no longer mixes sigmoid/raw batches: revisit ScoreCollector's note"
+    assert abs(tm_value - exact) > 1.0, (
+        "torchmetrics no longer mixes sigmoid/raw batches: revisit ScoreCollector's note"
+    )
     assert mean_average_precision(*collector.compute()) == pytest.approx(exact, abs=1e-12)
 
 

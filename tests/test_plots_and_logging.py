@@ -34,7 +34,9 @@ def test_pr_curves_are_the_points_the_ap_sums(difficult):
     assert curves[3] is None and np.isnan(ap[3])
     for c in range(3):
         precision, recall = curves[c]
-        assert len(precision) == len(np.unique(scores[labels[:, c] != 0, c] if difficult == "ignore" else scores[:, c]))
+        assert len(precision) == len(
+            np.unique(scores[labels[:, c] != 0, c] if difficult == "ignore" else scores[:, c])
+        )
         assert np.all(np.diff(recall) >= 0) and recall[-1] == 1.0
         assert np.sum(np.diff(recall, prepend=0.0) * precision) == pytest.approx(ap[c], abs=1e-12)
 
@@ -53,10 +55,15 @@ def test_pr_curves_match_sklearn():
 
 def test_figures_are_written_as_png(tmp_path):
     ap = [0.9, float("nan"), 0.4]
-    curves = precision_recall_curves(np.array([[0.9, 0.1, 0.3], [0.2, 0.2, 0.8]]), np.array([[1, 0, 1], [0, 0, 1]]))
+    curves = precision_recall_curves(
+        np.array([[0.9, 0.1, 0.3], [0.2, 0.2, 0.8]]), np.array([[1, 0, 1], [0, 0, 1]])
+    )
     image = Image.new("RGB", (32, 32), (200, 30, 30))
-    figures = {"ap.png": per_class_ap_figure(["a", "b", "c"], ap), "pr.png": pr_curves_figure(["a", "b", "c"], curves),
-               "heat.png": heatmap_figure([(image, [("a", np.eye(4)), ("b", np.ones((4, 4)) / 16)])])}
+    figures = {
+        "ap.png": per_class_ap_figure(["a", "b", "c"], ap),
+        "pr.png": pr_curves_figure(["a", "b", "c"], curves),
+        "heat.png": heatmap_figure([(image, [("a", np.eye(4)), ("b", np.ones((4, 4)) / 16)])]),
+    }
     for name, fig in figures.items():
         with Image.open(save_figure(fig, tmp_path / "sub" / name)) as im:
             assert im.format == "PNG" and im.size[0] >= 200
@@ -80,12 +87,16 @@ def test_heatmaps_share_one_colour_scale_with_one_colour_bar_and_draw_the_true_b
     att[1] = 0
     att[1, 0, 0] = 1.0  # one concentrated map: the figure's maximum
     boxes = {0: [(4.0, 4.0, 30.0, 30.0)], 2: [(40.0, 40.0, 60.0, 60.0), (2.0, 40.0, 20.0, 60.0)]}
-    rows = [(image, top_panels(names, np.array([3.0, 2.0, 1.0]), att, k=3, marks=[0, 2], boxes=boxes), boxes),
-            (image, top_panels(names, np.array([1.0, 2.0, 3.0]), att, k=2))]
+    rows = [
+        (image, top_panels(names, np.array([3.0, 2.0, 1.0]), att, k=3, marks=[0, 2], boxes=boxes), boxes),
+        (image, top_panels(names, np.array([1.0, 2.0, 3.0]), att, k=2)),
+    ]
     fig = heatmap_figure(rows, class_names=names)
     assert len(_colorbars(fig)) == 1
     overlays = [im for ax in fig.axes for im in ax.get_images() if im.get_array().shape == (4, 4)]
-    assert len(overlays) == 5 and {im.get_clim() for im in overlays} == {(0.0, 1.0)}  # one scale: 0 .. the max
+    assert len(overlays) == 5 and {im.get_clim() for im in overlays} == {
+        (0.0, 1.0)
+    }  # one scale: 0 .. the max
     assert all(im.get_alpha() == OVERLAY_ALPHA < 0.6 for im in overlays)  # the image shows through
     from matplotlib.patches import Rectangle
 
@@ -119,15 +130,27 @@ def test_true_boxes_follow_the_centre_crop_and_come_from_the_labels_file(tmp_pat
     pixels = np.zeros((50, 100, 3), np.uint8)
     pixels[20:30, 60:70] = 255
     crop = np.asarray(ClipImageTransform(32).crop(Image.fromarray(pixels)))
-    boxes = crop_boxes([{"label": "a", "box": [60, 20, 70, 30]}, {"label": "zzz", "box": [0, 0, 5, 5]},
-                        {"label": "a", "box": [0, 0, 10, 10]}], (100, 50), 32, ["a"])
+    boxes = crop_boxes(
+        [
+            {"label": "a", "box": [60, 20, 70, 30]},
+            {"label": "zzz", "box": [0, 0, 5, 5]},
+            {"label": "a", "box": [0, 0, 10, 10]},
+        ],
+        (100, 50),
+        32,
+        ["a"],
+    )
     assert list(boxes) == [0] and len(boxes[0]) == 1  # unknown class and cropped-away box dropped
     x0, y0, x1, y1 = boxes[0][0]
     ys, xs = np.nonzero(crop[..., 0] > 128)
     assert x0 - 1 <= xs.min() and xs.max() <= x1 and y0 - 1 <= ys.min() and ys.max() <= y1
     labels = tmp_path / "test.jsonl"
-    labels.write_text(json.dumps({"file_name": "x.png", "labels": ["a"], "boxes": [{"label": "a", "box": [1, 2, 3, 4]}]})
-                      + "\n" + json.dumps({"file_name": "y.png", "labels": []}) + "\n")
+    labels.write_text(
+        json.dumps({"file_name": "x.png", "labels": ["a"], "boxes": [{"label": "a", "box": [1, 2, 3, 4]}]})
+        + "\n"
+        + json.dumps({"file_name": "y.png", "labels": []})
+        + "\n"
+    )
     assert read_boxes(labels, ["x.png", "y.png"]) == {"x.png": [{"label": "a", "box": [1, 2, 3, 4]}]}
 
 
@@ -139,7 +162,9 @@ def test_run_folder_has_every_plot(wandb_run):
 
 def test_wandb_offline_run_holds_config_losses_map_table_and_plots(wandb_run):
     metrics = json.loads((wandb_run / "metrics.json").read_text())
-    (offline,) = (wandb_run / "wandb").glob("offline-run-*")  # offline by default: `wandb sync` uploads it later
+    (offline,) = (wandb_run / "wandb").glob(
+        "offline-run-*"
+    )  # offline by default: `wandb sync` uploads it later
     (table,) = offline.glob("files/media/table/test/per_class_AP_*.table.json")
     rows = json.loads(table.read_text())
     assert rows["columns"] == ["class", "AP"]
@@ -154,8 +179,15 @@ def test_wandb_offline_run_holds_config_losses_map_table_and_plots(wandb_run):
 
 def test_logger_none_trains_and_still_writes_plots(demo_dir, tmp_path, cli):
     run = tmp_path / "run"
-    cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}",
-        "trainer.max_epochs=2", "logger=none", cwd=tmp_path)
+    cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={run}",
+        "trainer.max_epochs=2",
+        "logger=none",
+        cwd=tmp_path,
+    )
     assert json.loads((run / "metrics.json").read_text())["test"]["test/mAP"] > 0
     assert all((run / "plots" / name).is_file() for name in PLOTS)
     assert not (run / "csv").exists() and not (run / "wandb").exists()

@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dbtr.cli.predict import main, parse_class_list
 from dbtr.data.images import ClipImageTransform, load_image
-from dbtr.testing.fixtures import TINY_CLASSES
 from dbtr.system.checkpoint import load_checkpoint, read_checkpoint
-from dbtr.cli.predict import parse_class_list
-from dbtr.cli.predict import main
+from dbtr.testing.fixtures import TINY_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,9 @@ def test_trained_checkpoints_load_with_weights_only(wandb_run):
 
 def test_unsafe_or_foreign_files_are_refused_with_a_reason(tmp_path):
     unsafe = tmp_path / "unsafe.ckpt"
-    torch.save({"hyper_parameters": {"class_names": ["a"]}, "state_dict": {}, "extra": Fraction(1, 3)}, unsafe)
+    torch.save(
+        {"hyper_parameters": {"class_names": ["a"]}, "state_dict": {}, "extra": Fraction(1, 3)}, unsafe
+    )
     with pytest.raises(ValueError, match="refused by safe loading.*fractions.Fraction"):
         read_checkpoint(unsafe)
     foreign = tmp_path / "weights.pt"
@@ -61,8 +62,19 @@ def test_cli_top_k_are_the_models_scores_and_bad_images_are_skipped(ckpt, demo_d
         shutil.copy(demo_dir / "images" / name, inputs / name)
     (inputs / "broken.png").write_bytes(b"\x89PNG but not really")
     out = tmp_path / "out" / "preds.jsonl"
-    proc = cli("dbtr-predict", ckpt, str(inputs), str(tmp_path / "missing.jpg"), "-o", str(out), "-k", "3",
-               "--heatmaps", str(tmp_path / "heat"), cwd=tmp_path)
+    proc = cli(
+        "dbtr-predict",
+        ckpt,
+        str(inputs),
+        str(tmp_path / "missing.jpg"),
+        "-o",
+        str(out),
+        "-k",
+        "3",
+        "--heatmaps",
+        str(tmp_path / "heat"),
+        cwd=tmp_path,
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [Path(r["image"]).name for r in records] == names
 
@@ -87,15 +99,30 @@ def test_csv_output_with_a_new_vocabulary(ckpt, demo_dir, tmp_path, capsys):
     classes = tmp_path / "vocab.txt"
     classes.write_text("blue\nzebra\nred\n")
     out = tmp_path / "preds.csv"
-    assert main([ckpt, str(demo_dir / "images" / "test_000*.png"), "-o", str(out), "-k", "2",
-                 "--classes", str(classes)]) == 0
+    assert (
+        main(
+            [
+                ckpt,
+                str(demo_dir / "images" / "test_000*.png"),
+                "-o",
+                str(out),
+                "-k",
+                "2",
+                "--classes",
+                str(classes),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 10 * 2 and {r["rank"] for r in rows} == {"1", "2"}
     assert {r["label"] for r in rows} <= {"blue", "zebra", "red"}
     summary = json.loads((tmp_path / "preds.csv.summary.json").read_text())
     assert summary["new_classes"] == ["zebra"] and summary["format"] == "csv"
     assert summary["new_class_rule"] == "a zero residual (plain zero-shot T0)"
-    assert "not trained on, scored with a zero residual (plain zero-shot T0): zebra" in capsys.readouterr().err
+    assert (
+        "not trained on, scored with a zero residual (plain zero-shot T0): zebra" in capsys.readouterr().err
+    )
     assert not (tmp_path / "preds.csv.skipped.txt").exists()
 
 
@@ -112,14 +139,18 @@ def test_a_new_name_scores_as_plain_zero_shot_and_trained_names_keep_their_resid
     trained = load_checkpoint(path)
     assert opened.new_classes == ["zebra"] and trained.new_classes == [] and trained.new_class_rule == ""
     hp = {**raw["hyper_parameters"], "evaluation": {"top_k": [1]}}
-    zero_shot = {name: DbtrLitModule(**{**hp, "class_names": [name]}, encoder=trained.model.encoder).eval()
-                 for name in ("zebra", "blue")}
+    zero_shot = {
+        name: DbtrLitModule(**{**hp, "class_names": [name]}, encoder=trained.model.encoder).eval()
+        for name in ("zebra", "blue")
+    }
     images = [load_image(demo_dir / "images" / f"test_{i:04d}.png") for i in range(8)]
     pixels = torch.stack([trained.transform(im) for im in images])
     got, want = opened.score(images)[0], trained.score(images)[0]
     with torch.no_grad():
         torch.testing.assert_close(got[:, 1], zero_shot["zebra"](pixels).logits[:, 0])
-        torch.testing.assert_close(got[:, [0, 2]], want[:, [TINY_CLASSES.index("blue"), TINY_CLASSES.index("red")]])
+        torch.testing.assert_close(
+            got[:, [0, 2]], want[:, [TINY_CLASSES.index("blue"), TINY_CLASSES.index("red")]]
+        )
         assert not torch.allclose(got[:, 0], zero_shot["blue"](pixels).logits[:, 0])  # the residual is kept
 
 
@@ -129,10 +160,16 @@ def test_a_new_vocabulary_keeps_the_seen_unseen_training_rule(ckpt, demo_dir, tm
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     seen, unseen = list(TINY_CLASSES[:2]), list(TINY_CLASSES[2:])
     hp = raw["hyper_parameters"]
-    hp.update(head={**hp["head"], "pfa": "none"}, class_subsets={"seen": seen, "unseen": unseen},
-              residual_classes="seen", evaluation={**hp["evaluation"], "val_subset": "seen"})
+    hp.update(
+        head={**hp["head"], "pfa": "none"},
+        class_subsets={"seen": seen, "unseen": unseen},
+        residual_classes="seen",
+        evaluation={**hp["evaluation"], "val_subset": "seen"},
+    )
     for key in ("head.global_classifier.residual", "head.local_classifier.residual"):
-        raw["state_dict"][key] = torch.randn_like(raw["state_dict"][key])  # nonzero rows for the unseen classes too
+        raw["state_dict"][key] = torch.randn_like(
+            raw["state_dict"][key]
+        )  # nonzero rows for the unseen classes too
     path = tmp_path / "zsl.ckpt"
     torch.save(raw, path)
     trained = load_checkpoint(path)

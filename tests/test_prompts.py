@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from dbtr.data.captions import encode_caption_features
 from dbtr.data.datamodule import TextToImageDataModule
 from dbtr.models.heads import DualBranchHead
-from dbtr.system.lit_module import CheckpointMismatchError, DbtrLitModule
 from dbtr.models.prompts import PromptLearner
+from dbtr.system.lit_module import CheckpointMismatchError, DbtrLitModule
 
 NAMES = ["red", "purple box", "diningtable"]  # multi-token names of different lengths; VOC's devkit spelling
 PHRASE = "a photo of a"
@@ -70,7 +70,9 @@ def test_random_init_follows_taidpt(encoder):
     width = encoder.model.config.text_config.hidden_size
     assert pl.ctx_global.shape == pl.ctx_local.shape == (16, width)
     for ctx in (pl.ctx_global, pl.ctx_local):
-        assert abs(float(ctx.detach().std()) - 0.02) < 0.002 and abs(float(ctx.detach().mean())) < 0.002  # 1,024 draws
+        assert (
+            abs(float(ctx.detach().std()) - 0.02) < 0.002 and abs(float(ctx.detach().mean())) < 0.002
+        )  # 1,024 draws
     assert not torch.equal(pl.ctx_global, pl.ctx_local)  # two independent contexts
     assert [n for n, _ in pl.named_parameters()] == ["ctx_global", "ctx_local"]
     assert set(pl.state_dict()) == {"ctx_global", "ctx_local"}  # token ids are rebuilt, not saved
@@ -107,8 +109,13 @@ def test_head_uses_the_given_bases_instead_of_t0():
 
 # ------------------------------------------------------------------------------------------- Lightning system
 def _datamodule(demo_dir, encoder):
-    dm = TextToImageDataModule(classes=str(demo_dir / "classes.txt"), train_captions=str(demo_dir / "captions.jsonl"),
-                               test_images=str(demo_dir / "images"), test_labels=str(demo_dir / "test.jsonl"), batch_size=32)
+    dm = TextToImageDataModule(
+        classes=str(demo_dir / "classes.txt"),
+        train_captions=str(demo_dir / "captions.jsonl"),
+        test_images=str(demo_dir / "images"),
+        test_labels=str(demo_dir / "test.jsonl"),
+        batch_size=32,
+    )
     dm.attach_encoder(encoder)
     dm.setup("fit")
     dm.set_caption_features(encode_caption_features(encoder, dm.captions.texts))
@@ -116,10 +123,16 @@ def _datamodule(demo_dir, encoder):
 
 
 def _taidpt(encoder, names, **prompts):
-    return DbtrLitModule(clip={"name_or_path": "unused"}, class_names=names, templates="simple", encoder=encoder,
-                         head={"global_residual": False, "local_residual": False, "pfa": "none"},
-                         prompts={"n_ctx": 16, **prompts}, optimizer={"name": "sgd", "lr": 0.5},
-                         scheduler={"name": "constant"})
+    return DbtrLitModule(
+        clip={"name_or_path": "unused"},
+        class_names=names,
+        templates="simple",
+        encoder=encoder,
+        head={"global_residual": False, "local_residual": False, "pfa": "none"},
+        prompts={"n_ctx": 16, **prompts},
+        optimizer={"name": "sgd", "lr": 0.5},
+        scheduler={"name": "constant"},
+    )
 
 
 def test_training_updates_only_the_contexts_and_clip_stays_bit_identical(demo_dir, encoder):
@@ -127,24 +140,42 @@ def test_training_updates_only_the_contexts_and_clip_stays_bit_identical(demo_di
     model = _taidpt(encoder, dm.class_names)
     clip_before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     ctx_before = [p.detach().clone() for p in (model.head.prompts.ctx_global, model.head.prompts.ctx_local)]
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.prompts.ctx_global", "head.prompts.ctx_local"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "head.prompts.ctx_global",
+        "head.prompts.ctx_local",
+    ]
 
     batch = next(iter(dm.train_dataloader()))
-    out = model.head(*model.features(batch)[:3], modality="text", bases=model.branch_bases())  # = training_step
+    out = model.head(
+        *model.features(batch)[:3], modality="text", bases=model.branch_bases()
+    )  # = training_step
     sum(model.branch_losses(out, batch["labels"]).values()).backward()
     assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
-    for p in (model.head.prompts.ctx_global, model.head.prompts.ctx_local):  # both branches' losses reach theirs
+    for p in (
+        model.head.prompts.ctx_global,
+        model.head.prompts.ctx_local,
+    ):  # both branches' losses reach theirs
         assert p.grad is not None and p.grad.abs().sum() > 0
     model.zero_grad()
 
     model.ensure_class_embeddings()  # T0 (one template per class) is built once, before fit
     passes = []
-    handle = encoder.model.text_model.encoder.register_forward_hook(lambda m, i, o: passes.append(o.last_hidden_state.shape[0]))
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False)
+    handle = encoder.model.text_model.encoder.register_forward_hook(
+        lambda m, i, o: passes.append(o.last_hidden_state.shape[0])
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(model, datamodule=dm)
     handle.remove()
-    assert passes == [2 * len(dm.class_names)] * 2  # one pass per step for C classes x 2 prompt sets, no caption
+    assert (
+        passes == [2 * len(dm.class_names)] * 2
+    )  # one pass per step for C classes x 2 prompt sets, no caption
     assert encoder.model.training is False
     for k, v in encoder.model.state_dict().items():
         assert torch.equal(v, clip_before[k]), k
@@ -155,15 +186,19 @@ def test_training_updates_only_the_contexts_and_clip_stays_bit_identical(demo_di
 def test_eval_class_embeddings_are_computed_once_per_context_version(demo_dir, encoder):
     model = _taidpt(encoder, ["red", "green", "blue"]).eval()
     model.ensure_class_embeddings()
-    batch = {"image_embeds": F.normalize(torch.randn(4, encoder.embed_dim), dim=-1),
-             "patch_embeds": F.normalize(torch.randn(4, 9, encoder.embed_dim), dim=-1)}
+    batch = {
+        "image_embeds": F.normalize(torch.randn(4, encoder.embed_dim), dim=-1),
+        "patch_embeds": F.normalize(torch.randn(4, 9, encoder.embed_dim), dim=-1),
+    }
     passes = []
     handle = encoder.model.text_model.encoder.register_forward_hook(lambda *a: passes.append(1))
     with torch.no_grad():
         first = model(batch)
         again = model(batch)
         assert len(passes) == 1 and torch.equal(first.logits, again.logits)
-        model.head.prompts.ctx_local.add_(torch.randn_like(model.head.prompts.ctx_local))  # in place, like a step
+        model.head.prompts.ctx_local.add_(
+            torch.randn_like(model.head.prompts.ctx_local)
+        )  # in place, like a step
         changed = model(batch)
         assert len(passes) == 2
         fresh_g, fresh_l = model.head.prompts(encoder)
@@ -172,7 +207,8 @@ def test_eval_class_embeddings_are_computed_once_per_context_version(demo_dir, e
     assert not torch.allclose(changed.logits_local, first.logits_local, atol=1e-4)
     torch.testing.assert_close(changed.logits_global, 4.0 * batch["image_embeds"] @ fresh_g.t())
     fresh_local = DualBranchHead(3, encoder.embed_dim, pfa="none")(
-        batch["image_embeds"], batch["patch_embeds"], bases=(fresh_g, fresh_l)).logits_local
+        batch["image_embeds"], batch["patch_embeds"], bases=(fresh_g, fresh_l)
+    ).logits_local
     torch.testing.assert_close(changed.logits_local, fresh_local)
 
 
@@ -186,25 +222,40 @@ def test_checkpoint_state_is_the_contexts_and_loads_strictly(encoder):
     assert torch.equal(other.head.prompts.ctx_local, model.head.prompts.ctx_local)
     with pytest.raises(CheckpointMismatchError, match="missing \\['head.prompts.ctx_local'\\]"):
         other.load_state_dict({"head.prompts.ctx_global": state["head.prompts.ctx_global"]})
-    with pytest.raises(CheckpointMismatchError, match="prompt context 'head.prompts.ctx_global' has shape \\(8, "):
+    with pytest.raises(
+        CheckpointMismatchError, match="prompt context 'head.prompts.ctx_global' has shape \\(8, "
+    ):
         _taidpt(encoder, names).load_state_dict(_taidpt(encoder, names, n_ctx=8).state_dict())
     with pytest.raises(CheckpointMismatchError, match="unexpected \\['head.prompts"):
-        DbtrLitModule(clip={"name_or_path": "unused"}, class_names=names, templates="simple",
-                      encoder=encoder).load_state_dict(state)
+        DbtrLitModule(
+            clip={"name_or_path": "unused"}, class_names=names, templates="simple", encoder=encoder
+        ).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------- through the console scripts
 @pytest.fixture(scope="module")
 def taidpt_run(demo_dir, tmp_path_factory, cli):
     run = tmp_path_factory.mktemp("taidpt") / "run"
-    cli("dbtr-train", "experiment=tiny_full", "model=taidpt", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}",
-        "trainer.max_epochs=1", "model.scheduler.warmup_epochs=0", "model.optimizer.lr=0.05", cwd=run.parent)
+    cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        "model=taidpt",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={run}",
+        "trainer.max_epochs=1",
+        "model.scheduler.warmup_epochs=0",
+        "model.optimizer.lr=0.05",
+        cwd=run.parent,
+    )
     return run
 
 
 def test_train_writes_metrics_and_a_contexts_only_checkpoint(taidpt_run):
     metrics = json.loads((taidpt_run / "metrics.json").read_text())
-    assert metrics["config"]["model"]["prompts"]["n_ctx"] == 16 and metrics["config"]["model"]["optimizer"]["name"] == "sgd"
+    assert (
+        metrics["config"]["model"]["prompts"]["n_ctx"] == 16
+        and metrics["config"]["model"]["optimizer"]["name"] == "sgd"
+    )
     for key in ("test/mAP", "test/mAP_global", "test/mAP_local"):
         assert 0.0 < metrics["test"][key] <= 100.0
     ckpt = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
@@ -223,10 +274,18 @@ def test_reloaded_checkpoint_and_dbtr_eval_reproduce_the_test_map(taidpt_run, de
     ds = ImageDataset(records, ClipImageTransform(32))
     with torch.no_grad():
         scores = model(torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])).logits
-    assert mean_average_precision(scores, records.labels) == pytest.approx(metrics["test"]["test/mAP"], abs=1e-6)
+    assert mean_average_precision(scores, records.labels) == pytest.approx(
+        metrics["test"]["test/mAP"], abs=1e-6
+    )
 
-    cli("dbtr-eval", f"ckpt_path={metrics['checkpoint']}", "data=tiny", f"paths.tiny_dir={demo_dir}",
-        f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    cli(
+        "dbtr-eval",
+        f"ckpt_path={metrics['checkpoint']}",
+        "data=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
     got = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     assert got["test/mAP"] == pytest.approx(metrics["test"]["test/mAP"], abs=1e-9)
     assert got["test/per_class_AP"] == metrics["test"]["test/per_class_AP"]
@@ -242,8 +301,10 @@ def test_a_new_class_name_is_scored_with_the_learned_shared_prompts(taidpt_run, 
     assert opened.new_classes == ["zebra"] and "learned prompt contexts" in opened.new_class_rule
     # TaI-DPT has no attention across classes, so a one-class model with the same contexts is the reference
     hp = torch.load(ckpt, map_location="cpu", weights_only=True)
-    alone = DbtrLitModule(**{**hp["hyper_parameters"], "class_names": ["zebra"], "evaluation": {"top_k": [1]}},
-                          encoder=trained.model.encoder)
+    alone = DbtrLitModule(
+        **{**hp["hyper_parameters"], "class_names": ["zebra"], "evaluation": {"top_k": [1]}},
+        encoder=trained.model.encoder,
+    )
     alone.load_state_dict(hp["state_dict"])
     alone.eval()
     images = [load_image(demo_dir / "images" / f"test_{i:04d}.png") for i in range(6)]
@@ -251,7 +312,9 @@ def test_a_new_class_name_is_scored_with_the_learned_shared_prompts(taidpt_run, 
     pixels = torch.stack([trained.transform(im) for im in images])
     with torch.no_grad():
         torch.testing.assert_close(got[:, 1], alone(pixels).logits[:, 0])
-        fresh = _taidpt(trained.model.encoder, ["zebra", "red", "green"])  # random contexts: the learned ones matter
+        fresh = _taidpt(
+            trained.model.encoder, ["zebra", "red", "green"]
+        )  # random contexts: the learned ones matter
         assert not torch.allclose(got[:, 1], fresh.eval()(pixels).logits[:, 0])
     torch.testing.assert_close(got[:, 0], want[:, 1])
 
@@ -266,7 +329,9 @@ def test_class_specific_prompts_refuse_new_names_but_allow_a_subset(encoder, cli
     path = tmp_path / "csc.ckpt"
     hp = {**model.hparams, "clip": {"name_or_path": str(clip_dir)}}
     torch.save({"hyper_parameters": hp, "state_dict": model.state_dict()}, path)
-    with pytest.raises(ValueError, match=r"one prompt context per training class.*new class names \['zebra'\]"):
+    with pytest.raises(
+        ValueError, match=r"one prompt context per training class.*new class names \['zebra'\]"
+    ):
         load_checkpoint(path, classes=["red", "zebra"])
     subset = load_checkpoint(path, classes=["blue", "red"]).model.head.prompts
     torch.testing.assert_close(subset.ctx_global, model.head.prompts.ctx_global[[2, 0]])

@@ -29,9 +29,19 @@ def toy_run(tmp_path_factory, cli):
     """A one-epoch dbtr-train experiment=toyworld on a small toy world (the warm-up is shortened, not refused)."""
     root = tmp_path_factory.mktemp("quickstart")
     run, world = root / "run", root / "world"
-    proc = cli("dbtr-train", "experiment=toyworld", f"paths.toyworld_dir={world}", "data.num_captions=400",
-               "data.num_val=24", "data.num_test=40", "trainer.max_epochs=1", "logger=none", "~callbacks.eval_plots",
-               f"hydra.run.dir={run}", cwd=root)
+    proc = cli(
+        "dbtr-train",
+        "experiment=toyworld",
+        f"paths.toyworld_dir={world}",
+        "data.num_captions=400",
+        "data.num_val=24",
+        "data.num_test=40",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "~callbacks.eval_plots",
+        f"hydra.run.dir={run}",
+        cwd=root,
+    )
     return run, world, proc
 
 
@@ -46,10 +56,22 @@ def test_one_epoch_run_shortens_the_warmup_and_prints_one_table(toy_run):
 def test_readme_quickstart_scores_a_toyworld_checkpoint_like_dbtr_predict(toy_run, cli, tmp_path):
     run, world, _ = toy_run
     ckpt = json.loads((run / "metrics.json").read_text())["checkpoint"]
-    test_names = [json.loads(line)["file_name"] for line in (world / "test.jsonl").read_text().splitlines()[:5]]
+    test_names = [
+        json.loads(line)["file_name"] for line in (world / "test.jsonl").read_text().splitlines()[:5]
+    ]
     images = [world / "images" / n for n in test_names]
-    cli("dbtr-predict", ckpt, *map(str, images), "-o", str(tmp_path / "pred.jsonl"), "-k", "3", "--device", "cpu",
-        cwd=tmp_path)
+    cli(
+        "dbtr-predict",
+        ckpt,
+        *map(str, images),
+        "-o",
+        str(tmp_path / "pred.jsonl"),
+        "-k",
+        "3",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     predicted = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [p["image"] for p in predicted] == list(map(str, images))
 
@@ -61,8 +83,9 @@ def test_readme_quickstart_scores_a_toyworld_checkpoint_like_dbtr_predict(toy_ru
         got = ast.literal_eval(printed.getvalue())  # the list of (class, score) it prints
         assert [name for name, _ in got] == [t["label"] for t in want["top"]]
         assert [s for _, s in got] == pytest.approx([t["score"] for t in want["top"]], abs=2e-3)
-        assert ns["out"].logits[0].topk(3).values.tolist() == pytest.approx([t["score"] for t in want["top"]],
-                                                                             abs=1e-6)
+        assert ns["out"].logits[0].topk(3).values.tolist() == pytest.approx(
+            [t["score"] for t in want["top"]], abs=1e-6
+        )
     # the checkpoint's own preprocessing, not CLIP's: CLIP's mean/std would give other scores
     transform = ns["transform"]
     assert transform.mean.flatten().tolist() == [0.5, 0.5, 0.5] and transform.size == 64
@@ -86,7 +109,9 @@ def test_loaded_checkpoint_reproduces_the_training_runs_test(toy_run):
     ds = ImageDataset(records, transform)
     with torch.no_grad():
         scores = model(torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])).logits
-    assert mean_average_precision(scores, records.labels) == pytest.approx(metrics["test"]["test/mAP"], abs=1e-3)
+    assert mean_average_precision(scores, records.labels) == pytest.approx(
+        metrics["test"]["test/mAP"], abs=1e-3
+    )
     meta = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)["dbtr"]
     assert meta["preprocessing"] == {"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert meta["run"]["choices"]["model"] == "dbtr" and meta["run"]["seed"] == 1

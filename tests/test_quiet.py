@@ -10,8 +10,16 @@ import warnings
 from cli_helpers import cli_env, run_cli
 
 NOISE = ("Epoch", "GPU available", "Test metric", "[INFO]", "Seed set", "encoding")
-LIBRARY_NOISE = ("GPU available", "TPU available", "HPU available", "💡 Tip", "litlogger", "litmodels",
-                 "LeafSpec", "to estimate number of stepping batches")
+LIBRARY_NOISE = (
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "💡 Tip",
+    "litlogger",
+    "litmodels",
+    "LeafSpec",
+    "to estimate number of stepping batches",
+)
 
 
 def _warnings_shown_env() -> dict[str, str]:
@@ -23,9 +31,17 @@ def _warnings_shown_env() -> dict[str, str]:
 
 def test_quiet_train_and_eval_print_little_but_the_metrics(demo_dir, tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("dbtr-train", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", "trainer.max_epochs=2",
-                   "quiet=true", "cache_image_features=true", f"hydra.run.dir={run}", cwd=tmp_path,
-                   env=_warnings_shown_env())
+    proc = run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        "trainer.max_epochs=2",
+        "quiet=true",
+        "cache_image_features=true",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        env=_warnings_shown_env(),
+    )
     m_ap = json.loads((run / "metrics.json").read_text())["test"]["test/mAP"]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) <= 12, proc.stdout
@@ -37,9 +53,12 @@ def test_quiet_train_and_eval_print_little_but_the_metrics(demo_dir, tmp_path):
 
     ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     args = ["data=tiny", f"paths.tiny_dir={demo_dir}"]
-    quiet = run_cli("dbtr-eval", ckpt, *args, "quiet=true", f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path).stdout
-    loud = run_cli("dbtr-eval", ckpt, *args, f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path,
-                   env=_warnings_shown_env())
+    quiet = run_cli(
+        "dbtr-eval", ckpt, *args, "quiet=true", f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path
+    ).stdout
+    loud = run_cli(
+        "dbtr-eval", ckpt, *args, f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path, env=_warnings_shown_env()
+    )
     e_map = json.loads((tmp_path / "e1" / "metrics.json").read_text())["test"]["test/mAP"]
     assert f"{e_map:.2f}" in quiet and not [n for n in NOISE if n in quiet], quiet
     assert "[INFO]" in loud.stdout and len(loud.stdout) > 2 * len(quiet)

@@ -22,10 +22,25 @@ QUIET = ["logger=none", "callbacks=none"]  # no checkpoints or plots: seconds pe
 def runs(demo_dir, tmp_path_factory, cli):
     """<root>/multirun/sweep/{0,1} (full method, seeds 1 and 2) and <root>/single/zs (zero-shot CLIP)."""
     root = tmp_path_factory.mktemp("results")
-    cli("dbtr-train", "-m", "experiment=tiny_full", f"paths.tiny_dir={demo_dir}", *TRAIN, "seed=1,2", *QUIET,
-        f"hydra.sweep.dir={root / 'multirun' / 'sweep'}", cwd=root)
-    cli("dbtr-train", "experiment=tiny_zsclip", f"paths.tiny_dir={demo_dir}", *QUIET,
-        f"hydra.run.dir={root / 'single' / 'zs'}", cwd=root)
+    cli(
+        "dbtr-train",
+        "-m",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        *TRAIN,
+        "seed=1,2",
+        *QUIET,
+        f"hydra.sweep.dir={root / 'multirun' / 'sweep'}",
+        cwd=root,
+    )
+    cli(
+        "dbtr-train",
+        "experiment=tiny_zsclip",
+        f"paths.tiny_dir={demo_dir}",
+        *QUIET,
+        f"hydra.run.dir={root / 'single' / 'zs'}",
+        cwd=root,
+    )
     return root
 
 
@@ -59,7 +74,11 @@ def _row(markdown: str, method: str) -> list[str]:
 
 def test_metrics_json_records_choices_and_overrides(runs):
     m = _metrics(runs / "multirun" / "sweep" / "0")
-    assert (m["choices"]["model"], m["choices"]["data"], m["choices"]["experiment"]) == ("dbtr", "tiny", "tiny_full")
+    assert (m["choices"]["model"], m["choices"]["data"], m["choices"]["experiment"]) == (
+        "dbtr",
+        "tiny",
+        "tiny_full",
+    )
     assert not any(k.startswith("hydra/") for k in m["choices"])
     assert "seed=1" in m["overrides"] and "model.optimizer.lr=0.01" in m["overrides"]
 
@@ -113,9 +132,14 @@ def test_sort_puts_the_best_first(runs, capsys):
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (lambda m: m.update(class_names=m["class_names"][:-1]), ["class_names: 6 classes vs 5 classes", "'orange'"]),
-        (lambda m: m["config"]["model"]["evaluation"].update(difficult="ignore"),
-         ["difficult: 'negative' vs 'ignore'"]),
+        (
+            lambda m: m.update(class_names=m["class_names"][:-1]),
+            ["class_names: 6 classes vs 5 classes", "'orange'"],
+        ),
+        (
+            lambda m: m["config"]["model"]["evaluation"].update(difficult="ignore"),
+            ["difficult: 'negative' vs 'ignore'"],
+        ),
         (lambda m: m["test"].update({"test/num_images": 10}), ["num_images: 32 vs 10"]),
     ],
     ids=["class_names", "difficult", "num_images"],
@@ -138,7 +162,9 @@ def test_broken_and_unfinished_runs_are_listed_as_skipped(runs, capsys, tmp_path
     broken = _copy(runs / "single" / "zs", tmp_path / "broken")
     (broken / "metrics.json").write_text('{"task_name": "tiny_zsclip", "test": {')  # killed mid-write
     unfinished = tmp_path / "unfinished"
-    shutil.copytree(runs / "single" / "zs" / ".hydra", unfinished / ".hydra")  # a run that died before metrics.json
+    shutil.copytree(
+        runs / "single" / "zs" / ".hydra", unfinished / ".hydra"
+    )  # a run that died before metrics.json
     rc, out, err = _run(capsys, runs, tmp_path)
     assert rc == 0
     assert "Skipped 2 run folder(s):" in out and "3 runs" in out
@@ -159,7 +185,9 @@ def test_a_config_changed_behind_the_overrides_is_noted(runs, capsys, tmp_path):
     assert rc == 0 and _row(out, "dbtr")[2].endswith("(3)")
     assert "differ beyond the seed (model.optimizer.lr: 0.01 vs 0.5)" in out
     rc, out, _ = _run(capsys, runs / "multirun")
-    assert "differ beyond the seed" not in out  # real seed sweeps differ only in the seed and their own folders
+    assert (
+        "differ beyond the seed" not in out
+    )  # real seed sweeps differ only in the seed and their own folders
 
 
 def test_missing_metric_shows_a_dash_and_is_reported(runs, capsys):
@@ -191,14 +219,22 @@ def test_eval_runs_take_method_and_seed_from_the_training_run(runs, capsys, tmp_
         m.update(task_name="eval", kind="eval", checkpoint=str(train / "checkpoints" / "last.ckpt"))
         m.pop("seed")
         m["choices"].update(model="from_checkpoint", experiment=None)
-        m["overrides"] = [f"ckpt_path={train}/checkpoints/last.ckpt", "data=tiny", "model.evaluation.difficult=ignore"]
-        m["config"]["model"] = {"evaluation": {"difficult": "ignore", "top_k": None, "f1_at": None, "val_subset": None}}
+        m["overrides"] = [
+            f"ckpt_path={train}/checkpoints/last.ckpt",
+            "data=tiny",
+            "model.evaluation.difficult=ignore",
+        ]
+        m["config"]["model"] = {
+            "evaluation": {"difficult": "ignore", "top_k": None, "f1_at": None, "val_subset": None}
+        }
 
     ev = _copy(train, tmp_path / "eval", as_eval, hydra=False)
     rc, out, _ = _run(capsys, ev, "--format", "csv")
     row = next(csv.DictReader(io.StringIO(out)))
     assert rc == 0 and row["method"] == "dbtr" and row["seeds"] == "2"
-    assert row["made_by"].startswith("dbtr-eval model.evaluation.difficult=ignore on (experiment=tiny_full model=dbtr")
+    assert row["made_by"].startswith(
+        "dbtr-eval model.evaluation.difficult=ignore on (experiment=tiny_full model=dbtr"
+    )
     assert "tiny [difficult='ignore']" in row["column"] or row["column"] == "tiny"
 
 
@@ -209,12 +245,18 @@ def test_one_checkpoint_evaluated_twice_is_one_eval_row_not_two_seeds(runs, caps
     ckpt = tmp_path / "moved" / "best.ckpt"  # the training run folder is not beside the checkpoint
 
     def as_eval(m):
-        source = {"task_name": m["task_name"], "choices": dict(m["choices"]), "overrides": list(m["overrides"]),
-                  "seed": m["seed"]}
+        source = {
+            "task_name": m["task_name"],
+            "choices": dict(m["choices"]),
+            "overrides": list(m["overrides"]),
+            "seed": m["seed"],
+        }
         m.update(task_name="eval", kind="eval", checkpoint=str(ckpt), source=source, seed=1)
         m["choices"].update(model="from_checkpoint", experiment=None)
         m["overrides"] = [f"ckpt_path={ckpt}", "data=tiny"]
-        m["config"]["model"] = {"evaluation": {"difficult": None, "top_k": None, "f1_at": None, "val_subset": None}}
+        m["config"]["model"] = {
+            "evaluation": {"difficult": None, "top_k": None, "f1_at": None, "val_subset": None}
+        }
 
     first = _copy(train, tmp_path / "evals" / "a", as_eval, hydra=False)
     second = _copy(train, tmp_path / "evals" / "b", as_eval, hydra=False)
@@ -223,7 +265,9 @@ def test_one_checkpoint_evaluated_twice_is_one_eval_row_not_two_seeds(runs, caps
     dbtr_rows = [line for line in out.splitlines() if line.startswith("| dbtr |")]
     assert len(dbtr_rows) == 2 and all(line.rstrip(" |").endswith("(1)") for line in dbtr_rows), out
     assert any("`dbtr-eval on (experiment=tiny_full model=dbtr" in line for line in dbtr_rows)
-    assert f"was evaluated 2 times the same way ({first}, {second}): counted once" in err.replace(str(Path.cwd()) + "/", "")
+    assert f"was evaluated 2 times the same way ({first}, {second}): counted once" in err.replace(
+        str(Path.cwd()) + "/", ""
+    )
     assert "differ beyond the seed" not in out and "appears in" not in out
 
 

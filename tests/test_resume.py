@@ -19,8 +19,16 @@ EPOCHS = 16  # tiny epochs take ~0.1 s: enough of them that the kill lands mid-r
 
 def _args(demo_dir: Path, run: Path, *extra: str) -> list[str]:
     # feature noise makes training draw from the global RNG, which a checkpoint does not restore by itself
-    return ["experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"hydra.run.dir={run}", "seed=5",
-            f"trainer.max_epochs={EPOCHS}", "model.head.feature_noise_std=0.05", "quiet=true", *extra]
+    return [
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.run.dir={run}",
+        "seed=5",
+        f"trainer.max_epochs={EPOCHS}",
+        "model.head.feature_noise_std=0.05",
+        "quiet=true",
+        *extra,
+    ]
 
 
 def _heads(run: Path) -> dict[str, torch.Tensor]:
@@ -44,8 +52,13 @@ def test_killed_run_resumed_from_last_matches_uninterrupted_run(demo_dir, tmp_pa
     run_cli("dbtr-train", *_args(demo_dir, full), cwd=tmp_path)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command("dbtr-train"), *_args(demo_dir, killed)], cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*command("dbtr-train"), *_args(demo_dir, killed)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     last, deadline, epoch = killed / "checkpoints" / "last.ckpt", time.monotonic() + 300, -1
     try:
         while epoch < 1 and proc.poll() is None and time.monotonic() < deadline:
@@ -69,14 +82,20 @@ def test_killed_run_resumed_from_last_matches_uninterrupted_run(demo_dir, tmp_pa
 
 
 def test_resume_last_without_checkpoint_fails_clearly(demo_dir, tmp_path):
-    proc = run_cli("dbtr-train", *_args(demo_dir, tmp_path / "fresh", "ckpt_path=last"), cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-train", *_args(demo_dir, tmp_path / "fresh", "ckpt_path=last"), cwd=tmp_path, check=False
+    )
     assert proc.returncode != 0
     assert "ckpt_path=last but" in proc.stderr and "hydra.run.dir=<the run folder to resume>" in proc.stderr
 
 
 def test_resume_from_missing_path_fails_clearly(demo_dir, tmp_path):
-    proc = run_cli("dbtr-train", *_args(demo_dir, tmp_path / "r", f"ckpt_path={tmp_path / 'nope.ckpt'}"),
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-train",
+        *_args(demo_dir, tmp_path / "r", f"ckpt_path={tmp_path / 'nope.ckpt'}"),
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
 
 
@@ -91,8 +110,12 @@ def test_resume_refuses_a_checkpoint_of_another_class_order(two_epochs, demo_dir
     names = (demo_dir / "classes.txt").read_text().split()
     reordered = tmp_path / "classes.txt"
     reordered.write_text("\n".join(reversed(names)) + "\n")
-    proc = run_cli("dbtr-train", *_args(demo_dir, tmp_path / "r", f"ckpt_path={two_epochs}", f"data.classes={reordered}"),
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-train",
+        *_args(demo_dir, tmp_path / "r", f"ckpt_path={two_epochs}", f"data.classes={reordered}"),
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"ckpt_path={two_epochs}" in proc.stderr and "same names in a different order" in proc.stderr
     assert not (tmp_path / "r" / "metrics.json").exists()
@@ -103,7 +126,11 @@ def test_init_from_refuses_a_checkpoint_of_another_clip(two_epochs, demo_dir, tm
 
     other = tmp_path / "clip_other"
     save_random_clip(other, ["a red square"], seed=7, vision_image_size=32)
-    proc = run_cli("dbtr-train", *_args(demo_dir, tmp_path / "i", f"model.init_from={two_epochs}",
-                                        f"clip.name_or_path={other}"), cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-train",
+        *_args(demo_dir, tmp_path / "i", f"model.init_from={two_epochs}", f"clip.name_or_path={other}"),
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"model.init_from={two_epochs}" in proc.stderr and "was trained on another CLIP" in proc.stderr

@@ -12,7 +12,9 @@ from dbtr.utils.runs import find_checkpoint
 
 def _ckpt(path, use_local, mtime):
     path.parent.mkdir(parents=True)
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"head": {"use_local": use_local}}}, path)
+    torch.save(
+        {"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"head": {"use_local": use_local}}}, path
+    )
     os.utime(path, (mtime, mtime))
     return path
 

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from cli_helpers import run_cli
 from dbtr.utils.cluster import SlurmLayoutError, check_slurm_layout
 from dbtr.utils.hydra_utils import CONFIG_DIR
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from dbtr.utils.objective import optimized_value
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
 
 def _compose(overrides: list[str]):
@@ -25,12 +25,24 @@ def _compose(overrides: list[str]):
 @pytest.mark.slow
 def test_two_seed_multirun_writes_one_run_per_seed(demo_dir, tmp_path):
     sweep = tmp_path / "multi"
-    run_cli("dbtr-train", "-m", "experiment=tiny_full", "seed=1,2", "trainer.max_epochs=2", "quiet=true",
-            f"paths.tiny_dir={demo_dir}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    run_cli(
+        "dbtr-train",
+        "-m",
+        "experiment=tiny_full",
+        "seed=1,2",
+        "trainer.max_epochs=2",
+        "quiet=true",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     runs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert [r["seed"] for r in runs] == [1, 2]
     assert all(0 < r["test"]["test/mAP"] <= 100 and r["test"]["test/num_images"] == 32 for r in runs)
-    heads = [torch.load(sweep / str(i) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for i in (0, 1)]
+    heads = [
+        torch.load(sweep / str(i) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for i in (0, 1)
+    ]
     key = "head.global_classifier.residual"
     assert not torch.equal(heads[0][key], heads[1][key])  # the seed reached training (caption order)
 
@@ -52,9 +64,19 @@ def test_optuna_search_config_composes():
 def test_optuna_two_trials_maximise_validation_map(demo_dir, tmp_path):
     """Two Optuna trials on tiny data: the study's best value is the best trial's validation selection score."""
     sweep = tmp_path / "optuna"
-    run_cli("dbtr-train", "-m", "hparams_search=dbtr_optuna", "experiment=tiny_full", "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=2", "quiet=true",
-            f"paths.tiny_dir={demo_dir}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    run_cli(
+        "dbtr-train",
+        "-m",
+        "hparams_search=dbtr_optuna",
+        "experiment=tiny_full",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "trainer.max_epochs=2",
+        "quiet=true",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     trials = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     lrs = [t["config"]["model"]["optimizer"]["lr"] for t in trials]
     assert lrs[0] != lrs[1] and all(1e-4 <= lr <= 1e-2 for lr in lrs)
@@ -69,11 +91,19 @@ def test_objective_is_the_selection_metric_not_the_test():
     assert optimized_value(None, {"test/mAP": 90.0}, sel, {"val/mAP": 65.0}) == 71.0
     assert optimized_value("val/mAP", {}, {}, {"val/mAP": 65.0}) == 65.0  # no checkpoint callback: last epoch
     assert optimized_value(None, {"test/mAP": 90.0}, {}, {}) is None
-    with pytest.raises(ValueError, match="optimized_metric=val/mAP was not produced.*available: \\['test/mAP'\\]"):
+    with pytest.raises(
+        ValueError, match="optimized_metric=val/mAP was not produced.*available: \\['test/mAP'\\]"
+    ):
         optimized_value("val/mAP", {"test/mAP": 90.0}, {}, {})
 
 
-SLURM = ["launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.partition=gpu"]
+SLURM = [
+    "launcher=slurm",
+    "trainer=ddp",
+    "trainer.devices=4",
+    "trainer.num_nodes=2",
+    "hydra.launcher.partition=gpu",
+]
 
 
 def test_slurm_launcher_follows_the_trainer_layout(tmp_path, monkeypatch):
@@ -93,8 +123,16 @@ def test_slurm_launcher_follows_the_trainer_layout(tmp_path, monkeypatch):
     plugin = instantiate(launcher)
     assert isinstance(plugin, SlurmLauncher)
     params = {k: v for k, v in plugin.params.items() if k not in ("submitit_folder", "max_num_timeout")}
-    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
-            "stderr_to_stdout"}
+    base = {
+        "timeout_min",
+        "cpus_per_task",
+        "gpus_per_node",
+        "tasks_per_node",
+        "mem_gb",
+        "nodes",
+        "name",
+        "stderr_to_stdout",
+    }
     executor = submitit.AutoExecutor(folder=tmp_path / "sub", cluster="slurm")
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     sbatch = executor._executor._make_submission_file_text("python -c pass", "uid")
@@ -102,11 +140,14 @@ def test_slurm_launcher_follows_the_trainer_layout(tmp_path, monkeypatch):
         assert f"#SBATCH {line}" in sbatch
 
 
-@pytest.mark.parametrize("override, message", [
-    ("hydra.launcher.tasks_per_node=8", "tasks_per_node=8 but trainer.devices=4: they must be equal"),
-    ("hydra.launcher.nodes=1", "nodes=1 but trainer.num_nodes=2: they must be equal"),
-    ("trainer.devices=auto", "must be integers"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("hydra.launcher.tasks_per_node=8", "tasks_per_node=8 but trainer.devices=4: they must be equal"),
+        ("hydra.launcher.nodes=1", "nodes=1 but trainer.num_nodes=2: they must be equal"),
+        ("trainer.devices=auto", "must be integers"),
+    ],
+)
 def test_slurm_layout_mismatch_is_refused_before_submitting(override, message):
     cfg = _compose(SLURM + [override])
     with pytest.raises(SlurmLayoutError, match=message):
@@ -114,8 +155,17 @@ def test_slurm_layout_mismatch_is_refused_before_submitting(override, message):
 
 
 def test_slurm_mismatch_fails_from_the_cli_without_submitting(demo_dir, tmp_path):
-    proc = run_cli("dbtr-train", "-m", *SLURM[:-1], "hydra.launcher.tasks_per_node=2", "experiment=tiny_full",
-                   f"paths.tiny_dir={demo_dir}", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-train",
+        "-m",
+        *SLURM[:-1],
+        "hydra.launcher.tasks_per_node=2",
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "tasks_per_node=2 but trainer.devices=4" in proc.stderr
     assert not (tmp_path / "s" / ".submitit").exists()

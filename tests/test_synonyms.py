@@ -70,7 +70,9 @@ def test_inflections_of_one_word_in_two_classes_are_a_shared_synonym():
 
 def test_a_synonym_without_letters_or_digits_is_refused():
     # tokenised to nothing, it would be found in every caption
-    with pytest.raises(VocabularyError, match=r"class 'dog' has the synonym '--', which has no letter or digit"):
+    with pytest.raises(
+        VocabularyError, match=r"class 'dog' has the synonym '--', which has no letter or digit"
+    ):
         SynonymVocabulary({"dog": ["dog", "--"], "cat": ["cat"]})
 
 
@@ -101,9 +103,17 @@ def test_builtin_vocabularies_cover_the_datasets_in_standard_order():
     from dbtr.text.synonyms import builtin_vocabulary
 
     voc, coco, nus = (builtin_vocabulary(n) for n in ("voc2007", "coco2014", "nuswide"))
-    assert len(voc.class_names) == 20 and voc.class_names[10] == "diningtable" and voc.prompt_names[10] == "dining table"
+    assert (
+        len(voc.class_names) == 20
+        and voc.class_names[10] == "diningtable"
+        and voc.prompt_names[10] == "dining table"
+    )
     assert voc.class_names[-1] == "tvmonitor"
-    assert len(coco.class_names) == 80 and coco.class_names[0] == "person" and coco.class_names[-1] == "toothbrush"
+    assert (
+        len(coco.class_names) == 80
+        and coco.class_names[0] == "person"
+        and coco.class_names[-1] == "toothbrush"
+    )
     assert len(nus.class_names) == 81 and nus.class_names[0] == "airport" and nus.class_names[-1] == "zebra"
     with pytest.raises(ValueError, match="unknown vocabulary"):
         builtin_vocabulary("imagenet")

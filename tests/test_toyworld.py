@@ -89,7 +89,12 @@ def test_localization_scores_against_hand_computed_values():
     labels = -np.ones((1, len(CLASS_NAMES)))
     labels[0, 0] = 1
     got = localization_scores(att, labels, boxes, CLASS_NAMES, 64)
-    assert got == {"mass_in_box": pytest.approx(70.0), "mass_in_box_uniform": 25.0, "pointing_accuracy": 100.0, "pairs": 1}
+    assert got == {
+        "mass_in_box": pytest.approx(70.0),
+        "mass_in_box_uniform": 25.0,
+        "pointing_accuracy": 100.0,
+        "pairs": 1,
+    }
 
 
 def test_model_folder_is_replaced_atomically(tmp_path, monkeypatch):

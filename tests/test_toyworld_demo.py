@@ -37,8 +37,13 @@ def reduced_demo(tmp_path_factory):
 
     quiet_lightning()
     out = tmp_path_factory.mktemp("toyworld")
-    overrides = [f"paths.toyworld_dir={out / 'world'}", "data.num_captions=4000", "data.num_val=200",
-                 "data.num_test=500", "trainer.max_epochs=6"]
+    overrides = [
+        f"paths.toyworld_dir={out / 'world'}",
+        "data.num_captions=4000",
+        "data.num_val=200",
+        "data.num_test=500",
+        "trainer.max_epochs=6",
+    ]
     return out, run_demo(out / "demo", seeds=(1,), methods=["zsclip", "dbtr"], overrides=overrides)
 
 
@@ -76,5 +81,7 @@ def test_demo_runs_tabulate_with_dbtr_results(reduced_demo):
     rows = {row["method"]: row for row in build_table(runs, ["test/mAP"]).rows}
     for method in ("zsclip", "dbtr"):
         assert rows[method]["cells"][(0, "test/mAP")][0] == summary["methods"][method]["mAP"]
-    assert rows["dbtr"]["made_by"] == ("experiment=toyworld model=dbtr data.num_captions=4000 data.num_val=200 "
-                                       "data.num_test=500 trainer.max_epochs=6")
+    assert rows["dbtr"]["made_by"] == (
+        "experiment=toyworld model=dbtr data.num_captions=4000 data.num_val=200 "
+        "data.num_test=500 trainer.max_epochs=6"
+    )

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import cli_env, run_cli
 from PIL import Image
 
+from cli_helpers import cli_env, run_cli
 from dbtr.data.images import ClipImageTransform, ImageDataset, ImageDecodeError, ImageRecords, load_image
 from dbtr.data.labels import load_class_names
-from dbtr.utils.files import DataFormatError, iter_jsonl, read_text
 from dbtr.utils.errors import UserError, user_message
+from dbtr.utils.files import DataFormatError, iter_jsonl, read_text
 
 
 def clean_failure(proc, *names: str, code: int = 2) -> str:
@@ -48,28 +48,54 @@ def tiny_copy(demo_dir, tmp_path) -> Path:
 
 # ------------------------------------------------------------------ Hydra apps (dbtr-train, -eval, -data)
 
+
 def test_missing_clip_weights_is_one_message_and_the_full_trace_on_request(demo_dir, tmp_path):
     missing = tmp_path / "no-such-clip"
-    args = ("experiment=tiny_full", f"paths.tiny_dir={demo_dir}", f"clip.name_or_path={missing}",
-            f"hydra.run.dir={tmp_path / 'run'}")
-    text = clean_failure(run_cli("dbtr-train", *args, cwd=tmp_path, check=False), str(missing), "clip.name_or_path=")
-    assert "InstantiationException" not in text and "\\n" not in text  # the cause itself, not Hydra's repr of it
+    args = (
+        "experiment=tiny_full",
+        f"paths.tiny_dir={demo_dir}",
+        f"clip.name_or_path={missing}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    text = clean_failure(
+        run_cli("dbtr-train", *args, cwd=tmp_path, check=False), str(missing), "clip.name_or_path="
+    )
+    assert (
+        "InstantiationException" not in text and "\\n" not in text
+    )  # the cause itself, not Hydra's repr of it
     assert "dbtr-train: error: Could not load CLIP weights" in text
-    assert "Could not load CLIP weights" in (tmp_path / "run" / "train.log").read_text()  # the run's log keeps it
+    assert (
+        "Could not load CLIP weights" in (tmp_path / "run" / "train.log").read_text()
+    )  # the run's log keeps it
 
     full = run_cli("dbtr-train", *args, cwd=tmp_path, check=False, env=cli_env(HYDRA_FULL_ERROR="1"))
     assert full.returncode != 0 and "Traceback" in full.stderr and "ClipWeightsNotFound" in full.stderr
 
 
 def test_a_wrong_split_lists_the_allowed_values(tmp_path):
-    proc = run_cli("dbtr-data", "data=coco2014", f"data.root={tmp_path}", "data.split=test",
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-data",
+        "data=coco2014",
+        f"data.root={tmp_path}",
+        "data.split=test",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
     clean_failure(proc, "data.split=test", "val2014", "train2014")
 
 
 def test_a_failed_multirun_job_is_reported_and_the_others_still_run(demo_dir, tmp_path):
-    proc = run_cli("dbtr-data", "-m", "data=tiny", f"paths.tiny_dir={demo_dir}", "data.on_bad_image=bogus,skip",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-data",
+        "-m",
+        "data=tiny",
+        f"paths.tiny_dir={demo_dir}",
+        "data.on_bad_image=bogus,skip",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        check=False,
+    )
     text = clean_failure(proc, "data.on_bad_image=bogus", "error, skip", code=1)
     assert "Error executing job with overrides" in text
     assert (tmp_path / "sweep" / "1" / "dataset_stats.json").is_file()  # the job after the failed one ran
@@ -77,8 +103,15 @@ def test_a_failed_multirun_job_is_reported_and_the_others_still_run(demo_dir, tm
 
 def test_eval_refuses_missing_foreign_and_mismatched_inputs(ckpt, tiny_copy, tmp_path):
     def evaluate(*args: str):
-        return run_cli("dbtr-eval", "data=tiny", f"paths.tiny_dir={tiny_copy}", f"hydra.run.dir={tmp_path / 'run'}",
-                       *args, cwd=tmp_path, check=False)
+        return run_cli(
+            "dbtr-eval",
+            "data=tiny",
+            f"paths.tiny_dir={tiny_copy}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *args,
+            cwd=tmp_path,
+            check=False,
+        )
 
     clean_failure(evaluate(), "ckpt_path is required", "ckpt_path=<value>")
     absent = tmp_path / "absent.ckpt"
@@ -97,6 +130,7 @@ def test_eval_refuses_missing_foreign_and_mismatched_inputs(ckpt, tiny_copy, tmp
 
 # ------------------------------------------------------------------ argparse apps (dbtr-predict, -toyworld)
 
+
 class _RunsCode:
     def __reduce__(self):
         return os.system, ("echo this must never run",)
@@ -107,13 +141,26 @@ def test_predict_refuses_an_unsafe_checkpoint_in_one_line(demo_dir, tmp_path):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"hyper_parameters": {"class_names": ["a"]}, "state_dict": {}, "x": _RunsCode()}, evil)
-    proc = run_cli("dbtr-predict", str(evil), str(demo_dir / "images" / "test_0000.png"), "-o",
-                   str(tmp_path / "p.jsonl"), cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-predict",
+        str(evil),
+        str(demo_dir / "images" / "test_0000.png"),
+        "-o",
+        str(tmp_path / "p.jsonl"),
+        cwd=tmp_path,
+        check=False,
+    )
     text = clean_failure(proc, str(evil), "refused by safe loading", f"{os.system.__module__}.system")
     assert "this must never run" not in text and len(proc.stderr.strip().splitlines()) == 1
 
-    traced = run_cli("dbtr-predict", str(evil), str(demo_dir / "images" / "test_0000.png"), cwd=tmp_path,
-                     check=False, env=cli_env(DBTR_TRACEBACK="1"))
+    traced = run_cli(
+        "dbtr-predict",
+        str(evil),
+        str(demo_dir / "images" / "test_0000.png"),
+        cwd=tmp_path,
+        check=False,
+        env=cli_env(DBTR_TRACEBACK="1"),
+    )
     assert traced.returncode != 0 and "Traceback" in traced.stderr
 
 
@@ -123,13 +170,28 @@ def test_predict_class_files_bom_and_not_utf8(ckpt, demo_dir, tmp_path):
     image = str(demo_dir / "images" / "test_0000.png")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("red\ngreen\nblue\nvert f\xe8ve\n".encode("latin-1"))
-    clean_failure(run_cli("dbtr-predict", ckpt, image, "--classes", str(latin1), "-o", str(tmp_path / "x.jsonl"),
-                          cwd=tmp_path, check=False), f"{latin1}:4", "UTF-8")
+    clean_failure(
+        run_cli(
+            "dbtr-predict",
+            ckpt,
+            image,
+            "--classes",
+            str(latin1),
+            "-o",
+            str(tmp_path / "x.jsonl"),
+            cwd=tmp_path,
+            check=False,
+        ),
+        f"{latin1}:4",
+        "UTF-8",
+    )
 
     plain, bom = tmp_path / "plain.txt", tmp_path / "bom.txt"
     plain.write_text("red\ngreen\nblue\n")
     bom.write_bytes("\ufeffred\ngreen\nblue\n".encode("utf-8"))
-    run_cli("dbtr-predict", ckpt, image, "--classes", str(bom), "-o", str(tmp_path / "bom.jsonl"), cwd=tmp_path)
+    run_cli(
+        "dbtr-predict", ckpt, image, "--classes", str(bom), "-o", str(tmp_path / "bom.jsonl"), cwd=tmp_path
+    )
     assert main([ckpt, image, "--classes", str(plain), "-o", str(tmp_path / "plain.jsonl")]) == 0
     with_bom = json.loads((tmp_path / "bom.jsonl").read_text())
     assert with_bom == json.loads((tmp_path / "plain.jsonl").read_text())
@@ -142,16 +204,34 @@ def test_predict_names_the_output_it_cannot_write(ckpt, demo_dir, tmp_path):
     image = str(demo_dir / "images" / "test_0000.png")
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("")
-    proc = run_cli("dbtr-predict", ckpt, image, "--heatmaps", str(in_the_way / "heat"), "-o",
-                   str(tmp_path / "p.jsonl"), cwd=tmp_path, check=False)
+    proc = run_cli(
+        "dbtr-predict",
+        ckpt,
+        image,
+        "--heatmaps",
+        str(in_the_way / "heat"),
+        "-o",
+        str(tmp_path / "p.jsonl"),
+        cwd=tmp_path,
+        check=False,
+    )
     clean_failure(proc, f"cannot write {in_the_way}", "Not a directory")
     if os.geteuid() != 0:  # permission bits do not stop root
         read_only = tmp_path / "read_only"
         read_only.mkdir()
         read_only.chmod(0o555)
         try:
-            proc = run_cli("dbtr-predict", ckpt, image, "--heatmaps", str(read_only), "-o",
-                           str(tmp_path / "q.jsonl"), cwd=tmp_path, check=False)
+            proc = run_cli(
+                "dbtr-predict",
+                ckpt,
+                image,
+                "--heatmaps",
+                str(read_only),
+                "-o",
+                str(tmp_path / "q.jsonl"),
+                cwd=tmp_path,
+                check=False,
+            )
             clean_failure(proc, f"cannot write {read_only}", "Permission denied")
         finally:
             read_only.chmod(0o755)
@@ -163,6 +243,7 @@ def test_toyworld_bad_override_is_one_message(tmp_path):
 
 
 # ------------------------------------------------------------------ in-process: readers and classification
+
 
 def test_text_readers_drop_a_bom_and_name_the_line_that_is_not_utf8(tmp_path):
     classes = tmp_path / "classes.txt"
@@ -251,7 +332,13 @@ def test_what_counts_as_a_user_error(tmp_path):
     def write():
         (tmp_path / "missing_folder" / "out.json").write_text("{}")
 
-    assert user_message(_raised(write)) == f"cannot write {tmp_path / 'missing_folder' / 'out.json'}: No such file or directory"
+    assert (
+        user_message(_raised(write))
+        == f"cannot write {tmp_path / 'missing_folder' / 'out.json'}: No such file or directory"
+    )
     assert user_message(_raised(lambda: (tmp_path / "absent.txt").read_text())).startswith("cannot read ")
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.json"))
-    assert user_message(full) == f"cannot write {tmp_path / 'metrics.json'}: No space left on device (free some space, or choose another location)"
+    assert (
+        user_message(full)
+        == f"cannot write {tmp_path / 'metrics.json'}: No space left on device (free some space, or choose another location)"
+    )

@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 
 from dbtr.system.pipeline import build_trainer, feature_caching, report_run, write_data_report
 from dbtr.system.run_record import RunRecord
-from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
 from dbtr.utils.errors import ConfigError
+from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
 from dbtr.utils.progress import set_quiet
 
 log = logging.getLogger("dbtr")
@@ -36,12 +36,18 @@ def _override_key(override: str) -> str:
 def refuse_model_overrides(overrides: list[str]) -> None:
     """A trained checkpoint's model is what it stored: only ``model.evaluation.*`` (how it is scored) can change.
     Anything else would be recorded as applied while the checkpoint's value is used."""
-    bad = [o for o in overrides
-           if (key := _override_key(o)) == "model" or (key.startswith("model.") and not key.startswith("model.evaluation"))]
+    bad = [
+        o
+        for o in overrides
+        if (key := _override_key(o)) == "model"
+        or (key.startswith("model.") and not key.startswith("model.evaluation"))
+    ]
     if bad:
-        raise ConfigError(f"dbtr-eval cannot apply {', '.join(bad)}: the model's settings are stored in the checkpoint "
-                          "and always come from it. Only model.evaluation.* (difficult, top_k, f1_at, val_subset) "
-                          "change how it is scored; to change the model, train it with dbtr-train.")
+        raise ConfigError(
+            f"dbtr-eval cannot apply {', '.join(bad)}: the model's settings are stored in the checkpoint "
+            "and always come from it. Only model.evaluation.* (difficult, top_k, f1_at, val_subset) "
+            "change how it is scored; to change the model, train it with dbtr-train."
+        )
 
 
 def clip_overrides(clip: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -82,10 +88,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         write_data_report(Path(cfg.paths.output_dir), datamodule)
         RunRecord(
-            kind="eval", task_name=cfg.task_name, config={**to_container(cfg), "clip": dict(model.hparams.clip)}, seed=cfg.seed, tags=list(cfg.tags),
-            class_names=datamodule.class_names, test=metrics, checkpoint=ckpt_path, timings=caching.timings,
+            kind="eval",
+            task_name=cfg.task_name,
+            config={**to_container(cfg), "clip": dict(model.hparams.clip)},
+            seed=cfg.seed,
+            tags=list(cfg.tags),
+            class_names=datamodule.class_names,
+            test=metrics,
+            checkpoint=ckpt_path,
+            timings=caching.timings,
             evaluation=dict(model.eval_cfg),
-            source=loaded.meta.get("run"), **{"choices": {}, "overrides": [], **run_identity()},
+            source=loaded.meta.get("run"),
+            **{"choices": {}, "overrides": [], **run_identity()},
         ).write(Path(cfg.paths.output_dir))
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 

@@ -22,8 +22,8 @@ import io
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -37,6 +37,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 class UsageError(UserError):
     """Wrong arguments or inputs that make the whole run pointless (exit status 2)."""
 
+
 def parse_class_list(spec: str) -> list[str]:
     """``--classes``: a text file (one name per line) if such a file exists, else a comma-separated list."""
     from dbtr.data.labels import load_class_names
@@ -46,9 +47,10 @@ def parse_class_list(spec: str) -> list[str]:
     if path.is_file():
         return load_class_names(path)
     if path.suffix.lower() in (".txt", ".lst") or os.sep in spec:
-        raise FileNotFoundError(f"class list file not found: {path} (or give the names comma-separated: 'dog,cat')")
+        raise FileNotFoundError(
+            f"class list file not found: {path} (or give the names comma-separated: 'dog,cat')"
+        )
     return validate_class_names(spec.split(","), source=f"class list {spec!r}")
-
 
 
 def collect_images(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -66,7 +68,9 @@ def collect_images(specs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
                 missing.append((spec, "the pattern matches no file (quote it: the shell must not expand it)"))
             found += matches
         elif Path(spec).is_dir():
-            files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = sorted(
+                p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
             if not files:
                 missing.append((spec, f"the folder holds no image file ({suffixes})"))
             found += files
@@ -139,8 +143,9 @@ def heatmap_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def predict(loaded: LoadedModel, paths: Sequence[Path], top_k: int, batch_size: int = 32,
-            heatmaps: Path | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+def predict(
+    loaded: LoadedModel, paths: Sequence[Path], top_k: int, batch_size: int = 32, heatmaps: Path | None = None
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """Top-k records of the readable images, in input order, and the (path, reason) of the unreadable ones."""
     from dbtr.system.viz import heatmap_figure, save_figure, top_panels
 
@@ -159,9 +164,13 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], top_k: int, batch_size: 
         scores, attention = loaded.score(images)
         top = scores.topk(top_k, dim=1)
         for i, path in enumerate(batch):
-            record = {"image": str(path),
-                      "top": [{"label": names[c], "score": round(float(s), 6)}
-                              for s, c in zip(top.values[i].tolist(), top.indices[i].tolist())]}
+            record = {
+                "image": str(path),
+                "top": [
+                    {"label": names[c], "score": round(float(s), 6)}
+                    for s, c in zip(top.values[i].tolist(), top.indices[i].tolist())
+                ],
+            }
             if heatmaps is not None and attention is not None:
                 panels = top_panels(names, scores[i].numpy(), attention[i].numpy(), k=top_k)
                 fig = heatmap_figure([(loaded.transform.crop(images[i]), panels)], title=path.name)
@@ -171,26 +180,50 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], top_k: int, batch_size: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dbtr-predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="dbtr-predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("checkpoint", help="a .ckpt written by dbtr-train")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("-o", "--output", default="predictions.jsonl",
-                   help="output file; '-' writes to stdout (default: predictions.jsonl)")
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: csv if the output ends in .csv, else jsonl")
-    p.add_argument("-k", "--top-k", type=int, default=5, help="labels per image (default 5; at most the class count)")
-    p.add_argument("--clip", default=None, help="CLIP folder or hub id (default: the one recorded in the checkpoint)")
-    p.add_argument("--classes", default=None,
-                   help="replace the vocabulary: a text file (one name per line) or 'name1,name2,...'; names the model "
-                        "was not trained on are scored like any class without labels (zero residual = plain zero-shot "
-                        "T0; residual generator g(T0); TaI-DPT: the shared learned prompts)")
-    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
-                   help="also write one PNG per image: the local branch's attention for each of its top-k classes")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="predictions.jsonl",
+        help="output file; '-' writes to stdout (default: predictions.jsonl)",
+    )
+    p.add_argument(
+        "--format", choices=FORMATS, default=None, help="default: csv if the output ends in .csv, else jsonl"
+    )
+    p.add_argument(
+        "-k", "--top-k", type=int, default=5, help="labels per image (default 5; at most the class count)"
+    )
+    p.add_argument(
+        "--clip", default=None, help="CLIP folder or hub id (default: the one recorded in the checkpoint)"
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="replace the vocabulary: a text file (one name per line) or 'name1,name2,...'; names the model "
+        "was not trained on are scored like any class without labels (zero residual = plain zero-shot "
+        "T0; residual generator g(T0); TaI-DPT: the shared learned prompts)",
+    )
+    p.add_argument(
+        "--heatmaps",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write one PNG per image: the local branch's attention for each of its top-k classes",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="score even if --clip is not the CLIP the checkpoint was trained on (a warning instead of an error)")
+    p.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="score even if --clip is not the CLIP the checkpoint was trained on (a warning instead of an error)",
+    )
     return p
 
 
@@ -211,8 +244,9 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     classes = parse_class_list(args.classes) if args.classes else None
-    loaded = load_checkpoint(args.checkpoint, clip=args.clip, classes=classes, device=device,
-                        allow_mismatch=args.allow_mismatch)
+    loaded = load_checkpoint(
+        args.checkpoint, clip=args.clip, classes=classes, device=device, allow_mismatch=args.allow_mismatch
+    )
     top_k = min(args.top_k, len(loaded.class_names))
     records, unreadable = predict(loaded, paths, top_k, args.batch_size, args.heatmaps)
     skipped += unreadable
@@ -224,8 +258,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             atomic_write_text(args.output, render(records, fmt))
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout may carry the predictions)
-    say(f"dbtr-predict: scored {len(records)} of {len(records) + len(skipped)} image(s), top-{top_k} of "
-        f"{len(loaded.class_names)} classes" + ("" if to_stdout or not records else f" -> {args.output} ({fmt})"))
+    say(
+        f"dbtr-predict: scored {len(records)} of {len(records) + len(skipped)} image(s), top-{top_k} of "
+        f"{len(loaded.class_names)} classes"
+        + ("" if to_stdout or not records else f" -> {args.output} ({fmt})")
+    )
     if skipped:
         say(f"skipped {len(skipped)} missing or unreadable image(s):")
         for path, why in skipped:
@@ -243,12 +280,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             skipped_file.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
         if records:
-            atomic_write_json(out.with_name(out.name + ".summary.json"), {
-                "checkpoint": loaded.checkpoint, "clip": loaded.clip, "output": str(out), "format": fmt,
-                "top_k": top_k, "classes": loaded.class_names, "new_classes": loaded.new_classes,
-                "new_class_rule": loaded.new_class_rule,
-                "num_scored": len(records), "skipped": [{"image": p, "reason": why} for p, why in skipped],
-            })
+            atomic_write_json(
+                out.with_name(out.name + ".summary.json"),
+                {
+                    "checkpoint": loaded.checkpoint,
+                    "clip": loaded.clip,
+                    "output": str(out),
+                    "format": fmt,
+                    "top_k": top_k,
+                    "classes": loaded.class_names,
+                    "new_classes": loaded.new_classes,
+                    "new_class_rule": loaded.new_class_rule,
+                    "num_scored": len(records),
+                    "skipped": [{"image": p, "reason": why} for p, why in skipped],
+                },
+            )
     if not records:
         say("dbtr-predict: error: no readable image; nothing written")
         return 1
@@ -261,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise in a CLI
-    with user_errors("dbtr-predict"):  # one message and exit status 2 for a user error; DBTR_TRACEBACK=1: the trace
+    with user_errors(
+        "dbtr-predict"
+    ):  # one message and exit status 2 for a user error; DBTR_TRACEBACK=1: the trace
         return run(args)
 
 

@@ -47,15 +47,25 @@ import math
 import os
 import statistics
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from dbtr.utils.errors import EXIT_USER_ERROR, UserError, cli, format_error, traceback_requested
 
 # Overrides that change where or how a run is written, never its numbers (prefixes of the override key).
-IGNORED_OVERRIDES = ("seed", "hydra", "paths", "cache_dir", "cache_image_features", "logger", "quiet",
-                     "callbacks.eval_plots", "callbacks.lr_monitor")
+IGNORED_OVERRIDES = (
+    "seed",
+    "hydra",
+    "paths",
+    "cache_dir",
+    "cache_image_features",
+    "logger",
+    "quiet",
+    "callbacks.eval_plots",
+    "callbacks.lr_monitor",
+)
 # Protocol field -> config paths tried in order (the first that is set wins).
 PROTOCOL_FIELDS: dict[str, tuple[str, ...]] = {
     "difficult": ("model.evaluation.difficult", "evaluation.difficult"),  # the second: dbtr-eval before 0.2
@@ -82,6 +92,7 @@ class SkippedRun(Exception):
 
 # ---------------------------------------------------------------- aggregation (also used by the toy-world demo)
 
+
 def mean_std(values: Sequence[float]) -> tuple[float, float | None, int]:
     """Mean, sample standard deviation (None for one value) and count."""
     if not values:
@@ -101,6 +112,7 @@ def format_mean_std(values: Sequence[float], digits: int = 2, show_n: bool = Tru
 
 # ---------------------------------------------------------------- finding and reading runs
 
+
 def _is_run_dir(path: Path) -> bool:
     return (path / "metrics.json").is_file() or (path / ".hydra").is_dir()
 
@@ -110,7 +122,9 @@ def find_run_dirs(inputs: Iterable[str]) -> list[Path]:
     or metrics.json files. A run folder's own subfolders are not searched; hidden folders are skipped."""
     found: dict[Path, None] = {}
     for raw in inputs:
-        paths = [Path(p) for p in sorted(glob.glob(raw, recursive=True))] if glob.has_magic(raw) else [Path(raw)]
+        paths = (
+            [Path(p) for p in sorted(glob.glob(raw, recursive=True))] if glob.has_magic(raw) else [Path(raw)]
+        )
         if not paths or not paths[0].exists():
             why = " (the glob matched nothing)" if glob.has_magic(raw) else ""
             raise ResultsError(f"{raw}: no such file or folder{why}")
@@ -198,8 +212,11 @@ def _made_by(experiment: str | None, method: str, own: Sequence[str]) -> str:
 
 
 def _own(overrides: Sequence[str], ignored: Sequence[str]) -> list[str]:
-    return [o for o in overrides
-            if _override_key(o) not in ("experiment", "model", "data") and not _ignored(_override_key(o), ignored)]
+    return [
+        o
+        for o in overrides
+        if _override_key(o) not in ("experiment", "model", "data") and not _ignored(_override_key(o), ignored)
+    ]
 
 
 def load_run(run_dir: Path, ignored: Sequence[str] = IGNORED_OVERRIDES) -> Run:
@@ -216,8 +233,10 @@ def load_run(run_dir: Path, ignored: Sequence[str] = IGNORED_OVERRIDES) -> Run:
     made_by = _made_by(experiment, choices["model"], own)
     method, seed = choices["model"], record.seed
     row_key: tuple = (record.task_name, experiment, method, tuple(own))
-    difficult = next((v for p in PROTOCOL_FIELDS["difficult"] if (v := _get(config, p)) is not None),
-                     record.evaluation.get("difficult"))
+    difficult = next(
+        (v for p in PROTOCOL_FIELDS["difficult"] if (v := _get(config, p)) is not None),
+        record.evaluation.get("difficult"),
+    )
     if record.kind == "eval":  # its own row, named after the training run of the checkpoint
         own = [o for o in own if _override_key(o) != "ckpt_path"]
         source = _source(record, ignored)
@@ -228,16 +247,27 @@ def load_run(run_dir: Path, ignored: Sequence[str] = IGNORED_OVERRIDES) -> Run:
         else:  # unknown training run: never average different checkpoints as seeds
             made_by = f"dbtr-eval {' '.join(own)} on {record.checkpoint}".replace("  ", " ")
             row_key = ("eval", str(record.checkpoint), tuple(own))
-    protocol = {name: next((v for p in paths if (v := _get(config, p)) is not None), None)
-                for name, paths in PROTOCOL_FIELDS.items()}
+    protocol = {
+        name: next((v for p in paths if (v := _get(config, p)) is not None), None)
+        for name, paths in PROTOCOL_FIELDS.items()
+    }
     protocol["difficult"] = difficult
     if protocol["classes"] not in CLASS_SUBSETS:  # a file or a list: the class names say it exactly
         protocol["classes"] = None
     protocol["num_images"] = record.test.get("test/num_images")
     protocol["class_names"] = tuple(record.class_names)
-    return Run(path=run_dir, payload=payload, kind=record.kind, method=method, data=str(choices.get("data")),
-               seed=seed, row_key=row_key, made_by=made_by,
-               data_overridden=any(_override_key(o) == "data" for o in overrides), protocol=protocol)
+    return Run(
+        path=run_dir,
+        payload=payload,
+        kind=record.kind,
+        method=method,
+        data=str(choices.get("data")),
+        seed=seed,
+        row_key=row_key,
+        made_by=made_by,
+        data_overridden=any(_override_key(o) == "data" for o in overrides),
+        protocol=protocol,
+    )
 
 
 def _source(record, ignored: Sequence[str]) -> tuple | None:
@@ -246,8 +276,12 @@ def _source(record, ignored: Sequence[str]) -> tuple | None:
     if src and (src.get("choices") or {}).get("model"):
         own = _own(src.get("overrides") or [], ignored)
         experiment, method = src["choices"].get("experiment"), src["choices"]["model"]
-        return method, src.get("seed"), _made_by(experiment, method, own), (src.get("task_name"), experiment,
-                                                                            method, tuple(own))
+        return (
+            method,
+            src.get("seed"),
+            _made_by(experiment, method, own),
+            (src.get("task_name"), experiment, method, tuple(own)),
+        )
     train = _training_run(record.checkpoint, ignored)
     return None if train is None else (train.method, train.seed, train.made_by, train.row_key)
 
@@ -264,6 +298,7 @@ def _training_run(checkpoint: str | None, ignored: Sequence[str]) -> Run | None:
 
 
 # ---------------------------------------------------------------- the table
+
 
 def _show(path: Path) -> str:
     try:
@@ -287,8 +322,11 @@ def _difference(a: Run, b: Run) -> str:
         text = f"{name}: {_describe(name, va)} vs {_describe(name, vb)}"
         if name == "class_names":
             only_a, only_b = [c for c in va if c not in vb], [c for c in vb if c not in va]
-            text += (f" (only in the first: {only_a[:10]}; only in the second: {only_b[:10]})" if only_a or only_b
-                     else " (same names, other order)")
+            text += (
+                f" (only in the first: {only_a[:10]}; only in the second: {only_b[:10]})"
+                if only_a or only_b
+                else " (same names, other order)"
+            )
         parts.append(text)
     return "; ".join(parts)
 
@@ -315,9 +353,12 @@ def columns_for(runs: list[Run], allow_mixed: bool) -> dict[tuple, Column]:
         ref = firsts[0]
         if len(groups) > 1 and not allow_mixed:
             problems.append(f"data={data}:")
-            problems += [f"  {_show(ref.path)} vs {_show(group[0].path)}"
-                         f"{f' (and {len(group) - 1} more like it)' if len(group) > 1 else ''}: "
-                         f"{_difference(ref, group[0])}" for group in list(groups.values())[1:]]
+            problems += [
+                f"  {_show(ref.path)} vs {_show(group[0].path)}"
+                f"{f' (and {len(group) - 1} more like it)' if len(group) > 1 else ''}: "
+                f"{_difference(ref, group[0])}"
+                for group in list(groups.values())[1:]
+            ]
         varying = [k for k in ref.protocol if any(r.protocol[k] != ref.protocol[k] for r in firsts)]
         for sig, group in groups.items():
             label = data
@@ -326,7 +367,8 @@ def columns_for(runs: list[Run], allow_mixed: bool) -> dict[tuple, Column]:
             columns[(data, sig)] = Column(data, label, sig)
     if problems:
         raise ResultsError(
-            "refusing to put runs measured under different protocols in one column:\n" + "\n".join(problems)
+            "refusing to put runs measured under different protocols in one column:\n"
+            + "\n".join(problems)
             + "\nTabulate them separately, or pass --allow-mixed to give each protocol its own labelled columns."
         )
     return columns
@@ -352,10 +394,14 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_difference(a: Run, b: Run, ignored: Sequence[str] = IGNORED_OVERRIDES, limit: int = 5) -> str:
     """Resolved-config entries that differ between two runs of one cell, leaving out the ignored keys and
     entries naming the run's own folder (checkpoint and log dirs)."""
+
     def flat(run: Run) -> dict[str, Any]:
         own = {str(run.path), str(_get(run.payload["config"], "paths.output_dir"))}
-        return {k: v for k, v in _flatten(run.payload["config"]).items()
-                if not _ignored(k, ignored) and not (isinstance(v, str) and any(o in v for o in own))}
+        return {
+            k: v
+            for k, v in _flatten(run.payload["config"]).items()
+            if not _ignored(k, ignored) and not (isinstance(v, str) and any(o in v for o in own))
+        }
 
     fa, fb = flat(a), flat(b)
     keys = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
@@ -363,9 +409,14 @@ def config_difference(a: Run, b: Run, ignored: Sequence[str] = IGNORED_OVERRIDES
     return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def build_table(runs: list[Run], metrics: Sequence[str], allow_mixed: bool = False,
-                skipped: Sequence[tuple[Path, str]] = (), sort: str | None = None,
-                ignored: Sequence[str] = IGNORED_OVERRIDES) -> Table:
+def build_table(
+    runs: list[Run],
+    metrics: Sequence[str],
+    allow_mixed: bool = False,
+    skipped: Sequence[tuple[Path, str]] = (),
+    sort: str | None = None,
+    ignored: Sequence[str] = IGNORED_OVERRIDES,
+) -> Table:
     runs, notes = _one_per_evaluation(runs)
     columns_by_key = columns_for(runs, allow_mixed)
     columns = list(columns_by_key.values())
@@ -373,8 +424,9 @@ def build_table(runs: list[Run], metrics: Sequence[str], allow_mixed: bool = Fal
     rows: dict[tuple, dict] = {}
     missing = []
     for run in runs:
-        row = rows.setdefault(run.row_key, {"method": run.method, "made_by": run.made_by, "data": [], "cells": {},
-                                            "runs": {}})
+        row = rows.setdefault(
+            run.row_key, {"method": run.method, "made_by": run.made_by, "data": [], "cells": {}, "runs": {}}
+        )
         if run.data_overridden and run.data not in row["data"]:
             row["data"].append(run.data)
         col = index[(run.data, _signature(run))]
@@ -392,13 +444,17 @@ def build_table(runs: list[Run], metrics: Sequence[str], allow_mixed: bool = Fal
         for (col, metric), (_, seeds, paths) in row["cells"].items():
             repeated = sorted({str(s) for s in seeds if seeds.count(s) > 1})
             if repeated and metric == metrics[0]:
-                notes.append(f"{row['method']} ({row['made_by']}) on {columns[col].label}: seed {', '.join(repeated)} "
-                             f"appears in {len(paths)} runs; every run is counted")
+                notes.append(
+                    f"{row['method']} ({row['made_by']}) on {columns[col].label}: seed {', '.join(repeated)} "
+                    f"appears in {len(paths)} runs; every run is counted"
+                )
         for col, group in row["runs"].items():
             for other in group[1:]:
                 if diff := config_difference(group[0], other, ignored):
-                    notes.append(f"{_show(group[0].path)} and {_show(other.path)} share a cell but their configs "
-                                 f"differ beyond the seed ({diff}): was a config file edited between them?")
+                    notes.append(
+                        f"{_show(group[0].path)} and {_show(other.path)} share a cell but their configs "
+                        f"differ beyond the seed ({diff}): was a config file edited between them?"
+                    )
     ordered = sorted(rows.values(), key=lambda r: (r["made_by"], r["method"]))
     if sort:
         ordered = _sorted(ordered, columns, sort)
@@ -417,8 +473,10 @@ def _one_per_evaluation(runs: list[Run]) -> tuple[list[Run], list[str]]:
         if len(group) > 1:
             group.sort(key=lambda r: (r.path / "metrics.json").stat().st_mtime)
             dropped.update(id(r) for r in group[:-1])
-            notes.append(f"{group[-1].payload['checkpoint']} was evaluated {len(group)} times the same way "
-                         f"({', '.join(_show(r.path) for r in group)}): counted once, the newest")
+            notes.append(
+                f"{group[-1].payload['checkpoint']} was evaluated {len(group)} times the same way "
+                f"({', '.join(_show(r.path) for r in group)}): counted once, the newest"
+            )
     return [r for r in runs if id(r) not in dropped], notes
 
 
@@ -445,11 +503,17 @@ def to_markdown(table: Table, digits: int = 2) -> str:
     header = ["method", "made by"] + [f"{c.label} {m}" for c in table.columns for m in table.metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows:
-        cells = [format_mean_std(row["cells"].get((i, m), ([],))[0], digits)
-                 for i in range(len(table.columns)) for m in table.metrics]
+        cells = [
+            format_mean_std(row["cells"].get((i, m), ([],))[0], digits)
+            for i in range(len(table.columns))
+            for m in table.metrics
+        ]
         lines.append("| " + " | ".join([row["method"], f"`{row['made_by']}`", *cells]) + " |")
-    lines += ["", f"Mean ± sample std over seeds (number of runs), {table.num_runs} runs, tabulated by `dbtr-results`. "
-              "A row is reproduced by `dbtr-train -m <made by> seed=<seeds>` (dbtr-eval rows name their command)."]
+    lines += [
+        "",
+        f"Mean ± sample std over seeds (number of runs), {table.num_runs} runs, tabulated by `dbtr-results`. "
+        "A row is reproduced by `dbtr-train -m <made by> seed=<seeds>` (dbtr-eval rows name their command).",
+    ]
     if table.skipped:
         lines += ["", f"Skipped {len(table.skipped)} run folder(s):"]
         lines += [f"- `{_show(p)}`: {why}" for p, why in table.skipped]
@@ -471,9 +535,20 @@ def to_csv(table: Table) -> str:
             for metric in table.metrics:
                 values, seeds, paths = row["cells"].get((i, metric), ([], [], []))
                 mean, std, n = mean_std(values) if values else ("", "", 0)
-                writer.writerow([row["method"], row["made_by"], col.data, col.label, metric, mean,
-                                 "" if std is None else std, n, " ".join(map(str, seeds)),
-                                 " ".join(_show(p) for p in paths)])
+                writer.writerow(
+                    [
+                        row["method"],
+                        row["made_by"],
+                        col.data,
+                        col.label,
+                        metric,
+                        mean,
+                        "" if std is None else std,
+                        n,
+                        " ".join(map(str, seeds)),
+                        " ".join(_show(p) for p in paths),
+                    ]
+                )
     return out.getvalue()
 
 
@@ -482,7 +557,9 @@ def replace_readme_block(text: str, block: str, name: str = "README") -> str:
     appears exactly once, start before end."""
     starts, ends = text.count(START), text.count(END)
     if starts != 1 or ends != 1 or text.index(START) > text.index(END):
-        raise ResultsError(f"{name}: needs exactly one {START} followed by one {END} (found {starts} and {ends})")
+        raise ResultsError(
+            f"{name}: needs exactly one {START} followed by one {END} (found {starts} and {ends})"
+        )
     head, rest = text.split(START)
     _, tail = rest.split(END)
     return f"{head}{START}\n{block.rstrip()}\n{END}{tail}"
@@ -490,8 +567,10 @@ def replace_readme_block(text: str, block: str, name: str = "README") -> str:
 
 # ---------------------------------------------------------------- command line
 
-def collect(inputs: Sequence[str],
-            ignored: Sequence[str] = IGNORED_OVERRIDES) -> tuple[list[Run], list[tuple[Path, str]]]:
+
+def collect(
+    inputs: Sequence[str], ignored: Sequence[str] = IGNORED_OVERRIDES
+) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every run under ``inputs``, and the (folder, reason) of each that cannot be read."""
     runs, skipped = [], []
     for run_dir in find_run_dirs(inputs):
@@ -504,18 +583,30 @@ def collect(inputs: Sequence[str],
 
 @cli("dbtr-results")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dbtr-results", description=__doc__.splitlines()[0],
-                                epilog="Exit status: 0 written, 1 no run found, 2 bad arguments or a refused mix.")
+    p = argparse.ArgumentParser(
+        prog="dbtr-results",
+        description=__doc__.splitlines()[0],
+        epilog="Exit status: 0 written, 1 no run found, 2 bad arguments or a refused mix.",
+    )
     p.add_argument("inputs", nargs="+", help="run folders, folders to search (recursively) or quoted globs")
-    p.add_argument("--metric", action="append", default=None,
-                   help="metric key, repeatable (default test/mAP), e.g. test/CF1@3, val/mAP")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="metric key, repeatable (default test/mAP), e.g. test/CF1@3, val/mAP",
+    )
     p.add_argument("--format", choices=("md", "csv", "both"), default="both", help="what --out writes")
     p.add_argument("--out", type=Path, default=None, help="output stem: writes <stem>.md and/or <stem>.csv")
     p.add_argument("--sort", default=None, help="sort rows by this metric (or data:metric), best first")
     p.add_argument("--readme", type=Path, default=None, help="replace the marked results block in this file")
     p.add_argument("--allow-mixed", action="store_true", help="separate columns for different protocols")
-    p.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                   help="also leave out overrides with this key (prefix) when grouping, e.g. data.root")
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="also leave out overrides with this key (prefix) when grouping, e.g. data.root",
+    )
     p.add_argument("--digits", type=int, default=2)
     a = p.parse_args(argv)
     metrics = a.metric or ["test/mAP"]
@@ -525,8 +616,10 @@ def main(argv: list[str] | None = None) -> int:
         for path, why in skipped:
             print(f"dbtr-results: skipped {_show(path)}: {why}", file=sys.stderr)
         if not runs:
-            print(f"dbtr-results: no readable run under {' '.join(a.inputs)} ({len(skipped)} skipped)",
-                  file=sys.stderr)
+            print(
+                f"dbtr-results: no readable run under {' '.join(a.inputs)} ({len(skipped)} skipped)",
+                file=sys.stderr,
+            )
             return 1
         table = build_table(runs, metrics, a.allow_mixed, skipped, a.sort, ignored)
         markdown, table_csv = to_markdown(table, a.digits), to_csv(table)
@@ -556,9 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     if readme_text is not None:
         written.append(atomic_write_text(a.readme, readme_text))
     sys.stdout.write(table_csv if a.format == "csv" else markdown)
-    print(f"dbtr-results: {len(runs)} runs, {len(table.rows)} rows, {len(skipped)} skipped, "
-          f"{len(table.missing)} missing values" + (f"; wrote {', '.join(map(str, written))}" if written else ""),
-          file=sys.stderr)
+    print(
+        f"dbtr-results: {len(runs)} runs, {len(table.rows)} rows, {len(skipped)} skipped, "
+        f"{len(table.missing)} missing values"
+        + (f"; wrote {', '.join(map(str, written))}" if written else ""),
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -31,8 +31,9 @@ def caption_stats(datamodule) -> dict:
     if datamodule.corpus_report is not None:
         return datamodule.corpus_report
     rec = datamodule.captions
-    return CorpusReport.from_labels(datamodule.class_names, rec.labels, len(rec.texts) + sum(rec.dropped.values()),
-                                    rec.dropped)
+    return CorpusReport.from_labels(
+        datamodule.class_names, rec.labels, len(rec.texts) + sum(rec.dropped.values()), rec.dropped
+    )
 
 
 def image_stats(datamodule, verify: bool, output_dir: Path) -> dict:
@@ -48,18 +49,30 @@ def image_stats(datamodule, verify: bool, output_dir: Path) -> dict:
         datamodule.image_size = datamodule.image_size or 224  # decoding check only: no model is loaded
         datamodule.scan_images("test")
     records = datamodule.test_records
-    stats = {"dataset": datamodule.name, "split": datamodule.split, "root": str(datamodule.root),
-             "images_verified": bool(verify), **describe(records)}
+    stats = {
+        "dataset": datamodule.name,
+        "split": datamodule.split,
+        "root": str(datamodule.root),
+        "images_verified": bool(verify),
+        **describe(records),
+    }
     listed = write_image_list(output_dir / f"evaluated_{datamodule.split}.txt", records)
-    log.info("wrote %s (%d images): pass data.image_list=%s to evaluate exactly these", listed, len(records), listed)
+    log.info(
+        "wrote %s (%d images): pass data.image_list=%s to evaluate exactly these",
+        listed,
+        len(records),
+        listed,
+    )
     return stats
 
 
 def image_table(stats: dict):
     from rich.table import Table
 
-    table = Table(title=f"{stats['dataset']} {stats['split']}: {stats['num_items']} images, "
-                        f"{stats['missing_images']} missing, {len(stats['skipped'])} undecodable")
+    table = Table(
+        title=f"{stats['dataset']} {stats['split']}: {stats['num_items']} images, "
+        f"{stats['missing_images']} missing, {len(stats['skipped'])} undecodable"
+    )
     for col in ("class", "positives", "difficult / unknown"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, pos, dif in zip(stats["classes"], stats["positives"], stats["difficult"]):
@@ -89,7 +102,9 @@ def run_stats(cfg: DictConfig) -> dict:
     Console().print(report_table(report))
     missing = report.as_dict()["classes_without_caption"]
     if missing:
-        log.warning("%d of %d classes have no training caption: %s", len(missing), len(report.classes), missing)
+        log.warning(
+            "%d of %d classes have no training caption: %s", len(missing), len(report.classes), missing
+        )
     atomic_write_json(out, report.as_dict())
     log.info("wrote %s", out)
     return report.as_dict()

@@ -20,7 +20,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from dbtr.system.pipeline import build_trainer, feature_caching, prepare_data_once, report_run, write_data_report
+from dbtr.system.pipeline import (
+    build_trainer,
+    feature_caching,
+    prepare_data_once,
+    report_run,
+    write_data_report,
+)
 from dbtr.system.run_record import RunRecord
 from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
 from dbtr.utils.progress import set_quiet
@@ -101,12 +107,27 @@ def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict
     if trainer.is_global_zero:
         write_data_report(output_dir, datamodule)
         RunRecord(
-            kind="train", task_name=cfg.task_name, config=to_container(cfg), seed=cfg.seed, tags=list(cfg.tags),
-            class_names=datamodule.class_names, test=metrics, checkpoint=best_ckpt, selection=selection,
-            val_last_epoch=val_last, timings=timings, evaluation=dict(model.eval_cfg), **identity,  # choices + overrides: what dbtr-results groups by
+            kind="train",
+            task_name=cfg.task_name,
+            config=to_container(cfg),
+            seed=cfg.seed,
+            tags=list(cfg.tags),
+            class_names=datamodule.class_names,
+            test=metrics,
+            checkpoint=best_ckpt,
+            selection=selection,
+            val_last_epoch=val_last,
+            timings=timings,
+            evaluation=dict(model.eval_cfg),
+            **identity,  # choices + overrides: what dbtr-results groups by
         ).write(output_dir)
-    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "selection": selection,
-                     "val_last": val_last}
+    return metrics, {
+        "model": model,
+        "datamodule": datamodule,
+        "trainer": trainer,
+        "selection": selection,
+        "val_last": val_last,
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")

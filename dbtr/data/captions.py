@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -126,9 +126,11 @@ class CaptionFeatures:
         rows = np.minimum(start[:, None] + steps[None, :], max(len(self.token_embeds) - 1, 0)).reshape(-1)
         tokens = _take(self.token_embeds, rows)
         tokens[~mask.reshape(-1)] = 0
-        return {"text_embeds": torch.from_numpy(_take(self.text_embeds, idx)),
-                "token_embeds": torch.from_numpy(tokens.reshape(len(idx), width, -1)),
-                "attention_mask": torch.from_numpy(mask)}
+        return {
+            "text_embeds": torch.from_numpy(_take(self.text_embeds, idx)),
+            "token_embeds": torch.from_numpy(tokens.reshape(len(idx), width, -1)),
+            "attention_mask": torch.from_numpy(mask),
+        }
 
     def _gather_tensors(self, index: Tensor) -> dict[str, Tensor]:
         start = self.offsets[index]
@@ -139,8 +141,11 @@ class CaptionFeatures:
         rows = (start[:, None] + steps[None, :]).clamp_max(max(len(self.token_embeds) - 1, 0)).view(-1)
         tokens = self.token_embeds.index_select(0, rows)
         tokens.masked_fill_(~mask.view(-1, 1), 0)
-        return {"text_embeds": self.text_embeds.index_select(0, index),
-                "token_embeds": tokens.view(len(index), width, -1), "attention_mask": mask}
+        return {
+            "text_embeds": self.text_embeds.index_select(0, index),
+            "token_embeds": tokens.view(len(index), width, -1),
+            "attention_mask": mask,
+        }
 
 
 def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -164,7 +169,9 @@ def _nbytes(a: np.ndarray | Tensor) -> int:
 
 
 @torch.no_grad()
-def encode_caption_features(encoder, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> CaptionFeatures:
+def encode_caption_features(
+    encoder, texts: Sequence[str], batch_size: int = 256, progress: bool = False
+) -> CaptionFeatures:
     """Run the frozen text encoder once over ``texts`` and keep the EOT and real-token embeddings (fp16)."""
     glob, toks, lengths = [], [], []
     starts = range(0, len(texts), batch_size)
@@ -212,7 +219,10 @@ class CaptionDataset(Dataset):
             item["text"] = self.records.texts[i]
         else:
             f = self.features
-            item.update(text_embeds=torch.from_numpy(np.array(f.text_embeds[i])), token_embeds=torch.from_numpy(np.array(f.tokens(i))))
+            item.update(
+                text_embeds=torch.from_numpy(np.array(f.text_embeds[i])),
+                token_embeds=torch.from_numpy(np.array(f.tokens(i))),
+            )
         return item
 
     def batch(self, index: Tensor) -> dict:
@@ -271,8 +281,9 @@ def _pad_items(items: list[dict]) -> dict:
     return {"text_embeds": text, "token_embeds": padded, "attention_mask": mask}
 
 
-def features_on_device(features: CaptionFeatures, device: torch.device, headroom: float = 0.5
-                       ) -> CaptionFeatures:
+def features_on_device(
+    features: CaptionFeatures, device: torch.device, headroom: float = 0.5
+) -> CaptionFeatures:
     """The features moved onto an accelerator when they fit in its free memory with ``headroom`` (a fraction
     of the free memory kept for the step), so a batch is gathered there; otherwise (or on CPU) unchanged,
     with a one-line notice: host memory is slower but never runs out halfway through an epoch."""
@@ -282,8 +293,12 @@ def features_on_device(features: CaptionFeatures, device: torch.device, headroom
     if str(device) not in copies:
         free, _ = torch.cuda.mem_get_info(device)
         if features.nbytes > (1.0 - headroom) * free:
-            log.warning("caption features (%.2f GiB) stay in host memory: %s has only %.2f GiB free",
-                        features.nbytes / 2**30, device, free / 2**30)
+            log.warning(
+                "caption features (%.2f GiB) stay in host memory: %s has only %.2f GiB free",
+                features.nbytes / 2**30,
+                device,
+                free / 2**30,
+            )
             copies[str(device)] = features
         else:
             copies[str(device)] = features.to(device)

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from dbtr.data.labels import signed_row
-from dbtr.utils.files import DataFormatError, iter_jsonl, iter_lines, load_json
 from dbtr.text.synonyms import SynonymVocabulary
-from dbtr.utils.errors import ConfigError
 from dbtr.text.templates import IMAGENET_TEMPLATES
+from dbtr.utils.errors import ConfigError
+from dbtr.utils.files import DataFormatError, iter_jsonl, iter_lines, load_json
 
 Caption = tuple[str, str]  # (where, text)
 
@@ -35,7 +35,9 @@ def coco_captions(path: str | os.PathLike) -> Iterator[Caption]:
     data = load_json(path, "a COCO captions file such as annotations/captions_train2017.json")
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
-        raise DataFormatError(f"{path}: expected a JSON object with an 'annotations' list (COCO captions layout)")
+        raise DataFormatError(
+            f"{path}: expected a JSON object with an 'annotations' list (COCO captions layout)"
+        )
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
             raise DataFormatError(f"{path}: annotations[{i}] has no string 'caption'")
@@ -45,7 +47,9 @@ def coco_captions(path: str | os.PathLike) -> Iterator[Caption]:
 def narratives(path: str | os.PathLike) -> Iterator[Caption]:
     for lineno, rec in iter_jsonl(path):
         if not isinstance(rec.get("caption"), str):
-            raise DataFormatError(f"{path}:{lineno}: missing or non-string field 'caption' (localized narratives layout)")
+            raise DataFormatError(
+                f"{path}:{lineno}: missing or non-string field 'caption' (localized narratives layout)"
+            )
         yield f"{path}:{lineno}", rec["caption"]
 
 
@@ -58,24 +62,33 @@ def text_lines(path: str | os.PathLike) -> Iterator[Caption]:
             yield f"{path}:{lineno}", line.strip()
 
 
-def hf_dataset(path: str, column: str = "caption", split: str = "train", data_files=None, **kwargs) -> Iterator[Caption]:
+def hf_dataset(
+    path: str, column: str = "caption", split: str = "train", data_files=None, **kwargs
+) -> Iterator[Caption]:
     """Any HF ``datasets`` dataset: a builder for local files (``json``, ``csv``, ``parquet`` with ``data_files``)
     or a hub name (needs network or the HF cache). ``column`` holds the caption text."""
     try:
         import datasets
     except ImportError:
-        raise ImportError("the hf_dataset caption source needs `pip install datasets` (or dbtr[datasets])") from None
+        raise ImportError(
+            "the hf_dataset caption source needs `pip install datasets` (or dbtr[datasets])"
+        ) from None
     ds = datasets.load_dataset(path, data_files=data_files, split=split, **kwargs)
     if column not in ds.column_names:
-        raise DataFormatError(f"{path} ({data_files or split}): no column {column!r}; columns are {ds.column_names}")
+        raise DataFormatError(
+            f"{path} ({data_files or split}): no column {column!r}; columns are {ds.column_names}"
+        )
     for i, text in enumerate(ds[column]):
         if not isinstance(text, str):
-            raise DataFormatError(f"{path} ({data_files or split}) row {i}: {column!r} is {type(text).__name__}, not text")
+            raise DataFormatError(
+                f"{path} ({data_files or split}) row {i}: {column!r} is {type(text).__name__}, not text"
+            )
         yield f"{path}[{i}]", text
 
 
-def class_sentences(vocab: SynonymVocabulary, simple_count: int = 9,
-                    templates: Sequence[str] = IMAGENET_TEMPLATES) -> tuple[list[str], np.ndarray]:
+def class_sentences(
+    vocab: SynonymVocabulary, simple_count: int = 9, templates: Sequence[str] = IMAGENET_TEMPLATES
+) -> tuple[list[str], np.ndarray]:
     """TaI-DPT's extra samples: per class "a photo of a {}." x ``simple_count`` plus each template once, one-hot."""
     texts, rows = [], []
     for ci, name in enumerate(vocab.prompt_names):
@@ -96,18 +109,31 @@ class CorpusReport:
     truncated: int | None = None  # kept captions longer than the tokenizer limit (known once a tokenizer is)
 
     @classmethod
-    def from_labels(cls, classes: Sequence[str], labels: np.ndarray, read: int, dropped: dict[str, int]) -> "CorpusReport":
+    def from_labels(
+        cls, classes: Sequence[str], labels: np.ndarray, read: int, dropped: dict[str, int]
+    ) -> CorpusReport:
         """Counts of a kept label matrix (N, C) in {1, -1}, plus what was read and dropped on the way."""
         positives = labels == 1
-        return cls(classes=list(classes), read=read, kept=len(labels), dropped={k: v for k, v in dropped.items() if v},
-                   positives=positives.sum(0).astype(int).tolist(),
-                   labels_per_caption=dict(Counter(positives.sum(1).astype(int).tolist())))
+        return cls(
+            classes=list(classes),
+            read=read,
+            kept=len(labels),
+            dropped={k: v for k, v in dropped.items() if v},
+            positives=positives.sum(0).astype(int).tolist(),
+            labels_per_caption=dict(Counter(positives.sum(1).astype(int).tolist())),
+        )
 
     def as_dict(self) -> dict:
-        return {"num_items": self.kept, "read": self.read, "classes": self.classes, "positives": self.positives,
-                "truncated": self.truncated,
-                "dropped": self.dropped, "labels_per_caption": {str(k): v for k, v in sorted(self.labels_per_caption.items())},
-                "classes_without_caption": [c for c, n in zip(self.classes, self.positives) if n == 0]}
+        return {
+            "num_items": self.kept,
+            "read": self.read,
+            "classes": self.classes,
+            "positives": self.positives,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "labels_per_caption": {str(k): v for k, v in sorted(self.labels_per_caption.items())},
+            "classes_without_caption": [c for c, n in zip(self.classes, self.positives) if n == 0],
+        }
 
 
 def balance_by_rarest_class(labels: np.ndarray, max_per_class: int) -> np.ndarray:
@@ -161,7 +187,12 @@ def build_corpus(
     return texts, labels, CorpusReport.from_labels(vocab.class_names, labels, read, dict(drops))
 
 
-SOURCES = {"coco_captions": coco_captions, "narratives": narratives, "text_lines": text_lines, "hf_dataset": hf_dataset}
+SOURCES = {
+    "coco_captions": coco_captions,
+    "narratives": narratives,
+    "text_lines": text_lines,
+    "hf_dataset": hf_dataset,
+}
 
 
 def resolve_vocabulary(vocabulary: str | os.PathLike) -> SynonymVocabulary:
@@ -173,7 +204,9 @@ def resolve_vocabulary(vocabulary: str | os.PathLike) -> SynonymVocabulary:
     return load_vocabulary(vocabulary)
 
 
-def load_corpus(spec: dict, class_names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, CorpusReport]:
+def load_corpus(
+    spec: dict, class_names: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray, CorpusReport]:
     """Build a corpus from a config dict: ``vocabulary``, ``sources`` (``[{type, path}]``), ``class_sentences``
     (count of "a photo of a {}." per class, with the 80 templates; null = none) and ``max_per_class``."""
     vocab = resolve_vocabulary(spec["vocabulary"])
@@ -215,7 +248,9 @@ def report_table(report: CorpusReport, title: str = "caption corpus"):
     from rich.table import Table
 
     truncated = "" if report.truncated is None else f"; {report.truncated} truncated to the token limit"
-    table = Table(title=f"{title}: {report.kept} kept of {report.read} read; dropped {report.dropped or 'none'}{truncated}")
+    table = Table(
+        title=f"{title}: {report.kept} kept of {report.read} read; dropped {report.dropped or 'none'}{truncated}"
+    )
     table.add_column("class")
     table.add_column("captions", justify="right")
     for name, n in zip(report.classes, report.positives):

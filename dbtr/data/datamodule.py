@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -88,7 +89,9 @@ class TextToImageDataModule(L.LightningDataModule):
             classes = resolve_vocabulary(corpus["vocabulary"]).class_names
         if corpus is not None and train_captions is not None:
             raise ConfigError("give data.train_captions or data.corpus, not both")
-        self.class_names = load_class_names(classes if isinstance(classes, (str, os.PathLike)) else list(classes))
+        self.class_names = load_class_names(
+            classes if isinstance(classes, (str, os.PathLike)) else list(classes)
+        )
         self.corpus, self.corpus_report = corpus, None
         self.train_captions = train_captions
         self.val_images, self.val_labels = val_images, val_labels
@@ -123,7 +126,10 @@ class TextToImageDataModule(L.LightningDataModule):
 
     def read_images(self, split: str) -> ImageRecords | None:
         """The labelled images of ``val`` or ``test`` (subclasses read native dataset layouts)."""
-        images, labels = {"val": (self.val_images, self.val_labels), "test": (self.test_images, self.test_labels)}[split]
+        images, labels = {
+            "val": (self.val_images, self.val_labels),
+            "test": (self.test_images, self.test_labels),
+        }[split]
         return None if images is None else read_image_jsonl(images, labels, self.class_names)
 
     @property
@@ -146,7 +152,9 @@ class TextToImageDataModule(L.LightningDataModule):
         """Per evaluated split: counts per class and the images dropped (missing on disk, undecodable)."""
         from dbtr.data.images import describe
 
-        return {split: describe(rec) for split in ("val", "test") if (rec := self._records(split)) is not None}
+        return {
+            split: describe(rec) for split in ("val", "test") if (rec := self._records(split)) is not None
+        }
 
     def attach_encoder(self, encoder) -> None:
         """Take the tokenizer and, unless set, the input resolution from the CLIP encoder."""
@@ -157,8 +165,9 @@ class TextToImageDataModule(L.LightningDataModule):
     def set_caption_features(self, features: CaptionFeatures) -> None:
         self.caption_features = features
 
-    def cache_image_features(self, encoder, splits: Sequence[str] | None = None, cache_dir: str | None = None
-                             ) -> dict[str, str]:
+    def cache_image_features(
+        self, encoder, splits: Sequence[str] | None = None, cache_dir: str | None = None
+    ) -> dict[str, str]:
         """Encode the listed image splits once; their loaders then serve features instead of pixels.
 
         With ``cache_dir`` the features go to the fingerprinted on-disk cache (fp16, memory-mapped) and later
@@ -174,7 +183,9 @@ class TextToImageDataModule(L.LightningDataModule):
                 continue
             loader = self._pixel_loader(records)
             if cache_dir:
-                feats, ok, status[split] = cached_image_features(encoder, loader, cache_dir, progress=f"{split} images")
+                feats, ok, status[split] = cached_image_features(
+                    encoder, loader, cache_dir, progress=f"{split} images"
+                )
             else:
                 feats, ok = encode_image_features(encoder, loader, progress=f"{split} images")
                 status[split] = "memory"
@@ -183,8 +194,9 @@ class TextToImageDataModule(L.LightningDataModule):
             self._scanned.add(split)
         return status
 
-    def _pixel_loader(self, records: ImageRecords, scan: bool = False, batch_size: int | None = None,
-                      shuffle: bool = False) -> DataLoader:
+    def _pixel_loader(
+        self, records: ImageRecords, scan: bool = False, batch_size: int | None = None, shuffle: bool = False
+    ) -> DataLoader:
         return DataLoader(
             ImageDataset(records, self._transform(), "skip" if scan else self.on_bad_image),
             batch_size=batch_size or self.eval_batch_size,
@@ -197,8 +209,12 @@ class TextToImageDataModule(L.LightningDataModule):
         if ok.all():
             return records
         bad = [n for n, good in zip(records.file_names, ok) if not good]
-        log.warning("%d of %d images cannot be decoded and are skipped (listed in data_report.json): %s",
-                    len(bad), len(ok), ", ".join(bad[:3]))
+        log.warning(
+            "%d of %d images cannot be decoded and are skipped (listed in data_report.json): %s",
+            len(bad),
+            len(ok),
+            ", ".join(bad[:3]),
+        )
         out = records.subset(np.flatnonzero(ok))
         out.skipped = records.skipped + bad
         return out
@@ -239,7 +255,9 @@ class TextToImageDataModule(L.LightningDataModule):
         if world > 1 and not self._per_device:
             # data.batch_size is the global batch (TaI-DPT's 512); each of the `world` processes takes a share
             if self.batch_size % world:
-                raise ConfigError(f"data.batch_size={self.batch_size} is not divisible by the {world} processes")
+                raise ConfigError(
+                    f"data.batch_size={self.batch_size} is not divisible by the {world} processes"
+                )
             self.batch_size //= world
             self._per_device = True
         if stage in (None, "fit") and self.captions is None:
@@ -249,7 +267,9 @@ class TextToImageDataModule(L.LightningDataModule):
                 texts, labels, self.corpus_report = load_corpus(self.corpus, self.class_names)
                 self.captions = CaptionRecords(texts, labels, self.corpus_report.dropped)
             elif self.train_captions is None:
-                raise ConfigError("training needs data.train_captions (a JSON-lines caption file) or data.corpus")
+                raise ConfigError(
+                    "training needs data.train_captions (a JSON-lines caption file) or data.corpus"
+                )
             else:
                 self.captions = read_caption_jsonl(self.train_captions, self.class_names)
         if stage in (None, "fit", "validate") and self.val_records is None and self.has_val:
@@ -274,14 +294,19 @@ class TextToImageDataModule(L.LightningDataModule):
     def _image_loader(self, split: str, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         batch_size = batch_size or self.eval_batch_size
         if split in self.image_features:
-            return DataLoader(CachedImageDataset(self._records(split), self.image_features[split]),
-                              batch_size=batch_size, shuffle=shuffle)
+            return DataLoader(
+                CachedImageDataset(self._records(split), self.image_features[split]),
+                batch_size=batch_size,
+                shuffle=shuffle,
+            )
         if self.on_bad_image == "skip":
             self.scan_images(split)  # so every evaluated image is decodable and the skips are known up front
         return self._pixel_loader(self._records(split), batch_size=batch_size, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        )
         features = self.caption_features
         if features is not None and self.trainer is not None:
             features = features_on_device(features, self.trainer.strategy.root_device)

@@ -19,9 +19,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,15 +52,22 @@ def text_tower_identity(encoder) -> str:
     else:
         h.update(repr(encoder.tokenizer).encode())
     tm = encoder.model.text_model
-    for tensor in (tm.embeddings.token_embedding.weight, tm.final_layer_norm.weight, encoder.model.text_projection.weight,
-                   tm.encoder.layers[0].self_attn.q_proj.weight, tm.encoder.layers[-1].mlp.fc2.weight):
+    for tensor in (
+        tm.embeddings.token_embedding.weight,
+        tm.final_layer_norm.weight,
+        encoder.model.text_projection.weight,
+        tm.encoder.layers[0].self_attn.q_proj.weight,
+        tm.encoder.layers[-1].mlp.fc2.weight,
+    ):
         _hash_tensor(h, tensor)
     return h.hexdigest()
 
 
 def caption_cache_key(encoder, texts: Sequence[str]) -> str:
     h = hashlib.blake2b(digest_size=20)
-    h.update(f"v{CACHE_VERSION}|{text_tower_identity(encoder)}|max_length={encoder.max_length}|n={len(texts)}".encode())
+    h.update(
+        f"v{CACHE_VERSION}|{text_tower_identity(encoder)}|max_length={encoder.max_length}|n={len(texts)}".encode()
+    )
     for text in texts:
         h.update(text.encode())
         h.update(b"\0")
@@ -78,8 +85,11 @@ def _checksum(path: Path) -> str:
 def _write_captions(tmp: Path, features: CaptionFeatures) -> dict:
     for name in _ARRAYS:
         np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(features, name)))
-    return {"num_captions": len(features), "embed_dim": int(features.text_embeds.shape[1]),
-            "num_tokens": int(features.token_embeds.shape[0])}
+    return {
+        "num_captions": len(features),
+        "embed_dim": int(features.text_embeds.shape[1]),
+        "num_tokens": int(features.token_embeds.shape[0]),
+    }
 
 
 def save_caption_features(folder: Path, features: CaptionFeatures, key: str) -> None:
@@ -101,10 +111,17 @@ class _Kind:
     check: Callable[[dict], str | None] = lambda arrays: None  # what is inconsistent between the arrays
 
 
-_CAPTIONS = _Kind("caption", _ARRAYS, ("num_captions", "embed_dim", "num_tokens"), lambda m: {
-    "text_embeds": (m["num_captions"], m["embed_dim"]), "token_embeds": (m["num_tokens"], m["embed_dim"]),
-    "offsets": (m["num_captions"] + 1,)},
-    lambda a: offsets_problem(np.asarray(a["offsets"]), len(a["text_embeds"]), len(a["token_embeds"])))
+_CAPTIONS = _Kind(
+    "caption",
+    _ARRAYS,
+    ("num_captions", "embed_dim", "num_tokens"),
+    lambda m: {
+        "text_embeds": (m["num_captions"], m["embed_dim"]),
+        "token_embeds": (m["num_tokens"], m["embed_dim"]),
+        "offsets": (m["num_captions"] + 1,),
+    },
+    lambda a: offsets_problem(np.asarray(a["offsets"]), len(a["text_embeds"]), len(a["token_embeds"])),
+)
 
 
 def _read_meta(folder: Path, key: str, kind: _Kind) -> dict:
@@ -117,7 +134,11 @@ def _read_meta(folder: Path, key: str, kind: _Kind) -> dict:
         raise CacheDamaged(f"meta.json holds a {type(meta).__name__}, not an object")
     if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
         raise CacheDamaged("cache key or version differs from the requested one")
-    bad = [f for f in kind.sizes if not isinstance(meta.get(f), int) or isinstance(meta.get(f), bool) or meta[f] < 0]
+    bad = [
+        f
+        for f in kind.sizes
+        if not isinstance(meta.get(f), int) or isinstance(meta.get(f), bool) or meta[f] < 0
+    ]
     if bad:
         raise CacheDamaged(f"meta.json lacks valid sizes {bad}")
     sums = meta.get("checksums")
@@ -198,7 +219,9 @@ def cached_caption_features(
     key = caption_cache_key(encoder, texts)
 
     def fill(tmp: Path) -> dict:
-        return _write_captions(tmp, encode_caption_features(encoder, texts, batch_size=batch_size, progress=True))
+        return _write_captions(
+            tmp, encode_caption_features(encoder, texts, batch_size=batch_size, progress=True)
+        )
 
     arrays, status = _load_or_build(Path(root) / f"captions-{key[:24]}", key, _CAPTIONS, fill)
     return CaptionFeatures(**arrays), status
@@ -214,9 +237,14 @@ def image_tower_identity(encoder) -> str:
     h.update(encoder.model.config.vision_config.to_json_string(use_diff=False).encode())
     h.update(f"proj={encoder.model.config.projection_dim}|dense={encoder.dense}".encode())
     vm = encoder.model.vision_model
-    for tensor in (vm.embeddings.patch_embedding.weight, vm.embeddings.position_embedding.weight,
-                   vm.encoder.layers[0].self_attn.q_proj.weight, vm.encoder.layers[-1].mlp.fc2.weight,
-                   vm.post_layernorm.weight, encoder.model.visual_projection.weight):
+    for tensor in (
+        vm.embeddings.patch_embedding.weight,
+        vm.embeddings.position_embedding.weight,
+        vm.encoder.layers[0].self_attn.q_proj.weight,
+        vm.encoder.layers[-1].mlp.fc2.weight,
+        vm.post_layernorm.weight,
+        encoder.model.visual_projection.weight,
+    ):
         _hash_tensor(h, tensor)
     return h.hexdigest()
 
@@ -227,16 +255,25 @@ def image_cache_key(encoder, records, transform) -> str:
     same size, is a new key. A copy of the dataset that does not keep modification times (``cp`` without
     ``-p``; ``rsync -a`` keeps them) is therefore encoded once more."""
     h = hashlib.blake2b(digest_size=20)
-    h.update(f"v{CACHE_VERSION}|{image_tower_identity(encoder)}|{transform.identity()}|n={len(records)}".encode())
+    h.update(
+        f"v{CACHE_VERSION}|{image_tower_identity(encoder)}|{transform.identity()}|n={len(records)}".encode()
+    )
     for name in records.file_names:
         st = (records.root / name).stat()
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()
 
 
-_IMAGES = _Kind("image", IMAGE_ARRAYS, ("num_images", "embed_dim", "num_patches"), lambda m: {
-    "image_embeds": (m["num_images"], m["embed_dim"]),
-    "patch_embeds": (m["num_images"], m["num_patches"], m["embed_dim"]), "ok": (m["num_images"],)})
+_IMAGES = _Kind(
+    "image",
+    IMAGE_ARRAYS,
+    ("num_images", "embed_dim", "num_patches"),
+    lambda m: {
+        "image_embeds": (m["num_images"], m["embed_dim"]),
+        "patch_embeds": (m["num_images"], m["num_patches"], m["embed_dim"]),
+        "ok": (m["num_images"],),
+    },
+)
 
 
 def _image_features(arrays: dict):
@@ -269,15 +306,23 @@ def cached_image_features(encoder, loader, root: str | os.PathLike, progress: st
         dim = encoder.embed_dim
         side = transform.size // int(encoder.model.config.vision_config.patch_size)
         n = len(records)
-        out = (open_memmap(tmp / "image_embeds.npy", "w+", np.float16, (n, dim)),
-               open_memmap(tmp / "patch_embeds.npy", "w+", np.float16, (n, side * side, dim)))
+        out = (
+            open_memmap(tmp / "image_embeds.npy", "w+", np.float16, (n, dim)),
+            open_memmap(tmp / "patch_embeds.npy", "w+", np.float16, (n, side * side, dim)),
+        )
         _, ok = encode_image_features(encoder, loader, out=out, progress=progress)
         for arr in out:
             arr.flush()
         del out
         np.save(tmp / "ok.npy", ok)
-        return {"num_images": n, "embed_dim": dim, "num_patches": side * side, "root": str(records.root),
-                "transform": transform.identity(), "dense": encoder.dense}
+        return {
+            "num_images": n,
+            "embed_dim": dim,
+            "num_patches": side * side,
+            "root": str(records.root),
+            "transform": transform.identity(),
+            "dense": encoder.dense,
+        }
 
     arrays, status = _load_or_build(Path(root) / f"images-{key[:24]}", key, _IMAGES, fill)
     return (*_image_features(arrays), status)

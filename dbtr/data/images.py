@@ -10,9 +10,10 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dbtr.data.labels import label_row, require_text
-from dbtr.utils.files import DataFormatError, iter_jsonl
 from dbtr.utils.errors import ConfigError, UserError, choice_error
+from dbtr.utils.files import DataFormatError, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +46,34 @@ class ImageRecords:
     file_names: list[str]
     labels: np.ndarray
     class_names: list[str] | None = None
-    missing: list[str] = field(default_factory=list)  # listed but not on disk (dropped, on_missing_image=skip)
+    missing: list[str] = field(
+        default_factory=list
+    )  # listed but not on disk (dropped, on_missing_image=skip)
     skipped: list[str] = field(default_factory=list)  # on disk but undecodable (dropped, on_bad_image=skip)
 
     def __len__(self) -> int:
         return len(self.file_names)
 
-    def subset(self, rows: Sequence[int] | np.ndarray) -> "ImageRecords":
+    def subset(self, rows: Sequence[int] | np.ndarray) -> ImageRecords:
         rows = np.asarray(rows, dtype=np.int64)
         return replace(self, file_names=[self.file_names[i] for i in rows], labels=self.labels[rows])
 
-    def select_classes(self, names: Sequence[str]) -> "ImageRecords":
+    def select_classes(self, names: Sequence[str]) -> ImageRecords:
         """Keep (and reorder) the label columns of ``names``; an unknown name is an error that lists it."""
         index = {n: i for i, n in enumerate(self.class_names or [])}
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise ConfigError(f"classes {unknown[:5]} (of {len(unknown)}) are not in this dataset's label space")
+            raise ConfigError(
+                f"classes {unknown[:5]} (of {len(unknown)}) are not in this dataset's label space"
+            )
         return replace(self, labels=self.labels[:, [index[n] for n in names]], class_names=list(names))
 
-    def drop_missing(self, on_missing: str = "error", layout: str = "",
-                     fix: str = "set data.on_missing_image=skip to evaluate without them; they are then counted and listed"
-                     ) -> "ImageRecords":
+    def drop_missing(
+        self,
+        on_missing: str = "error",
+        layout: str = "",
+        fix: str = "set data.on_missing_image=skip to evaluate without them; they are then counted and listed",
+    ) -> ImageRecords:
         """Check every listed file exists; ``skip`` drops and records the missing ones, ``error`` raises (with
         ``fix``: what to do, in terms of an option the caller's config has)."""
         if on_missing not in ("error", "skip"):
@@ -85,7 +93,9 @@ class ImageRecords:
         return out
 
 
-def read_image_jsonl(root: str | os.PathLike, labels_file: str | os.PathLike, class_names: Sequence[str]) -> ImageRecords:
+def read_image_jsonl(
+    root: str | os.PathLike, labels_file: str | os.PathLike, class_names: Sequence[str]
+) -> ImageRecords:
     """Read a labels file and check that every listed image exists under ``root``."""
     root = Path(root)
     if not root.is_dir():
@@ -106,8 +116,11 @@ def read_image_jsonl(root: str | os.PathLike, labels_file: str | os.PathLike, cl
     if not names:
         raise DataFormatError(f"{labels_file}: no images listed")
     records = ImageRecords(root, names, np.stack(rows), list(class_names))
-    return records.drop_missing("error", layout=f"(listed in {labels_file})",
-                                fix=f"add the files, or remove their lines from {labels_file}")
+    return records.drop_missing(
+        "error",
+        layout=f"(listed in {labels_file})",
+        fix=f"add the files, or remove their lines from {labels_file}",
+    )
 
 
 class ClipImageTransform:
@@ -118,15 +131,22 @@ class ClipImageTransform:
     is off by default and part of the image-cache key.
     """
 
-    def __init__(self, size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 draft: bool = False):
+    def __init__(
+        self,
+        size: int = 224,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        draft: bool = False,
+    ):
         self.size, self.draft = int(size), bool(draft)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def identity(self) -> str:
-        return (f"size={self.size}|mean={self.mean.flatten().tolist()}|std={self.std.flatten().tolist()}"
-                f"|draft={self.draft}|decode={DECODE_VERSION}")
+        return (
+            f"size={self.size}|mean={self.mean.flatten().tolist()}|std={self.std.flatten().tolist()}"
+            f"|draft={self.draft}|decode={DECODE_VERSION}"
+        )
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The RGB ``size`` x ``size`` view the model sees (heatmaps are drawn over it, patch for patch)."""
@@ -224,8 +244,14 @@ def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
         image = im.copy()
     _require_area(path, image.width, image.height)
     if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-        log.warning("%s: %dx%d pixels, over Pillow's decompression-bomb limit of %d (decoded, as Pillow does "
-                    "up to twice the limit)", path, image.width, image.height, Image.MAX_IMAGE_PIXELS)
+        log.warning(
+            "%s: %dx%d pixels, over Pillow's decompression-bomb limit of %d (decoded, as Pillow does "
+            "up to twice the limit)",
+            path,
+            image.width,
+            image.height,
+            Image.MAX_IMAGE_PIXELS,
+        )
     return to_rgb(_upright(image, path))
 
 
@@ -259,8 +285,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         labels = torch.from_numpy(self.records.labels[i].astype(np.int64))
         try:
-            image = load_image(self.records.root / self.records.file_names[i],
-                               self.transform.size if self.transform.draft else None)
+            image = load_image(
+                self.records.root / self.records.file_names[i],
+                self.transform.size if self.transform.draft else None,
+            )
         except ImageDecodeError as err:
             if self.on_bad_image == "error":
                 raise ImageDecodeError(f"{err}; {BAD_IMAGE_HINT}") from None
@@ -283,8 +311,9 @@ class ImageFeatures:
 
 
 @torch.no_grad()
-def encode_image_features(encoder, loader, out: tuple[Any, Any] | None = None, progress: str | None = None
-                          ) -> tuple[ImageFeatures, np.ndarray]:
+def encode_image_features(
+    encoder, loader, out: tuple[Any, Any] | None = None, progress: str | None = None
+) -> tuple[ImageFeatures, np.ndarray]:
     """Run the frozen image tower once over ``loader`` (an ImageDataset in order).
 
     Returns the features and the boolean ``ok`` per image (False: undecodable, skipped). With ``out`` (two

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,9 @@ def label_row(
     for name in names:
         if name not in class_index:
             known = ", ".join(list(class_index)[:8]) + (", ..." if len(class_index) > 8 else "")
-            raise DataFormatError(f"{where}: unknown class {name!r} (the label space has {len(class_index)} classes: {known})")
+            raise DataFormatError(
+                f"{where}: unknown class {name!r} (the label space has {len(class_index)} classes: {known})"
+            )
         row[class_index[name]] = value
     return row
 

@@ -9,7 +9,7 @@ the whole epoch, which gives other batches than one process would.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -30,8 +30,15 @@ class GlobalBatchSampler(DistributedSampler):
     every process takes the same number of steps.
     """
 
-    def __init__(self, num_items: int, global_batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        num_items: int,
+        global_batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         if num_items <= 0:
             raise ValueError("there are no training captions to sample from")
         if global_batch_size <= 0 or global_batch_size % num_replicas:
@@ -53,7 +60,9 @@ class GlobalBatchSampler(DistributedSampler):
         for start in range(0, self.num_items, self.global_batch_size):
             batch = order[start : start + self.global_batch_size]
             if len(batch) < self.num_replicas:
-                batch = torch.cat([batch, order[torch.arange(self.num_replicas - len(batch)) % self.num_items]])
+                batch = torch.cat(
+                    [batch, order[torch.arange(self.num_replicas - len(batch)) % self.num_items]]
+                )
             mine.append(batch.tensor_split(self.num_replicas)[self.rank])
         return mine
 

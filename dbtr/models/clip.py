@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ def _missing_weights_message(name_or_path: str, err: Exception) -> str:
         f"  Looked for: a local folder with config.json + model.safetensors (or pytorch_model.bin) and tokenizer "
         f"files, or the hub id {name_or_path!r} in the HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}).\n"
         f"  To fix: download once on a machine with internet, e.g.\n"
-        f"      python -c \"from transformers import CLIPModel, CLIPTokenizer as T; "
+        f'      python -c "from transformers import CLIPModel, CLIPTokenizer as T; '
         f"CLIPModel.from_pretrained('openai/clip-vit-base-patch16').save_pretrained('weights/clip-b16'); "
         f"T.from_pretrained('openai/clip-vit-base-patch16').save_pretrained('weights/clip-b16')\"\n"
         f"  then copy the folder here and pass clip.name_or_path=weights/clip-b16 "
@@ -90,8 +91,12 @@ def _check_model_type(name_or_path: str, source: str, path: Path | None) -> None
     from transformers import PretrainedConfig
 
     if path is not None and not (path / "config.json").is_file():  # HF reads an absent one as an empty config
-        raise ClipWeightsNotFound(_missing_weights_message(
-            name_or_path, FileNotFoundError(f"no config.json in {path} (it holds {_folder_listing(path)})")))
+        raise ClipWeightsNotFound(
+            _missing_weights_message(
+                name_or_path,
+                FileNotFoundError(f"no config.json in {path} (it holds {_folder_listing(path)})"),
+            )
+        )
     try:
         config, _ = PretrainedConfig.get_config_dict(source)
     except (OSError, ValueError) as err:
@@ -140,15 +145,21 @@ def _check_tokenizer(name_or_path: str, tokenizer, vocab_size: int) -> None:
 
 
 def _weights_files(path: Path) -> str:
-    files = sorted(p.name for p in path.glob("*")
-                   if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    files = sorted(
+        p.name
+        for p in path.glob("*")
+        if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+    )
     return ", ".join(files) if files else "its weights"
 
 
 def _check_loading_info(name_or_path: str, info: dict) -> None:
     """Every parameter must come from the file: transformers initialises missing ones at random (a warning)"""
-    for kind, what in (("missing_keys", "lack"), ("unexpected_keys", "hold the unknown"),
-                       ("mismatched_keys", "have a wrongly shaped")):
+    for kind, what in (
+        ("missing_keys", "lack"),
+        ("unexpected_keys", "hold the unknown"),
+        ("mismatched_keys", "have a wrongly shaped"),
+    ):
         keys = sorted(info.get(kind) or ())
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
@@ -188,7 +199,9 @@ def _load_weights(name_or_path: str, source: str, path: Path | None, kwargs: dic
     return model
 
 
-def load_clip(name_or_path: str, torch_dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+def load_clip(
+    name_or_path: str, torch_dtype: torch.dtype | None = None, attn_implementation: str | None = None
+):
     """Load ``(CLIPModel, CLIPTokenizer)`` from a local folder or a hub id, with one clear error when missing,
     when the folder is not a CLIP, and when its weights or tokenizer are incomplete (never a half-random
     model)."""
@@ -197,9 +210,15 @@ def load_clip(name_or_path: str, torch_dtype: torch.dtype | None = None, attn_im
     path = Path(name_or_path).expanduser()
     # A string that is not an existing folder is a hub id only if it has the "org/name" shape;
     # anything else (./x, /abs/x, a bare typo) is a local path that does not exist.
-    is_hub_id = not path.exists() and not name_or_path.startswith((".", "~", "/")) and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is not None
+    is_hub_id = (
+        not path.exists()
+        and not name_or_path.startswith((".", "~", "/"))
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is not None
+    )
     if not is_hub_id and not path.is_dir():
-        raise ClipWeightsNotFound(_missing_weights_message(name_or_path, FileNotFoundError(f"no folder at {path.resolve()}")))
+        raise ClipWeightsNotFound(
+            _missing_weights_message(name_or_path, FileNotFoundError(f"no folder at {path.resolve()}"))
+        )
     source = name_or_path if is_hub_id else str(path)
     _check_model_type(name_or_path, source, None if is_hub_id else path)
     if not is_hub_id:
@@ -249,13 +268,15 @@ class ClipEncoder(nn.Module):
         max_length: int | None = None,
         torch_dtype: torch.dtype | None = torch.float32,
         attn_implementation: str | None = None,
-    ) -> "ClipEncoder":
+    ) -> ClipEncoder:
         """Load from a folder or hub id. float32 by default: weights saved in fp16 (like the shipped toy CLIP)
         would otherwise stay fp16, which is slow and lossy on CPUs."""
-        model, tokenizer = load_clip(name_or_path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
+        model, tokenizer = load_clip(
+            name_or_path, torch_dtype=torch_dtype, attn_implementation=attn_implementation
+        )
         return cls(model, tokenizer, dense=dense, max_length=max_length)
 
-    def train(self, mode: bool = True) -> "ClipEncoder":  # CLIP stays in eval mode whatever the system does
+    def train(self, mode: bool = True) -> ClipEncoder:  # CLIP stays in eval mode whatever the system does
         super().train(False)
         return self
 
@@ -284,7 +305,11 @@ class ClipEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Pad to ``max_length`` and truncate, as CLIP was trained (TaI-DPT feeds 77-token captions)."""
         out = self.tokenizer(
-            list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            list(texts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
@@ -292,11 +317,15 @@ class ClipEncoder(nn.Module):
         """First EOS position: OpenAI checkpoints pad with the EOS id, so argmax-of-id would be wrong."""
         is_eos = input_ids == self.eos_token_id
         if not bool(is_eos.any(-1).all()):
-            raise ValueError("every token sequence must contain the EOS token (was the text tokenized by this CLIP tokenizer?)")
+            raise ValueError(
+                "every token sequence must contain the EOS token (was the text tokenized by this CLIP tokenizer?)"
+            )
         return is_eos.int().argmax(-1)
 
     @torch.no_grad()
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, normalize: bool = True) -> TextEmbeddings:
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, normalize: bool = True
+    ) -> TextEmbeddings:
         """EOT ("global") and per-token ("local") projected embeddings of token sequences."""
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
@@ -315,7 +344,9 @@ class ClipEncoder(nn.Module):
         """Input token embeddings (B, L, W) of the text tower, before positions are added."""
         return self.model.text_model.embeddings.token_embedding(input_ids.to(self.device))
 
-    def encode_text_embeddings(self, inputs_embeds: Tensor, eot_index: Tensor, normalize: bool = True) -> Tensor:
+    def encode_text_embeddings(
+        self, inputs_embeds: Tensor, eot_index: Tensor, normalize: bool = True
+    ) -> Tensor:
         """EOT embeddings (B, D) of sequences given as input token embeddings (B, L, W): prompt learning.
 
         The same computation as ``encode_text``'s global output (``CLIPTextModel.forward`` of transformers 5:
@@ -344,7 +375,9 @@ class ClipEncoder(nn.Module):
 
     # ----------------------------------------------------------------- image
     @torch.no_grad()
-    def encode_image(self, pixel_values: Tensor, normalize: bool = True, dense: DenseMode | None = None) -> ImageEmbeddings:
+    def encode_image(
+        self, pixel_values: Tensor, normalize: bool = True, dense: DenseMode | None = None
+    ) -> ImageEmbeddings:
         """Global CLS embedding (exactly ``get_image_features``) and dense patch embeddings, in one pass."""
         dense = dense or self.dense
         if dense not in DENSE_MODES:

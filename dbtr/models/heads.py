@@ -151,8 +151,14 @@ class _MaxPooledMix(torch.autograd.Function):
         return d_w, d_t, None
 
 
-def pfa_terms(query: Tensor, local: Tensor, classes: Tensor, mask: Tensor | None, temperature: float,
-              sim: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pfa_terms(
+    query: Tensor,
+    local: Tensor,
+    classes: Tensor,
+    mask: Tensor | None,
+    temperature: float,
+    sim: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The two PFA scores (B, C) of docs/method.md §3.4, ``<q, T_a[c]>`` and ``f_a T^T``, without building the
     (B, C, D) attended text or the (B, N, D) attended locals of :func:`parameter_free_attention`:
 
@@ -179,15 +185,24 @@ class TaskResidual(nn.Module):
     free residual of classes that must keep T0 (unseen classes in the seen/unseen protocol).
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, alpha: float = 0.5, enabled: bool = True,
-                 generator_hidden: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        alpha: float = 0.5,
+        enabled: bool = True,
+        generator_hidden: int = 0,
+    ):
         super().__init__()
         self.alpha = float(alpha)
-        self.residual = nn.Parameter(torch.zeros(num_classes, embed_dim)) if enabled and not generator_hidden else None
+        self.residual = (
+            nn.Parameter(torch.zeros(num_classes, embed_dim)) if enabled and not generator_hidden else None
+        )
         self.generator = None
         if enabled and generator_hidden:
-            self.generator = nn.Sequential(nn.Linear(embed_dim, generator_hidden), nn.GELU(),
-                                           nn.Linear(generator_hidden, embed_dim))
+            self.generator = nn.Sequential(
+                nn.Linear(embed_dim, generator_hidden), nn.GELU(), nn.Linear(generator_hidden, embed_dim)
+            )
             nn.init.zeros_(self.generator[2].weight)
             nn.init.zeros_(self.generator[2].bias)
         self.register_buffer("row_mask", torch.ones(num_classes), persistent=False)
@@ -197,7 +212,9 @@ class TaskResidual(nn.Module):
             return F.normalize(base + self.alpha * self.generator(base), dim=-1)
         if self.residual is None:
             return base
-        return F.normalize(base + self.alpha * (self.residual * self.row_mask[:, None]).to(base.dtype), dim=-1)
+        return F.normalize(
+            base + self.alpha * (self.residual * self.row_mask[:, None]).to(base.dtype), dim=-1
+        )
 
 
 class DualBranchHead(nn.Module):
@@ -256,19 +273,31 @@ class DualBranchHead(nn.Module):
         if pfa in ("local", "both") and not use_local:
             raise ConfigError(f"model.head.pfa={pfa} needs the local branch (model.head.use_local=true)")
         if pfa_local_query not in ("mean", "global"):
-            raise ConfigError(f"model.head.pfa_local_query must be 'mean' or 'global', got {pfa_local_query!r}")
+            raise ConfigError(
+                f"model.head.pfa_local_query must be 'mean' or 'global', got {pfa_local_query!r}"
+            )
         if not 0.0 <= merge_weight <= 1.0:
             raise ConfigError(f"model.head.merge_weight must be in [0, 1], got {merge_weight}")
         self.num_classes, self.embed_dim = int(num_classes), int(embed_dim)
-        self.global_classifier = TaskResidual(num_classes, embed_dim, alpha_global, enabled=global_residual,
-                                              generator_hidden=residual_generator)
-        self.local_classifier = TaskResidual(num_classes, embed_dim, alpha_local, enabled=use_local and local_residual,
-                                             generator_hidden=residual_generator)
+        self.global_classifier = TaskResidual(
+            num_classes, embed_dim, alpha_global, enabled=global_residual, generator_hidden=residual_generator
+        )
+        self.local_classifier = TaskResidual(
+            num_classes,
+            embed_dim,
+            alpha_local,
+            enabled=use_local and local_residual,
+            generator_hidden=residual_generator,
+        )
         self.use_local = use_local
         self.pfa, self.pfa_temperature, self.beta2, self.beta3 = pfa, pfa_temperature, beta2, beta3
         self.pfa_local_query, self.pfa_center = pfa_local_query, pfa_center
         self.logit_scale, self.tau_text, self.tau_image = logit_scale, tau_text, tau_image
-        self.merge_weight, self.feature_noise_std, self.center_scores = merge_weight, feature_noise_std, center_scores
+        self.merge_weight, self.feature_noise_std, self.center_scores = (
+            merge_weight,
+            feature_noise_std,
+            center_scores,
+        )
         self.prompts = prompts
         # T0 depends on the CLIP model and the class names, both known from hyper-parameters: rebuilt, not saved.
         self.register_buffer("class_embeds", torch.zeros(num_classes, embed_dim), persistent=False)
@@ -295,14 +324,16 @@ class DualBranchHead(nn.Module):
     def _noise(self, x: Tensor) -> Tensor:
         return F.normalize(x + self.feature_noise_std * torch.randn_like(x), dim=-1)
 
-    def _pfa_logits(self, query: Tensor, local: Tensor, classes: Tensor, mask: Tensor | None,
-                    sim: Tensor | None = None) -> Tensor:
+    def _pfa_logits(
+        self, query: Tensor, local: Tensor, classes: Tensor, mask: Tensor | None, sim: Tensor | None = None
+    ) -> Tensor:
         z2, z3 = pfa_terms(query, local, classes, mask, self.pfa_temperature, sim)
         z = self.logit_scale * (self.beta2 * z2 + self.beta3 * z3)
         return z - z.mean(dim=1, keepdim=True) if self.pfa_center else z
 
-    def _local_scores(self, feats: Tensor, t_l: Tensor, mask: Tensor | None, modality: str,
-                      sim: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _local_scores(
+        self, feats: Tensor, t_l: Tensor, mask: Tensor | None, modality: str, sim: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         tau = self.tau_text if modality == "text" else self.tau_image
         return spatial_aggregation(feats @ t_l.t() if sim is None else sim, mask, tau, self.logit_scale)
 
@@ -316,7 +347,10 @@ class DualBranchHead(nn.Module):
 
     @torch.no_grad()
     def local_attention(
-        self, local_embeds: Tensor, local_mask: Tensor | None = None, modality: Literal["text", "image"] = "image",
+        self,
+        local_embeds: Tensor,
+        local_mask: Tensor | None = None,
+        modality: Literal["text", "image"] = "image",
         bases: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The local branch's spatial softmax (B, N, C): per class, how its score is spread over positions.
@@ -325,7 +359,9 @@ class DualBranchHead(nn.Module):
         branch and the attention terms: the "where did it see class c" map drawn by the heatmaps.
         """
         if not self.use_local:
-            raise ValueError("this head has no local branch (use_local=false): there is no spatial attention to show")
+            raise ValueError(
+                "this head has no local branch (use_local=false): there is no spatial attention to show"
+            )
         base_l = self._bases(bases)[1]
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
@@ -353,8 +389,15 @@ class DualBranchHead(nn.Module):
             f_g, feats = global_embeds.float(), local_embeds.float()
             return self._forward(f_g, feats, local_mask, modality, base_g, base_l)
 
-    def _forward(self, f_g: Tensor, feats: Tensor, local_mask: Tensor | None, modality: str, base_g: Tensor,
-                 base_l: Tensor) -> HeadOutput:
+    def _forward(
+        self,
+        f_g: Tensor,
+        feats: Tensor,
+        local_mask: Tensor | None,
+        modality: str,
+        base_g: Tensor,
+        base_l: Tensor,
+    ) -> HeadOutput:
         mask = None if local_mask is None else local_mask.bool()
         if self.training and modality == "text" and self.feature_noise_std > 0:
             f_g, feats = self._noise(f_g), self._noise(feats)

@@ -9,13 +9,13 @@ head uses ``T_g`` / ``T_l`` in place of ``T0`` in its global / local branch (``D
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dbtr.utils.errors import ConfigError
 from dbtr.text.names import prompt_name
+from dbtr.utils.errors import ConfigError
 
 
 class PromptLearner(nn.Module):
@@ -71,7 +71,9 @@ class PromptLearner(nn.Module):
             return torch.randn(shape) * std
         ids = encoder.tokenizer(ctx_init)["input_ids"][1:-1]  # without SOS / EOS
         if len(ids) != self.n_ctx:
-            raise ConfigError(f"model.prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but model.prompts.n_ctx={self.n_ctx}")
+            raise ConfigError(
+                f"model.prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but model.prompts.n_ctx={self.n_ctx}"
+            )
         with torch.no_grad():
             emb = encoder.embed_tokens(torch.tensor(ids)).float().cpu()
         return emb.expand(shape).clone()
@@ -87,7 +89,12 @@ class PromptLearner(nn.Module):
 
     def forward(self, encoder) -> tuple[Tensor, Tensor]:
         """``(T_g, T_l)``, each (C, D), L2-normalised float32; one text-tower pass for both prompt sets."""
-        embeds = torch.cat([self.prompt_embeddings(encoder, self.ctx_global), self.prompt_embeddings(encoder, self.ctx_local)])
+        embeds = torch.cat(
+            [
+                self.prompt_embeddings(encoder, self.ctx_global),
+                self.prompt_embeddings(encoder, self.ctx_local),
+            ]
+        )
         out = encoder.encode_text_embeddings(embeds, self.eot_index.repeat(2)).float()
         return out[: len(self.token_ids)], out[len(self.token_ids) :]
 

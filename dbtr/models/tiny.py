@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokeniser pattern (transformers' CLIPTokenizer uses the same one).
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
@@ -47,7 +49,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
         show_progress=False,
     )
     bpe.train_from_iterator(list(texts), trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+        for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
     vocab: dict[str, int] = {}
     for tok in [BOS, EOS, *alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges)]:
         vocab.setdefault(tok, len(vocab))
@@ -70,7 +75,12 @@ def tiny_clip_config(vocab_size: int, **overrides):
         pad_token_id=1,
     )
     vision = dict(
-        image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
     )
     top = dict(projection_dim=32)
     for key, value in overrides.items():

@@ -40,10 +40,13 @@ class EvalPlots(L.Callback):
         names, difficult = pl_module.class_names, pl_module.eval_cfg["difficult"]
         ap = average_precision_per_class(scores, labels, difficult=difficult)
         paths = {
-            "per_class_ap": save_figure(per_class_ap_figure(names, ap, title="test per-class AP"),
-                                        self.dirpath / "per_class_ap.png"),
-            "pr_curves": save_figure(pr_curves_figure(names, precision_recall_curves(scores, labels, difficult)),
-                                     self.dirpath / "pr_curves.png"),
+            "per_class_ap": save_figure(
+                per_class_ap_figure(names, ap, title="test per-class AP"), self.dirpath / "per_class_ap.png"
+            ),
+            "pr_curves": save_figure(
+                pr_curves_figure(names, precision_recall_curves(scores, labels, difficult)),
+                self.dirpath / "pr_curves.png",
+            ),
         }
         heatmaps = self._heatmaps(trainer, pl_module)
         if heatmaps is not None:
@@ -70,16 +73,28 @@ class EvalPlots(L.Callback):
         pl_module.eval()
         out = pl_module(torch.stack([transform(im) for im in images]).to(pl_module.device))
         pl_module.train(was_training)
-        scores, attention = out.logits.float().cpu().numpy(), attention_grid(out.local_attention).cpu().numpy()
+        scores, attention = (
+            out.logits.float().cpu().numpy(),
+            attention_grid(out.local_attention).cpu().numpy(),
+        )
         k = min(self.top_k, len(pl_module.class_names))
         names, rows = pl_module.class_names, []
         for i, (file, image) in enumerate(zip(files, images)):
             true = np.flatnonzero(records.labels[i] == 1).tolist()
             shown = crop_boxes(boxes.get(file, []), image.size, transform.size, names)
-            rows.append((transform.crop(image), top_panels(names, scores[i], attention[i], k, marks=true, boxes=shown),
-                         shown))
-        title = f"local-branch attention, top-{k} classes (✓ = true label" + ("; boxes: true objects)" if boxes else ")")
-        return save_figure(heatmap_figure(rows, title=title, class_names=names), self.dirpath / "heatmaps.png")
+            rows.append(
+                (
+                    transform.crop(image),
+                    top_panels(names, scores[i], attention[i], k, marks=true, boxes=shown),
+                    shown,
+                )
+            )
+        title = f"local-branch attention, top-{k} classes (✓ = true label" + (
+            "; boxes: true objects)" if boxes else ")"
+        )
+        return save_figure(
+            heatmap_figure(rows, title=title, class_names=names), self.dirpath / "heatmaps.png"
+        )
 
     @staticmethod
     def _to_wandb(trainer: L.Trainer, names, ap: np.ndarray, paths: dict[str, Path]) -> None:
@@ -105,8 +120,13 @@ class FeatureCaching(L.Callback):
     :param output_dir: where ``corpus_report.json`` goes (a corpus-built caption set).
     """
 
-    def __init__(self, captions: bool = True, images: bool | str | None = False, cache_dir: str | None = None,
-                 output_dir: str | None = None):
+    def __init__(
+        self,
+        captions: bool = True,
+        images: bool | str | None = False,
+        cache_dir: str | None = None,
+        output_dir: str | None = None,
+    ):
         if images not in (True, False, None, "memory", "disk"):
             raise ConfigError(f"cache_image_features must be false, memory (or true) or disk, got {images!r}")
         if images == "disk" and not cache_dir:
@@ -125,25 +145,33 @@ class FeatureCaching(L.Callback):
             self._captions(trainer, dm, encoder)
         if self.images:
             t0 = time.perf_counter()
-            status = dm.cache_image_features(encoder, cache_dir=self.cache_dir if self.images == "disk" else None)
+            status = dm.cache_image_features(
+                encoder, cache_dir=self.cache_dir if self.images == "disk" else None
+            )
             if status:
                 log.info("image features: %s", status)
-                self.timings["cache_images_s"] = self.timings.get("cache_images_s", 0.0) + time.perf_counter() - t0
+                self.timings["cache_images_s"] = (
+                    self.timings.get("cache_images_s", 0.0) + time.perf_counter() - t0
+                )
 
     def _captions(self, trainer: L.Trainer, dm, encoder) -> None:
         import time
 
         from dbtr.data.captions import encode_caption_features
-        from dbtr.data.feature_cache import cached_caption_features
         from dbtr.data.corpus import count_truncated, report_table
+        from dbtr.data.feature_cache import cached_caption_features
         from dbtr.utils.io import atomic_write_json
         from dbtr.utils.progress import is_quiet
 
         texts = dm.captions.texts
         truncated = count_truncated(encoder.tokenizer, texts, encoder.max_length)
         if truncated:
-            log.warning("%d of %d captions exceed %d tokens and are truncated", truncated, len(texts),
-                        encoder.max_length)
+            log.warning(
+                "%d of %d captions exceed %d tokens and are truncated",
+                truncated,
+                len(texts),
+                encoder.max_length,
+            )
         self.timings["captions_truncated"] = truncated
         if dm.corpus_report is not None and trainer.is_global_zero:
             dm.corpus_report.truncated = truncated

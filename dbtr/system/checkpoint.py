@@ -25,9 +25,10 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -47,6 +48,7 @@ class CheckpointMismatchError(UserError):
 
 # ------------------------------------------------------------------ what a checkpoint records
 
+
 @dataclass(frozen=True)
 class Preprocessing:
     """The image preprocessing the residuals were trained (selected) with: written into every checkpoint, and
@@ -61,12 +63,17 @@ class Preprocessing:
         """The preprocessing a datamodule applies (None before its image size is known)."""
         if datamodule is None or getattr(datamodule, "image_size", None) is None:
             return None
-        return cls(int(datamodule.image_size), tuple(map(float, datamodule.mean)), tuple(map(float, datamodule.std)))
+        return cls(
+            int(datamodule.image_size), tuple(map(float, datamodule.mean)), tuple(map(float, datamodule.std))
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(int(d["image_size"]), tuple(map(float, d.get("mean", CLIP_MEAN))),
-                   tuple(map(float, d.get("std", CLIP_STD))))
+        return cls(
+            int(d["image_size"]),
+            tuple(map(float, d.get("mean", CLIP_MEAN))),
+            tuple(map(float, d.get("std", CLIP_STD))),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
@@ -77,9 +84,16 @@ class Preprocessing:
     def differences(self, other: Preprocessing) -> dict[str, tuple[Any, Any]]:
         """``{field: (mine, other's)}`` for the fields that differ (floats to 1e-6)."""
         out = {}
-        for name, a, b in (("image_size", self.image_size, other.image_size), ("mean", self.mean, other.mean),
-                           ("std", self.std, other.std)):
-            same = a == b if isinstance(a, int) else len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
+        for name, a, b in (
+            ("image_size", self.image_size, other.image_size),
+            ("mean", self.mean, other.mean),
+            ("std", self.std, other.std),
+        ):
+            same = (
+                a == b
+                if isinstance(a, int)
+                else len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
+            )
             if not same:
                 out[name] = (a if isinstance(a, int) else list(a), b if isinstance(b, int) else list(b))
         return out
@@ -88,8 +102,11 @@ class Preprocessing:
 def checkpoint_meta(encoder, datamodule, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """``checkpoint["dbtr"]``: the CLIP fingerprint, the preprocessing and (when known) the run that made it."""
     prep = Preprocessing.of(datamodule)
-    return {"clip_fingerprint": encoder.fingerprint(), "preprocessing": None if prep is None else prep.as_dict(),
-            **({"run": run} if run else {})}
+    return {
+        "clip_fingerprint": encoder.fingerprint(),
+        "preprocessing": None if prep is None else prep.as_dict(),
+        **({"run": run} if run else {}),
+    }
 
 
 def stored_preprocessing(ckpt: dict[str, Any], encoder) -> Preprocessing:
@@ -100,29 +117,39 @@ def stored_preprocessing(ckpt: dict[str, Any], encoder) -> Preprocessing:
 
 # ------------------------------------------------------------------ reading and checking
 
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict, loaded without unpickling arbitrary objects; clear errors for non-dbtr files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path} (a dbtr-train run keeps them in <run>/checkpoints/)")
+        raise FileNotFoundError(
+            f"no checkpoint file at {path} (a dbtr-train run keeps them in <run>/checkpoints/)"
+        )
     if not zipfile.is_zipfile(path):  # torch.save (and so Lightning) writes zip archives
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (not the zip archive torch.save writes; "
-                        "a truncated or damaged file also reads this way)")
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint (not the zip archive torch.save writes; "
+            "a truncated or damaged file also reads this way)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message is long; its "GLOBAL x.Y" (unsupported or blocked) names the offending object
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         held = f"the object {found.group(1)}" if found else "objects other than tensors and plain values"
-        raise UserError(f"{path}: refused by safe loading (weights_only=True): it holds {held}, and dbtr "
-                        "checkpoints hold only tensors and plain values (pass a .ckpt written by dbtr-train)") from None
+        raise UserError(
+            f"{path}: refused by safe loading (weights_only=True): it holds {held}, and dbtr "
+            "checkpoints hold only tensors and plain values (pass a .ckpt written by dbtr-train)"
+        ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or damaged "
-                        f"({type(err).__name__}: {err})") from None
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or damaged ({type(err).__name__}: {err})"
+        ) from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "class_names" not in hp or "state_dict" not in ckpt:
-        raise UserError(f"{path}: not a dbtr checkpoint (no hyper_parameters.class_names / state_dict); "
-                        "pass a .ckpt written by dbtr-train")
+        raise UserError(
+            f"{path}: not a dbtr checkpoint (no hyper_parameters.class_names / state_dict); "
+            "pass a .ckpt written by dbtr-train"
+        )
     return ckpt
 
 
@@ -140,22 +167,31 @@ def check_class_names(checkpoint_names: Sequence[str], data_names: Sequence[str]
     )
 
 
-def check_preprocessing(trained: Preprocessing, now: Preprocessing | None, ckpt_path: str,
-                        allow_mismatch: bool = False) -> None:
+def check_preprocessing(
+    trained: Preprocessing, now: Preprocessing | None, ckpt_path: str, allow_mismatch: bool = False
+) -> None:
     """Evaluation data must be preprocessed as in training, or a clear error (a warning if allowed)."""
     diff = {} if now is None else trained.differences(now)
     if diff:
-        _mismatch(f"{ckpt_path}: image preprocessing differs from training (trained, now): {diff}",
-                  allow_mismatch, "pass allow_mismatch=true to evaluate anyway")
+        _mismatch(
+            f"{ckpt_path}: image preprocessing differs from training (trained, now): {diff}",
+            allow_mismatch,
+            "pass allow_mismatch=true to evaluate anyway",
+        )
 
 
-def check_clip(ckpt: dict[str, Any], encoder, ckpt_path: str, clip_path: str, allow_mismatch: bool = False) -> None:
+def check_clip(
+    ckpt: dict[str, Any], encoder, ckpt_path: str, clip_path: str, allow_mismatch: bool = False
+) -> None:
     """The residuals only mean something on the CLIP weights they were trained on (a hash of the projections)."""
     trained_on = (ckpt.get(META_KEY) or {}).get("clip_fingerprint")
     if trained_on and trained_on != encoder.fingerprint():
-        _mismatch(f"the CLIP at {clip_path!r} is not the one the residuals were trained on ({ckpt_path}: projection "
-                  f"hash {encoder.fingerprint()} != {trained_on})", allow_mismatch,
-                  "pass the training CLIP, or allow the mismatch (allow_mismatch=true, --allow-mismatch) to score anyway")
+        _mismatch(
+            f"the CLIP at {clip_path!r} is not the one the residuals were trained on ({ckpt_path}: projection "
+            f"hash {encoder.fingerprint()} != {trained_on})",
+            allow_mismatch,
+            "pass the training CLIP, or allow the mismatch (allow_mismatch=true, --allow-mismatch) to score anyway",
+        )
 
 
 def _mismatch(message: str, allow: bool, advice: str) -> None:
@@ -164,8 +200,9 @@ def _mismatch(message: str, allow: bool, advice: str) -> None:
     log.warning(message)
 
 
-def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, Tensor], num_classes: int, encoder,
-                     strict: bool = True) -> None:
+def check_state_dict(
+    state_dict: dict[str, Tensor], expected: dict[str, Tensor], num_classes: int, encoder, strict: bool = True
+) -> None:
     """A checkpoint's head tensors against the model's: a clear error for a mis-shaped or missing tensor."""
     for key, value in state_dict.items():
         if key not in expected or tuple(value.shape) == tuple(expected[key].shape):
@@ -194,14 +231,18 @@ def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, Tensor],
 
 # ------------------------------------------------------------------ checkpoint surgery
 
-def remap_class_rows(state_dict: dict[str, Tensor], trained: Sequence[str], names: Sequence[str]) -> dict[str, Tensor]:
+
+def remap_class_rows(
+    state_dict: dict[str, Tensor], trained: Sequence[str], names: Sequence[str]
+) -> dict[str, Tensor]:
     """Per-class rows (free residuals, class-specific prompt contexts) reordered to ``names``: a trained name
     keeps its row, a new name gets zeros (callers refuse new names where a zero row means nothing)."""
     index = {n: i for i, n in enumerate(trained)}
     out = {}
     for key, value in state_dict.items():
-        per_class = (key.endswith(".residual") and value.ndim == 2) or (key.startswith("head.prompts.ctx_")
-                                                                         and value.ndim == 3)
+        per_class = (key.endswith(".residual") and value.ndim == 2) or (
+            key.startswith("head.prompts.ctx_") and value.ndim == 3
+        )
         if per_class and value.shape[0] == len(trained):
             new = value.new_zeros(len(names), *value.shape[1:])
             for i, name in enumerate(names):
@@ -217,27 +258,35 @@ def new_class_rule(hp: dict[str, Any]) -> str | None:
     prompts = hp.get("prompts")
     if prompts:
         # class-specific contexts exist for trained names only
-        return None if prompts.get("class_specific") else "the learned prompt contexts (shared by all classes)"
+        return (
+            None if prompts.get("class_specific") else "the learned prompt contexts (shared by all classes)"
+        )
     if (hp.get("head") or {}).get("residual_generator"):
         return "the residual generator g(T0)"
     return "a zero residual (plain zero-shot T0)"
 
 
-def check_continues(ckpt: dict[str, Any], class_names: Sequence[str], encoder, ckpt_path: str, what: str) -> None:
+def check_continues(
+    ckpt: dict[str, Any], class_names: Sequence[str], encoder, ckpt_path: str, what: str
+) -> None:
     """A checkpoint that training continues from (``ckpt_path=`` resume, ``model.init_from``) must have been
     trained on the same classes in the same order and on the same CLIP: its rows would otherwise land on other
     classes (the resumed "red" row would be the old "green" one) or mean nothing on these features."""
-    advice = (f"Training cannot continue from it: start a fresh run (drop {what}) or use the classes and CLIP it "
-              "was trained with")
+    advice = (
+        f"Training cannot continue from it: start a fresh run (drop {what}) or use the classes and CLIP it "
+        "was trained with"
+    )
     try:
         check_class_names(ckpt["hyper_parameters"]["class_names"], class_names, f"{what}={ckpt_path}")
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{err}. {advice}") from None
     trained_on = (ckpt.get(META_KEY) or {}).get("clip_fingerprint")
     if trained_on and trained_on != encoder.fingerprint():
-        raise CheckpointMismatchError(f"{what}={ckpt_path} was trained on another CLIP than this run's "
-                                      f"clip.name_or_path (projection hash {trained_on} != {encoder.fingerprint()}). "
-                                      f"{advice}")
+        raise CheckpointMismatchError(
+            f"{what}={ckpt_path} was trained on another CLIP than this run's "
+            f"clip.name_or_path (projection hash {trained_on} != {encoder.fingerprint()}). "
+            f"{advice}"
+        )
 
 
 def load_head_init(head: torch.nn.Module, path: str, class_names: Sequence[str], encoder) -> None:
@@ -246,12 +295,14 @@ def load_head_init(head: torch.nn.Module, path: str, class_names: Sequence[str],
     ckpt = read_checkpoint(path)
     check_continues(ckpt, class_names, encoder, path, "model.init_from")
     state = ckpt["state_dict"]
-    head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    head_state = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     mine = head.state_dict()
     bad = {k: tuple(v.shape) for k, v in head_state.items() if k not in mine or v.shape != mine[k].shape}
     if bad or not head_state:
-        raise CheckpointMismatchError(f"model.init_from={path}: head tensors {bad or 'none'} do not "
-                                      "fit this head (same classes, CLIP and residual settings needed)")
+        raise CheckpointMismatchError(
+            f"model.init_from={path}: head tensors {bad or 'none'} do not "
+            "fit this head (same classes, CLIP and residual settings needed)"
+        )
     head.load_state_dict(head_state, strict=False)
 
 
@@ -259,12 +310,15 @@ def load_companion(path: str, encoder, class_names: Sequence[str]):
     """``model.ensemble.text_ckpt``: the text-only model scored beside this one, on the same (frozen) CLIP."""
     loaded = load_checkpoint(path, encoder=encoder)
     if loaded.model.class_names != list(class_names):
-        raise CheckpointMismatchError(f"model.ensemble.text_ckpt={path} was trained on other classes than this model")
+        raise CheckpointMismatchError(
+            f"model.ensemble.text_ckpt={path} was trained on other classes than this model"
+        )
     loaded.model.head.requires_grad_(False)
     return loaded.model
 
 
 # ------------------------------------------------------------------ the loader
+
 
 @dataclass
 class LoadedModel:
@@ -335,20 +389,28 @@ def load_checkpoint(
         raise UserError(f"{path} records no CLIP path (clip.name_or_path): pass the CLIP folder or hub id")
     trained = list(hp["class_names"])
     names = trained if classes is None else validate_class_names(classes, source="class list")
-    eval_cfg = {**(hp.get("evaluation") or {}), **{k: v for k, v in (evaluation or {}).items() if v is not None}}
+    eval_cfg = {
+        **(hp.get("evaluation") or {}),
+        **{k: v for k, v in (evaluation or {}).items() if v is not None},
+    }
     eval_cfg["top_k"] = sorted({min(int(k), len(names)) for k in eval_cfg.get("top_k", [3])})
     new = [n for n in names if n not in trained]
     rule = new_class_rule(hp)
     if new and rule is None:
-        raise UserError(f"{path} learned one prompt context per training class (prompts.class_specific): "
-                         f"new class names {new[:5]} have none; use a subset of the trained classes "
-                         f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})")
+        raise UserError(
+            f"{path} learned one prompt context per training class (prompts.class_specific): "
+            f"new class names {new[:5]} have none; use a subset of the trained classes "
+            f"({len(trained)}: {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''})"
+        )
     if names != trained:
         # subsets, selection subset and residual_classes name the training vocabulary; carry over which names
         # kept T0 in training (unseen classes of a seen/unseen run) and drop the rest
         chosen = hp.get("residual_classes")
-        learned = set(trained) if chosen is None else {
-            trained[i] for i in residual_columns(chosen, trained, hp.get("class_subsets") or {})}
+        learned = (
+            set(trained)
+            if chosen is None
+            else {trained[i] for i in residual_columns(chosen, trained, hp.get("class_subsets") or {})}
+        )
         hp.update(class_subsets=None, residual_classes=[n for n in names if n in learned])
         eval_cfg["val_subset"] = None
     hp.update(clip=clip_cfg, class_names=names, evaluation=eval_cfg)
@@ -358,5 +420,14 @@ def load_checkpoint(
     prep = stored_preprocessing(ckpt, model.encoder)
     model = model.eval().to(device)
     model.ensure_class_embeddings()
-    return LoadedModel(model, prep.transform(), prep, str(path), clip_cfg["name_or_path"], trained, new,
-                       rule if new else "", dict(ckpt.get(META_KEY) or {}))
+    return LoadedModel(
+        model,
+        prep.transform(),
+        prep,
+        str(path),
+        clip_cfg["name_or_path"],
+        trained,
+        new,
+        rule if new else "",
+        dict(ckpt.get(META_KEY) or {}),
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dbtr.utils.io import atomic_open
 
@@ -22,7 +23,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     state, hyper-parameters as dicts/lists/strings), so nothing needs unpickling.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         if "://" in str(path):  # remote file systems: fsspec's transactional write
@@ -30,10 +33,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_open(Path(path), "wb") as fh:
             torch.save(checkpoint, fh)
 
-    def load_checkpoint(self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        return super().load_checkpoint(path, map_location=map_location,
-                                       weights_only=True if weights_only is None else weights_only)
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(
+            path, map_location=map_location, weights_only=True if weights_only is None else weights_only
+        )
 
 
 class LastEpochCheckpoint(ModelCheckpoint):
@@ -45,8 +53,15 @@ class LastEpochCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str):
-        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, save_last=False,
-                         enable_version_counter=False, auto_insert_metric_name=False)
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        )
 
     @property
     def state_key(self) -> str:

@@ -11,12 +11,19 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from dbtr.evaluation import BRANCHES, EVALUATION_DEFAULTS, headline, summarise
+from dbtr.losses import get_loss, split_labels
+from dbtr.metrics import ScoreCollector
+from dbtr.models.clip import ClipEncoder
+from dbtr.models.heads import DualBranchHead, HeadOutput
+from dbtr.models.prompts import PromptLearner
 from dbtr.system.checkpoint import (
     CheckpointMismatchError,
     check_state_dict,
@@ -24,24 +31,20 @@ from dbtr.system.checkpoint import (
     load_companion,
     load_head_init,
 )
-from dbtr.evaluation import BRANCHES, EVALUATION_DEFAULTS, headline, summarise
-from dbtr.losses import get_loss, split_labels
-from dbtr.metrics import ScoreCollector
-from dbtr.models.clip import ClipEncoder
-from dbtr.models.heads import DualBranchHead, HeadOutput
-from dbtr.models.prompts import PromptLearner
 from dbtr.system.optim import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS, build_optimizer
+from dbtr.text.names import validate_class_names
 from dbtr.utils.errors import ConfigError
 from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings
-from dbtr.text.names import validate_class_names
 
 log = logging.getLogger(__name__)
 # Under DDP the evaluation scores are all-gathered before the metrics are computed (ScoreCollector, padding
 # repeats dropped), so every process logs the same whole-split value: Lightning's advice to sync_dist them, and
 # its warning that DistributedSampler repeats test samples, do not apply here.
 warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True.*")
-warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`.*")
+warnings.filterwarnings(
+    "ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`.*"
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 __all__ = ["CheckpointMismatchError", "DbtrLitModule", "attention_grid", "residual_columns"]
@@ -56,12 +59,15 @@ def attention_grid(attention: Tensor) -> Tensor:
     return attention.permute(0, 2, 1).reshape(b, c, g, g)
 
 
-def residual_columns(chosen: str | Sequence[str], class_names: Sequence[str],
-                     subsets: dict[str, Sequence[str]]) -> list[int]:
+def residual_columns(
+    chosen: str | Sequence[str], class_names: Sequence[str], subsets: dict[str, Sequence[str]]
+) -> list[int]:
     """Columns of ``model.residual_classes`` (a subset name or a list of names) in ``class_names``."""
     if isinstance(chosen, str):
         if chosen not in subsets:
-            raise ConfigError(f"model.residual_classes={chosen!r} is not one of the class subsets {sorted(subsets)}")
+            raise ConfigError(
+                f"model.residual_classes={chosen!r} is not one of the class subsets {sorted(subsets)}"
+            )
         chosen = subsets[chosen]
     index = {n: i for i, n in enumerate(class_names)}
     unknown = [n for n in chosen if n not in index]
@@ -130,7 +136,9 @@ class DbtrLitModule(L.LightningModule):
         self.encoder = encoder
         self.class_names = list(class_names)
         prompt_learner = None if prompts is None else PromptLearner(encoder, class_names, **prompts)
-        self.head = DualBranchHead(len(class_names), encoder.embed_dim, prompts=prompt_learner, **(head or {}))
+        self.head = DualBranchHead(
+            len(class_names), encoder.embed_dim, prompts=prompt_learner, **(head or {})
+        )
         self._bases_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self.loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
@@ -139,11 +147,15 @@ class DbtrLitModule(L.LightningModule):
         self.eval_cfg = {**EVALUATION_DEFAULTS, **(evaluation or {})}
         too_big = [k for k in self.eval_cfg["top_k"] if not 1 <= int(k) <= len(class_names)]
         if too_big:
-            raise ConfigError(f"evaluation.top_k {too_big} must lie in [1, {len(class_names)}] (the number of classes)")
+            raise ConfigError(
+                f"evaluation.top_k {too_big} must lie in [1, {len(class_names)}] (the number of classes)"
+            )
         self.class_subsets = self._subset_columns(class_subsets or {})
         if self.eval_cfg["val_subset"] is not None and self.eval_cfg["val_subset"] not in self.class_subsets:
-            raise ConfigError(f"evaluation.val_subset={self.eval_cfg['val_subset']!r} is not one of the class subsets "
-                              f"{sorted(self.class_subsets)}")
+            raise ConfigError(
+                f"evaluation.val_subset={self.eval_cfg['val_subset']!r} is not one of the class subsets "
+                f"{sorted(self.class_subsets)}"
+            )
         if residual_classes is not None:
             learned = torch.zeros(len(class_names), dtype=torch.bool)
             learned[residual_columns(residual_classes, self.class_names, class_subsets or {})] = True
@@ -159,7 +171,9 @@ class DbtrLitModule(L.LightningModule):
         self.collectors = torch.nn.ModuleDict(
             {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in (*BRANCHES, "text")}
         )
-        self.run_info: dict[str, Any] = {}  # what made this run (choices, overrides, seed): saved in checkpoints
+        self.run_info: dict[
+            str, Any
+        ] = {}  # what made this run (choices, overrides, seed): saved in checkpoints
         self.results: dict[str, dict[str, Any]] = {}
         # the last epoch's merged (scores, labels) per stage, for plots (PR curves) drawn after the epoch
         self.eval_scores: dict[str, tuple[Tensor, Tensor]] = {}
@@ -171,7 +185,9 @@ class DbtrLitModule(L.LightningModule):
         for name, names in subsets.items():
             unknown = [n for n in names if n not in index]
             if unknown:
-                raise ConfigError(f"class subset {name!r} names classes that are not in class_names: {unknown[:5]}")
+                raise ConfigError(
+                    f"class subset {name!r} names classes that are not in class_names: {unknown[:5]}"
+                )
             out[str(name)] = [index[n] for n in names]
         return out
 
@@ -216,15 +232,25 @@ class DbtrLitModule(L.LightningModule):
     def state_dict(self, *args, **kwargs):
         # The frozen CLIP is rebuilt from clip.name_or_path; keeping it out makes checkpoints a few hundred kB.
         full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if not k.startswith("encoder.") and not k.startswith("collectors."))
+        return type(full)(
+            (k, v)
+            for k, v in full.items()
+            if not k.startswith("encoder.") and not k.startswith("collectors.")
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict on the head (missing or mis-shaped residuals raise a clear error), silent on CLIP keys."""
         expected = dict(self.state_dict())
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("encoder.") and not k.startswith("collectors.")}
+        state_dict = {
+            k: v
+            for k, v in state_dict.items()
+            if not k.startswith("encoder.") and not k.startswith("collectors.")
+        }
         check_state_dict(state_dict, expected, len(self.class_names), self.encoder, strict)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        result.missing_keys[:] = [k for k in result.missing_keys if k in expected]  # CLIP keys are never stored
+        result.missing_keys[:] = [
+            k for k in result.missing_keys if k in expected
+        ]  # CLIP keys are never stored
         return result
 
     # --------------------------------------------------------------- inference
@@ -269,7 +295,9 @@ class DbtrLitModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Checkpoints do not hold the global RNG: seed each step from its restored position, so a resumed run
         # draws the same feature noise as an uninterrupted one (and each DDP process its own).
-        torch.manual_seed(derive_seed("train-step", run_seed(), self.global_step, batch_idx, self.global_rank))
+        torch.manual_seed(
+            derive_seed("train-step", run_seed(), self.global_step, batch_idx, self.global_rank)
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         g, loc, mask, modality = self.features(batch)
@@ -277,7 +305,9 @@ class DbtrLitModule(L.LightningModule):
         losses = self.branch_losses(out, batch["labels"])
         loss = sum(losses.values())
         bs = batch["labels"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True
+        )
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss
@@ -293,7 +323,9 @@ class DbtrLitModule(L.LightningModule):
             text.head.to(g.device)
             if not bool(text.head.class_embeds_ready):
                 text.head.set_class_embeddings(self.head.class_embeds)
-            self.collectors[f"{stage}_text"].update(text.head(g, loc, mask, modality=modality, bases=text.branch_bases()).logits, labels, idx)
+            self.collectors[f"{stage}_text"].update(
+                text.head(g, loc, mask, modality=modality, bases=text.branch_bases()).logits, labels, idx
+            )
         self.collectors[f"{stage}_merged"].update(out.logits, labels, idx)
         self.collectors[f"{stage}_global"].update(out.logits_global, labels, idx)
         if out.logits_local is not None:
@@ -306,8 +338,14 @@ class DbtrLitModule(L.LightningModule):
             if collector.update_count:
                 collected[branch] = collector.compute()
                 collector.reset()
-        result, merged = summarise(collected, stage, self.eval_cfg, self.class_names, self.class_subsets,
-                                   float(self.ensemble_cfg.get("rate", 0.9)))
+        result, merged = summarise(
+            collected,
+            stage,
+            self.eval_cfg,
+            self.class_names,
+            self.class_subsets,
+            float(self.ensemble_cfg.get("rate", 0.9)),
+        )
         if merged is not None:
             self.eval_scores[stage] = merged
         for key, value in headline(result).items():
@@ -334,7 +372,9 @@ class DbtrLitModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError("this head has no learnable residual (both residuals off): evaluate it with train=false")
+            raise RuntimeError(
+                "this head has no learnable residual (both residuals off): evaluate it with train=false"
+            )
         total = int(self.trainer.estimated_stepping_batches)
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches):

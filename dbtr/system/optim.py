@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -22,20 +23,31 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
     warmup = round(warmup_epochs * steps_per_epoch)
     if warmup >= total_steps:
         short = total_steps // 2
-        log.warning("model.scheduler.warmup_epochs=%s covers the whole run (%d steps, %d per epoch): warm-up "
-                    "shortened to %d steps (set model.scheduler.warmup_epochs=0 to skip it)",
-                    warmup_epochs, total_steps, steps_per_epoch, short)
+        log.warning(
+            "model.scheduler.warmup_epochs=%s covers the whole run (%d steps, %d per epoch): warm-up "
+            "shortened to %d steps (set model.scheduler.warmup_epochs=0 to skip it)",
+            warmup_epochs,
+            total_steps,
+            steps_per_epoch,
+            short,
+        )
         return short
     return warmup
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: dict[str, Any] | None = None,
-                    sched_cfg: dict[str, Any] | None = None, total_steps: int | None = None,
-                    steps_per_epoch: int | None = None):
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    cfg: dict[str, Any] | None = None,
+    sched_cfg: dict[str, Any] | None = None,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+):
     """What ``configure_optimizers`` returns: the optimizer alone (constant lr) or with a per-step schedule."""
     params = list(params)
     if not params:
-        raise RuntimeError("this head has no learnable residual (both residuals off): evaluate it with train=false")
+        raise RuntimeError(
+            "this head has no learnable residual (both residuals off): evaluate it with train=false"
+        )
     cfg = {**OPTIMIZER_DEFAULTS, **(cfg or {})}
     sched = {**SCHEDULER_DEFAULTS, **(sched_cfg or {})}
     name = cfg["name"].lower()
@@ -44,7 +56,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: dict[str, Any] | 
     elif name == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     elif name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=cfg["momentum"])
+        opt = torch.optim.SGD(
+            params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=cfg["momentum"]
+        )
     else:
         raise ConfigError(f"model.optimizer.name must be adam, adamw or sgd, got {cfg['name']!r}")
     if sched["name"] == "constant":

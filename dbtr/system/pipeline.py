@@ -21,9 +21,12 @@ def feature_caching(cfg: DictConfig, captions: bool = True):
     """The run's :class:`~dbtr.system.callbacks.FeatureCaching` from the top-level cache settings."""
     from dbtr.system.callbacks import FeatureCaching
 
-    return FeatureCaching(captions=bool(cfg.get("cache_caption_features", False)) and captions,
-                          images=cfg.get("cache_image_features"), cache_dir=cfg.get("cache_dir") or None,
-                          output_dir=cfg.paths.output_dir)
+    return FeatureCaching(
+        captions=bool(cfg.get("cache_caption_features", False)) and captions,
+        images=cfg.get("cache_image_features"),
+        cache_dir=cfg.get("cache_dir") or None,
+        output_dir=cfg.paths.output_dir,
+    )
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list, has_val: bool = True) -> L.Trainer:
@@ -32,14 +35,18 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list, has_val: bool = True) 
     callbacks = instantiate_group(cfg.get("callbacks"))
     for cb in callbacks:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.monitor and not has_val:
-            log.warning("no validation split: keeping the last epoch (the test split is never used for selection)")
+            log.warning(
+                "no validation split: keeping the last epoch (the test split is never used for selection)"
+            )
             cb.monitor = None
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: Lightning's LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, L.pytorch.callbacks.LearningRateMonitor)]
     callbacks, quiet_args = quiet_trainer_args([*extra_callbacks, *callbacks])
     no_val = {} if has_val else {"limit_val_batches": 0}
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_val, **quiet_args)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_val, **quiet_args
+    )
     for logger in trainer.loggers:  # the resolved config, as in .hydra/config.yaml
         logger.log_hyperparams(to_container(cfg))
     return trainer
@@ -54,7 +61,9 @@ def prepare_data_once(datamodule, trainer: L.Trainer, timeout_s: float = 3600.0)
     deadline = time.monotonic() + timeout_s
     while is_built is not None and not is_built():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {trainer.global_rank}: data not built by rank 0 within {timeout_s:.0f} s")
+            raise TimeoutError(
+                f"rank {trainer.global_rank}: data not built by rank 0 within {timeout_s:.0f} s"
+            )
         time.sleep(2.0)
 
 

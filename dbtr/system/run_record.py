@@ -30,7 +30,9 @@ class RunRecord:
     kind: str  # train | eval
     task_name: str
     config: dict[str, Any]  # the resolved config, as in .hydra/config.yaml
-    choices: dict[str, Any] = field(default_factory=dict)  # config-group choices (model: dbtr, data: toyworld)
+    choices: dict[str, Any] = field(
+        default_factory=dict
+    )  # config-group choices (model: dbtr, data: toyworld)
     overrides: list[str] = field(default_factory=list)  # command-line overrides
     seed: int | None = None
     tags: list[str] = field(default_factory=list)
@@ -40,7 +42,9 @@ class RunRecord:
     selection: dict[str, Any] = field(default_factory=dict)  # monitor, best_score
     val_last_epoch: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)  # the metric conventions in effect (difficult, top_k)
+    evaluation: dict[str, Any] = field(
+        default_factory=dict
+    )  # the metric conventions in effect (difficult, top_k)
     source: dict[str, Any] | None = None  # eval: {task_name, choices, overrides, seed} of the training run
     extra: dict[str, Any] = field(default_factory=dict)  # anything else (kept on read, written back flat)
 
@@ -51,7 +55,12 @@ class RunRecord:
     @property
     def identity(self) -> dict[str, Any]:
         """What a checkpoint stores about the run that wrote it (``checkpoint['dbtr']['run']``)."""
-        return {"task_name": self.task_name, "choices": self.choices, "overrides": self.overrides, "seed": self.seed}
+        return {
+            "task_name": self.task_name,
+            "choices": self.choices,
+            "overrides": self.overrides,
+            "seed": self.seed,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "extra"}
@@ -67,15 +76,23 @@ class RunRecord:
     @classmethod
     def from_dict(cls, payload: Any) -> RunRecord:
         if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
-            raise RunRecordError("metrics.json has no 'config' section (not written by dbtr-train / dbtr-eval)")
+            raise RunRecordError(
+                "metrics.json has no 'config' section (not written by dbtr-train / dbtr-eval)"
+            )
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in payload.items() if k in names}
-        kind = known.get("kind") or ("eval" if (known.get("choices") or {}).get("model") == "from_checkpoint"
-                                     else "train")  # records written before the kind was stored
-        known.update(kind=kind, task_name=known.get("task_name") or kind,
-                     seed=known.get("seed", payload["config"].get("seed")))
-        return cls(**{k: v for k, v in known.items() if v is not None or k in ("source", "checkpoint", "seed")},
-                   extra={k: v for k, v in payload.items() if k not in names})
+        kind = known.get("kind") or (
+            "eval" if (known.get("choices") or {}).get("model") == "from_checkpoint" else "train"
+        )  # records written before the kind was stored
+        known.update(
+            kind=kind,
+            task_name=known.get("task_name") or kind,
+            seed=known.get("seed", payload["config"].get("seed")),
+        )
+        return cls(
+            **{k: v for k, v in known.items() if v is not None or k in ("source", "checkpoint", "seed")},
+            extra={k: v for k, v in payload.items() if k not in names},
+        )
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunRecord:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -72,12 +72,18 @@ def class_styles(n: int) -> list[tuple[tuple[float, ...], str]]:
     colours = colormaps["tab20"].colors
     colours = colours[0::2] + colours[1::2]  # the 10 strong hues first, then their light twins
     if n > len(colours) * len(_LINE_STYLES):
-        raise ValueError(f"{n} curves: at most {len(colours) * len(_LINE_STYLES)} can be told apart in one plot")
+        raise ValueError(
+            f"{n} curves: at most {len(colours) * len(_LINE_STYLES)} can be told apart in one plot"
+        )
     return [(colours[i % len(colours)], _LINE_STYLES[i // len(colours)]) for i in range(n)]
 
 
-def pr_curves_figure(class_names: Sequence[str], curves: Sequence[tuple[np.ndarray, np.ndarray] | None],
-                     max_legend: int = 40, title: str = "precision-recall"):
+def pr_curves_figure(
+    class_names: Sequence[str],
+    curves: Sequence[tuple[np.ndarray, np.ndarray] | None],
+    max_legend: int = 40,
+    title: str = "precision-recall",
+):
     """One step curve per class from :func:`dbtr.metrics.precision_recall_curves` (area = the class's AP).
 
     Every class has its own colour (and, past 20 classes, line style), so the legend identifies each curve.
@@ -88,8 +94,15 @@ def pr_curves_figure(class_names: Sequence[str], curves: Sequence[tuple[np.ndarr
     for (name, (precision, recall)), (colour, style) in zip(drawn, class_styles(len(drawn))):
         ap = float(np.sum(np.diff(recall, prepend=0.0) * precision))
         # 'pre': precision P_k holds on (R_{k-1}, R_k], exactly the rectangles the AP sums
-        ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", lw=1.2, color=colour,
-                linestyle=style, label=f"{name} ({100 * ap:.1f})")
+        ax.step(
+            np.r_[0.0, recall],
+            np.r_[precision[0], precision],
+            where="pre",
+            lw=1.2,
+            color=colour,
+            linestyle=style,
+            label=f"{name} ({100 * ap:.1f})",
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
@@ -105,20 +118,33 @@ def pr_curves_figure(class_names: Sequence[str], curves: Sequence[tuple[np.ndarr
 Box = tuple[float, float, float, float]
 
 
-def top_panels(class_names: Sequence[str], scores: np.ndarray, attention: np.ndarray, k: int = 3,
-               marks: Sequence[int] = (), boxes: dict[int, Sequence[Box]] | None = None) -> Panels:
+def top_panels(
+    class_names: Sequence[str],
+    scores: np.ndarray,
+    attention: np.ndarray,
+    k: int = 3,
+    marks: Sequence[int] = (),
+    boxes: dict[int, Sequence[Box]] | None = None,
+) -> Panels:
     """The ``k`` best-scored classes of one image as heatmap panels; ``attention`` is (C, g, g).
 
     Classes in ``marks`` (e.g. ground truth) get a check mark in the title; ``boxes`` (class index -> its true
     boxes in the shown image) are drawn on the panel of their class.
     """
     top = np.argsort(-np.asarray(scores), kind="stable")[:k]
-    return [(f"{class_names[c]}{' ✓' if c in marks else ''} {float(scores[c]):.2f}", attention[c],
-             list((boxes or {}).get(int(c), ()))) for c in top]
+    return [
+        (
+            f"{class_names[c]}{' ✓' if c in marks else ''} {float(scores[c]):.2f}",
+            attention[c],
+            list((boxes or {}).get(int(c), ())),
+        )
+        for c in top
+    ]
 
 
-def crop_boxes(boxes: Sequence[dict], original_size: tuple[int, int], size: int,
-               class_names: Sequence[str]) -> dict[int, list[Box]]:
+def crop_boxes(
+    boxes: Sequence[dict], original_size: tuple[int, int], size: int, class_names: Sequence[str]
+) -> dict[int, list[Box]]:
     """Labels-file boxes (``{"label", "box": [x0, y0, x1, y1]}`` in original pixels) in the ``size`` x ``size``
     view of :meth:`dbtr.data.images.ClipImageTransform.crop` (short side resized to ``size``, centre crop),
     per class index; boxes of classes outside ``class_names`` or entirely cropped away are dropped."""
@@ -131,7 +157,9 @@ def crop_boxes(boxes: Sequence[dict], original_size: tuple[int, int], size: int,
         if b.get("label") not in index:
             continue
         x0, y0, x1, y1 = b["box"]
-        box = tuple(float(np.clip(v, 0, size)) for v in (x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top))
+        box = tuple(
+            float(np.clip(v, 0, size)) for v in (x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top)
+        )
         if box[2] > box[0] and box[3] > box[1]:
             out.setdefault(index[b["label"]], []).append(box)
     return out
@@ -156,15 +184,29 @@ def _draw_boxes(ax, boxes: Sequence[Box], labels: Sequence[str] = ()) -> None:
 
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=1.4))
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="black", lw=0.6,
-                               linestyle="--"))
+        ax.add_patch(
+            Rectangle(
+                (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="black", lw=0.6, linestyle="--"
+            )
+        )
         if i < len(labels):
-            ax.text(x0, y0 - 1, labels[i], color="white", fontsize=6, va="bottom",
-                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "lw": 0})
+            ax.text(
+                x0,
+                y0 - 1,
+                labels[i],
+                color="white",
+                fontsize=6,
+                va="bottom",
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "lw": 0},
+            )
 
 
-def heatmap_figure(rows: Sequence[tuple[Image.Image, Panels]], panel_inches: float = 2.2,
-                   title: str | None = None, class_names: Sequence[str] | None = None):
+def heatmap_figure(
+    rows: Sequence[tuple[Image.Image, Panels]],
+    panel_inches: float = 2.2,
+    title: str | None = None,
+    class_names: Sequence[str] | None = None,
+):
     """One row per image: the image as the model sees it, then each panel's g x g map drawn over it.
 
     A panel is ``(title, map)`` or ``(title, map, boxes)``; a row may carry a third item, the true boxes of the
@@ -198,8 +240,14 @@ def heatmap_figure(rows: Sequence[tuple[Image.Image, Panels]], panel_inches: flo
             if c < len(panels):
                 name, att = panels[c][0], np.asarray(panels[c][1], dtype=np.float32)
                 ax.imshow(pixels, interpolation="nearest")
-                mappable = ax.imshow(att, cmap="jet", norm=norm, alpha=OVERLAY_ALPHA, interpolation="bilinear",
-                                     extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+                mappable = ax.imshow(
+                    att,
+                    cmap="jet",
+                    norm=norm,
+                    alpha=OVERLAY_ALPHA,
+                    interpolation="bilinear",
+                    extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                )
                 _draw_boxes(ax, panels[c][2] if len(panels[c]) > 2 else ())
                 ax.set_title(f"{name}\nmax {att.max():.2f}", fontsize=8)
         for ax in axes[r]:

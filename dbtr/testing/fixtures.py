@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dbtr.utils.io import atomic_directory, atomic_write_text
 from dbtr.text.templates import IMAGENET_TEMPLATES
+from dbtr.utils.io import atomic_directory, atomic_write_text
 
 TINY_CLASSES = ("red", "green", "blue", "yellow", "purple", "orange")
 _RGB = {

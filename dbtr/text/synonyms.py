@@ -13,10 +13,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -59,13 +59,17 @@ class SynonymVocabulary:
         phrases = []
         for ci, (cls, syns) in enumerate(self.synonyms.items()):
             if not syns or not all(isinstance(s, str) and s.strip() for s in syns):
-                raise VocabularyError(f"{self.source}: class {cls!r} needs a non-empty list of non-empty synonyms")
+                raise VocabularyError(
+                    f"{self.source}: class {cls!r} needs a non-empty list of non-empty synonyms"
+                )
             forms = []
             for syn in syns:
                 words = tuple(tokenize(syn))
                 if not words:  # it would match every caption (an empty phrase is found everywhere)
-                    raise VocabularyError(f"{self.source}: class {cls!r} has the synonym {syn!r}, which has no letter "
-                                          "or digit and would label every caption: remove it")
+                    raise VocabularyError(
+                        f"{self.source}: class {cls!r} has the synonym {syn!r}, which has no letter "
+                        "or digit and would label every caption: remove it"
+                    )
                 forms.append(words)
                 if len(words) > 1:
                     forms.append(("".join(words),))
@@ -133,8 +137,12 @@ def load_vocabulary(path: str | os.PathLike) -> SynonymVocabulary:
 
     data = load_json(path, "a synonym vocabulary: a JSON object class -> [synonyms]", VocabularyError)
     if not isinstance(data, dict):
-        raise VocabularyError(f"{path}: expected a JSON object class -> [synonyms], got {type(data).__name__}")
-    return SynonymVocabulary({str(k): list(v) if isinstance(v, list) else v for k, v in data.items()}, source=str(path))
+        raise VocabularyError(
+            f"{path}: expected a JSON object class -> [synonyms], got {type(data).__name__}"
+        )
+    return SynonymVocabulary(
+        {str(k): list(v) if isinstance(v, list) else v for k, v in data.items()}, source=str(path)
+    )
 
 
 VOCABULARY_DIR = Path(__file__).resolve().parent / "vocabularies"
@@ -146,7 +154,9 @@ def builtin_vocabulary(name: str) -> SynonymVocabulary:
     dataset's standard label order). VOC's "diningtable", "tvmonitor", "pottedplant" prompt as "dining table",
     "tv monitor", "potted plant"."""
     if name not in BUILTIN_VOCABULARIES:
-        raise ConfigError(f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)")
+        raise ConfigError(
+            f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)"
+        )
     return load_vocabulary(VOCABULARY_DIR / f"{name}.json")
 
 

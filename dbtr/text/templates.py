@@ -97,12 +97,16 @@ def get_templates(name_or_list: str | list[str] | tuple[str, ...]) -> tuple[str,
     """Resolve a template-set name (``simple``, ``imagenet``) or an explicit list of ``{}`` templates."""
     if isinstance(name_or_list, str):
         if name_or_list not in TEMPLATE_SETS:
-            raise ConfigError(f"unknown template set {name_or_list!r}; choose one of {sorted(TEMPLATE_SETS)} or give a list")
+            raise ConfigError(
+                f"unknown template set {name_or_list!r}; choose one of {sorted(TEMPLATE_SETS)} or give a list"
+            )
         return TEMPLATE_SETS[name_or_list]
     templates = tuple(name_or_list)
     if not templates:
         raise ConfigError("the template list is empty")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise ConfigError(f"every template needs a '{{}}' placeholder for the class name; these have none: {bad}")
+        raise ConfigError(
+            f"every template needs a '{{}}' placeholder for the class name; these have none: {bad}"
+        )
     return templates

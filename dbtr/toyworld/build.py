@@ -29,7 +29,11 @@ SPLIT_SEEDS = {"captions": 101, "val": 202, "test": 303}
 
 
 def build_toyworld(
-    root: str | os.PathLike, seed: int = 0, num_captions: int = 20000, num_val: int = 500, num_test: int = 2000,
+    root: str | os.PathLike,
+    seed: int = 0,
+    num_captions: int = 20000,
+    num_val: int = 500,
+    num_test: int = 2000,
     size: int = 64,
 ) -> Path:
     root = Path(root)
@@ -53,7 +57,9 @@ def build_toyworld(
                 scene = sample_scene(rng, size)
                 name = f"{split}/{i:05d}.png"
                 render(scene, size).save(images / name, compress_level=1)
-                boxes = [{"label": o.kind, "box": list(o.box)} for o in scene.objects if o.kind in CLASS_NAMES]
+                boxes = [
+                    {"label": o.kind, "box": list(o.box)} for o in scene.objects if o.kind in CLASS_NAMES
+                ]
                 rows.append(json.dumps({"file_name": name, "labels": scene.labels, "boxes": boxes}) + "\n")
             atomic_write_text(root / f"{split}.jsonl", "".join(rows))
     return root

@@ -17,8 +17,15 @@ WORLD_VERSION = 1  # bump when the generator changes, so stale folders are rebui
 class ToyWorldDataModule(TextToImageDataModule):
     """Captions for training, 64 px scenes for validation and test; ``root`` is (re)built when missing or stale."""
 
-    def __init__(self, root: str, seed: int = 0, num_captions: int = 20000, num_val: int = 500, num_test: int = 2000,
-                 **kwargs):
+    def __init__(
+        self,
+        root: str,
+        seed: int = 0,
+        num_captions: int = 20000,
+        num_val: int = 500,
+        num_test: int = 2000,
+        **kwargs,
+    ):
         root_path = Path(root)
         super().__init__(
             classes=list(CLASS_NAMES),
@@ -32,8 +39,13 @@ class ToyWorldDataModule(TextToImageDataModule):
             **{"image_size": 64, **kwargs},
         )
         self.root = root_path
-        self.spec = {"version": WORLD_VERSION, "seed": seed, "num_captions": num_captions, "num_val": num_val,
-                     "num_test": num_test}
+        self.spec = {
+            "version": WORLD_VERSION,
+            "seed": seed,
+            "num_captions": num_captions,
+            "num_val": num_val,
+            "num_test": num_test,
+        }
 
     def is_built(self) -> bool:
         marker = self.root / "world.json"

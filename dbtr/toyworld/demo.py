@@ -16,8 +16,9 @@ import argparse
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,9 @@ def compose_config(overrides: Sequence[str]):
 QUIET_RUN = ("quiet=true", "logger=none", "~callbacks.eval_plots")
 
 
-def run_method(method: str, seed: int, run_dir: Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Any]:
+def run_method(
+    method: str, seed: int, run_dir: Path, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], Any]:
     """``dbtr-train experiment=toyworld model=<method> seed=<seed> <overrides>`` into ``run_dir``: the test metrics
     (plus the selected epoch) and the tested model."""
     from dbtr.cli.train import train
@@ -61,15 +64,19 @@ def run_method(method: str, seed: int, run_dir: Path, overrides: Sequence[str] =
     result = dict(metrics)
     ckpt = objects["trainer"].checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and objects["model"].head.trainable else ""
-    result["best_epoch"] = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) if best else None
+    result["best_epoch"] = (
+        int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) if best else None
+    )
     return result, objects["model"]
 
 
-def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def localization(
+    model, datamodule, limit: int | None = None
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Local-branch attention on the test images vs their boxes; also returns the attention and the scores
     (one pass over the test split serves the numbers and the heatmap sheet)."""
-    from dbtr.utils.files import iter_jsonl
     from dbtr.toyworld.localization import localization_scores
+    from dbtr.utils.files import iter_jsonl
 
     boxes = [rec.get("boxes", []) for _, rec in iter_jsonl(datamodule.test_labels)]
     atts, scores = [], []
@@ -82,11 +89,15 @@ def localization(model, datamodule, limit: int | None = None) -> tuple[dict[str,
     labels = datamodule.test_records.labels
     n = limit or len(boxes)
     scores_np = torch.cat(scores).numpy()
-    loc = localization_scores(attention[:n], labels[:n], boxes[:n], datamodule.class_names, datamodule.image_size)
+    loc = localization_scores(
+        attention[:n], labels[:n], boxes[:n], datamodule.class_names, datamodule.image_size
+    )
     return loc, attention, scores_np
 
 
-def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, datamodule, count: int = 6) -> Path:
+def write_heatmaps(
+    path: Path, model_attention: np.ndarray, scores: np.ndarray, datamodule, count: int = 6
+) -> Path:
     from dbtr.data.images import load_image
     from dbtr.system.lit_module import attention_grid
     from dbtr.system.viz import heatmap_figure, save_figure
@@ -98,9 +109,13 @@ def write_heatmaps(path: Path, model_attention: np.ndarray, scores: np.ndarray, 
         true = np.flatnonzero(records.labels[i] == 1).tolist()
         top = [c for c in np.argsort(-scores[i]).tolist() if c not in true][:1]
         grid = attention_grid(torch.from_numpy(model_attention[i : i + 1]))[0].numpy()  # (C, g, g)
-        panels = [(datamodule.class_names[c] + ("" if c in true else " (wrong)"), grid[c]) for c in true + top]
+        panels = [
+            (datamodule.class_names[c] + ("" if c in true else " (wrong)"), grid[c]) for c in true + top
+        ]
         rows.append((image, panels))
-    return save_figure(heatmap_figure(rows, title="local-branch attention: true classes, then the best wrong one"), path)
+    return save_figure(
+        heatmap_figure(rows, title="local-branch attention: true classes, then the best wrong one"), path
+    )
 
 
 def summarise(values: list[float]) -> str:
@@ -109,8 +124,14 @@ def summarise(values: list[float]) -> str:
     return format_mean_std(values, show_n=False)
 
 
-def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | None = None,
-             overrides: Sequence[str] = (), heatmaps: bool = True, progress=print) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    seeds: Sequence[int] = (1,),
+    methods: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    heatmaps: bool = True,
+    progress=print,
+) -> dict[str, Any]:
     from dbtr.utils.hydra_utils import instantiate
     from dbtr.utils.io import atomic_write_json, atomic_write_text
 
@@ -135,8 +156,10 @@ def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | No
             run_t0 = time.perf_counter()
             result, model = run_method(method, seed, out / "runs" / method / f"seed{seed}", overrides)
             done += 1
-            progress(f"[{done}/{total}] {method:<16} seed {seed}: test mAP {result['test/mAP']:.2f} "
-                     f"({time.perf_counter() - run_t0:.1f} s; {time.perf_counter() - start:.0f} s elapsed)")
+            progress(
+                f"[{done}/{total}] {method:<16} seed {seed}: test mAP {result['test/mAP']:.2f} "
+                f"({time.perf_counter() - run_t0:.1f} s; {time.perf_counter() - start:.0f} s elapsed)"
+            )
             per_seed.append(result)
             if method == "dbtr" and full_model is None:
                 full_model = model
@@ -164,10 +187,17 @@ def run_demo(out: Path, seeds: Sequence[int] = (1,), methods: Sequence[str] | No
         datamodule.setup("fit")
         datamodule.setup("test")
 
-    summary = {"seeds": list(seeds), "chance_mAP": chance_map(datamodule.test_records.labels), "methods": results,
-               "localization": loc, "timings": timings, "overrides": list(overrides),
-               "num_test_images": len(datamodule.test_records.file_names),
-               "num_val_images": len(datamodule.val_records.file_names), "num_captions": len(datamodule.captions.texts)}
+    summary = {
+        "seeds": list(seeds),
+        "chance_mAP": chance_map(datamodule.test_records.labels),
+        "methods": results,
+        "localization": loc,
+        "timings": timings,
+        "overrides": list(overrides),
+        "num_test_images": len(datamodule.test_records.file_names),
+        "num_val_images": len(datamodule.val_records.file_names),
+        "num_captions": len(datamodule.captions.texts),
+    }
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", markdown_table(summary))
     return summary
@@ -191,23 +221,37 @@ def markdown_table(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, r in summary["methods"].items():
-        lines.append(f"| {r['description']} | {summarise(r['mAP'])} | {summarise(r['CF1@3'])} | {summarise(r['OF1@3'])} "
-                     f"| `{r['config']}` |")
+        lines.append(
+            f"| {r['description']} | {summarise(r['mAP'])} | {summarise(r['CF1@3'])} | {summarise(r['OF1@3'])} "
+            f"| `{r['config']}` |"
+        )
     loc = summary.get("localization")
     if loc:
-        lines += ["", f"Local-branch attention of the full method on the true classes ({loc['pairs']} image-class pairs): "
-                  f"{loc['mass_in_box']:.1f}% of the mass inside the object boxes (uniform map: "
-                  f"{loc['mass_in_box_uniform']:.1f}%); the peak falls inside a box {loc['pointing_accuracy']:.1f}% of the time."]
+        lines += [
+            "",
+            f"Local-branch attention of the full method on the true classes ({loc['pairs']} image-class pairs): "
+            f"{loc['mass_in_box']:.1f}% of the mass inside the object boxes (uniform map: "
+            f"{loc['mass_in_box_uniform']:.1f}%); the peak falls inside a box {loc['pointing_accuracy']:.1f}% of the time.",
+        ]
     t = summary["timings"]
-    lines += ["", "Wall time: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in t.items())]
+    lines += [
+        "",
+        "Wall time: "
+        + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in t.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def quiet_lightning() -> None:
     """Dozens of short fits would each print accelerator banners and tips; keep the table readable."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed",
-                 "lightning.pytorch.accelerators.cuda"):
+    for name in (
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+        "lightning.pytorch.accelerators.cuda",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -231,10 +275,21 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     out = a.out or Path(compose_config(["experiment=toyworld", *a.overrides]).paths.toyworld_dir) / "demo"
     start = time.perf_counter()
-    print(f"toy world: {len(a.methods or METHODS)} methods x {len(a.seeds)} seed(s), runs in {out}/runs", flush=True)
-    summary = run_demo(out, a.seeds, a.methods, a.overrides, heatmaps=not a.no_heatmaps,
-                       progress=lambda msg: print(msg, flush=True))
-    table = Table(title=f"toy world, test split ({summary['num_test_images']} images), chance mAP {summary['chance_mAP']:.1f}")
+    print(
+        f"toy world: {len(a.methods or METHODS)} methods x {len(a.seeds)} seed(s), runs in {out}/runs",
+        flush=True,
+    )
+    summary = run_demo(
+        out,
+        a.seeds,
+        a.methods,
+        a.overrides,
+        heatmaps=not a.no_heatmaps,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    table = Table(
+        title=f"toy world, test split ({summary['num_test_images']} images), chance mAP {summary['chance_mAP']:.1f}"
+    )
     for col in ("method", "mAP", "CF1@3", "OF1@3"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in summary["methods"].values():
@@ -242,8 +297,10 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     console.print(table)
     console.print(markdown_table(summary).split("\n\n", 2)[-1].strip())
-    console.print(f"total {time.perf_counter() - start:.1f} s; results in {out}/results.md" +
-                  (f", heatmaps in {out}/heatmaps.png" if (out / "heatmaps.png").exists() else ""))
+    console.print(
+        f"total {time.perf_counter() - start:.1f} s; results in {out}/results.md"
+        + (f", heatmaps in {out}/heatmaps.png" if (out / "heatmaps.png").exists() else "")
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ For an image, a true class c and the local branch's spatial softmax ``P[:, c]`` 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,8 +26,13 @@ def box_masks(boxes: Sequence[dict], class_names: Sequence[str], grid: int, imag
     return masks
 
 
-def localization_scores(attention: np.ndarray, labels: np.ndarray, boxes: Sequence[Sequence[dict]],
-                        class_names: Sequence[str], image_size: int) -> dict[str, float]:
+def localization_scores(
+    attention: np.ndarray,
+    labels: np.ndarray,
+    boxes: Sequence[Sequence[dict]],
+    class_names: Sequence[str],
+    image_size: int,
+) -> dict[str, float]:
     """``attention`` (N, P, C) spatial softmax; returns mean mass-in-box, pointing accuracy and their uniform baselines."""
     n, p, _ = attention.shape
     grid = int(round(p**0.5))
@@ -50,4 +55,3 @@ def localization_scores(attention: np.ndarray, labels: np.ndarray, boxes: Sequen
         "pointing_accuracy": 100.0 * float(np.mean(hits)),
         "pairs": len(mass),
     }
-

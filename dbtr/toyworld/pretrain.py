@@ -19,15 +19,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dbtr.toyworld.world import CLASSES, DISTRACTORS, BACKGROUNDS, Scene, caption_for, render_array, sample_scene
 from dbtr.text.templates import IMAGENET_TEMPLATES
+from dbtr.toyworld.world import (
+    BACKGROUNDS,
+    CLASSES,
+    DISTRACTORS,
+    Scene,
+    caption_for,
+    render_array,
+    sample_scene,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "toyclip"
 MODEL_SIZE = dict(
-    text_hidden_size=128, text_intermediate_size=512, text_num_hidden_layers=4, text_num_attention_heads=4,
+    text_hidden_size=128,
+    text_intermediate_size=512,
+    text_num_hidden_layers=4,
+    text_num_attention_heads=4,
     text_max_position_embeddings=32,
-    vision_image_size=64, vision_patch_size=8, vision_hidden_size=128, vision_intermediate_size=512,
-    vision_num_hidden_layers=4, vision_num_attention_heads=4,
+    vision_image_size=64,
+    vision_patch_size=8,
+    vision_hidden_size=128,
+    vision_intermediate_size=512,
+    vision_num_hidden_layers=4,
+    vision_num_attention_heads=4,
     projection_dim=128,
 )
 
@@ -42,7 +57,9 @@ def _render_chunk(args: tuple[int, int, int]) -> tuple[list[Scene], np.ndarray]:
 def make_scenes(seed: int, count: int, size: int = 64, workers: int = 2) -> tuple[list[Scene], np.ndarray]:
     """Scenes and their uint8 images (N, H, W, 3); chunked by seed so the result is independent of ``workers``."""
     chunk = 2000
-    jobs = [(seed * 1_000_003 + i, min(chunk, count - i * chunk), size) for i in range(math.ceil(count / chunk))]
+    jobs = [
+        (seed * 1_000_003 + i, min(chunk, count - i * chunk), size) for i in range(math.ceil(count / chunk))
+    ]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_render_chunk, jobs))
@@ -53,7 +70,9 @@ def make_scenes(seed: int, count: int, size: int = 64, workers: int = 2) -> tupl
 
 def tokenizer_corpus(rng: np.random.Generator, scenes: list[Scene]) -> list[str]:
     texts = [caption_for(rng, s, colour_p=0.7)[0] for s in scenes[:20000]]
-    names = [w for c in CLASSES for w in (*c.synonyms, *c.plurals, c.colour)] + [w for d in DISTRACTORS for w in (d[0], d[1], d[4])]
+    names = [w for c in CLASSES for w in (*c.synonyms, *c.plurals, c.colour)] + [
+        w for d in DISTRACTORS for w in (d[0], d[1], d[4])
+    ]
     texts += [t.format(n) for n in names for t in IMAGENET_TEMPLATES] + list(BACKGROUNDS)
     return texts
 
@@ -64,8 +83,15 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def pretrain(
-    out: Path, seed: int = 0, num_images: int = 60000, steps: int = 600, batch_size: int = 256, lr: float = 1e-3,
-    warmup: int = 50, workers: int = 2, log_every: int = 50,
+    out: Path,
+    seed: int = 0,
+    num_images: int = 60000,
+    steps: int = 600,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    warmup: int = 50,
+    workers: int = 2,
+    log_every: int = 50,
 ) -> dict:
     from transformers import CLIPModel
 
@@ -85,8 +111,11 @@ def pretrain(
         sub._attn_implementation = "eager"
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
@@ -100,8 +129,12 @@ def pretrain(
         batch = images[idx]
         flip = rng.random(batch_size) < 0.5
         batch[flip] = batch[flip, :, ::-1]
-        outputs = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                        pixel_values=to_pixels(batch), return_loss=True)
+        outputs = model(
+            input_ids=tok["input_ids"],
+            attention_mask=tok["attention_mask"],
+            pixel_values=to_pixels(batch),
+            return_loss=True,
+        )
         loss = outputs.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,12 +146,23 @@ def pretrain(
         if step % log_every == 0 or step == steps - 1:
             history.append((step, round(loss.item(), 4)))
             rate = (step + 1) * batch_size / (time.perf_counter() - t1)
-            print(f"step {step:5d}  loss {float(loss):.3f}  scale {model.logit_scale.exp():.1f}  {rate:.0f} pairs/s", flush=True)
+            print(
+                f"step {step:5d}  loss {float(loss):.3f}  scale {model.logit_scale.exp():.1f}  {rate:.0f} pairs/s",
+                flush=True,
+            )
     t_train = time.perf_counter() - t1
     model.eval()
-    stats = {"seed": seed, "num_images": num_images, "steps": steps, "batch_size": batch_size, "lr": lr,
-             "data_s": round(t_data, 1), "train_s": round(t_train, 1), "loss_history": history,
-             "parameters": sum(p.numel() for p in model.parameters())}
+    stats = {
+        "seed": seed,
+        "num_images": num_images,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "data_s": round(t_data, 1),
+        "train_s": round(t_train, 1),
+        "loss_history": history,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     with atomic_directory(out) as tmp:
         model.half().save_pretrained(tmp)  # fp16 on disk halves the shipped size; dbtr loads it as float32
         tokenizer.save_pretrained(tmp)
@@ -138,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     stats = pretrain(a.out, a.seed, a.num_images, a.steps, a.batch_size, a.lr, workers=a.workers)
-    print(f"saved {a.out} ({stats['parameters']:,} parameters; data {stats['data_s']} s, training {stats['train_s']} s)")
+    print(
+        f"saved {a.out} ({stats['parameters']:,} parameters; data {stats['data_s']} s, training {stats['train_s']} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,14 @@ CLASSES: tuple[ToyClass, ...] = (
     ToyClass("strawberry", "red", (205, 35, 30), "heart", ("strawberry",), ("strawberries",)),
     ToyClass("banana", "yellow", (235, 210, 45), "moon", ("banana",), ("bananas",)),
     ToyClass("lemon", "yellow", (235, 210, 45), "circle", ("lemon",), ("lemons",)),
-    ToyClass("tangerine", "orange", (240, 130, 25), "circle", ("tangerine", "mandarin"), ("tangerines", "mandarins")),
+    ToyClass(
+        "tangerine",
+        "orange",
+        (240, 130, 25),
+        "circle",
+        ("tangerine", "mandarin"),
+        ("tangerines", "mandarins"),
+    ),
     ToyClass("carrot", "orange", (240, 130, 25), "triangle", ("carrot",), ("carrots",)),
     ToyClass("lime", "green", (60, 170, 50), "circle", ("lime",), ("limes",)),
     ToyClass("leaf", "green", (60, 170, 50), "diamond", ("leaf",), ("leaves",)),
@@ -43,7 +50,10 @@ CLASSES: tuple[ToyClass, ...] = (
     ToyClass("cookie", "brown", (140, 85, 40), "circle", ("cookie", "biscuit"), ("cookies", "biscuits")),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
-DISTRACTORS = (("stone", "grey", (128, 128, 128), "circle", "stones"), ("cloud", "white", (240, 240, 240), "cloud", "clouds"))
+DISTRACTORS = (
+    ("stone", "grey", (128, 128, 128), "circle", "stones"),
+    ("cloud", "white", (240, 240, 240), "cloud", "clouds"),
+)
 BACKGROUNDS = ("dark", "light", "striped", "grassy", "sandy", "plain")
 
 
@@ -63,7 +73,9 @@ class Scene:
     labels: list[str] = field(default_factory=list)  # class names present, in class order
 
 
-def sample_scene(rng: np.random.Generator, size: int = 64, max_classes: int = 3, distractor_p: float = 0.3) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, size: int = 64, max_classes: int = 3, distractor_p: float = 0.3
+) -> Scene:
     """1..max_classes distinct classes, 1-2 instances each, plus an optional distractor, with limited overlap."""
     k = int(rng.integers(1, max_classes + 1))
     chosen = sorted(rng.choice(len(CLASSES), size=k, replace=False).tolist())
@@ -108,12 +120,16 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
         period = int(rng.integers(6, 12))
         angle = rng.random() * math.pi
         yy, xx = np.mgrid[0:size, 0:size]
-        img += (25 * np.sign(np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)))[..., None]
+        img += (25 * np.sign(np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)))[
+            ..., None
+        ]
     img += rng.normal(0, 6, size=img.shape)
     return img
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: ToyObject, rng: np.random.Generator, bg: tuple[int, int, int]) -> None:
+def _draw(
+    draw: ImageDraw.ImageDraw, obj: ToyObject, rng: np.random.Generator, bg: tuple[int, int, int]
+) -> None:
     x0, y0, x1, y1 = obj.box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
     fill = obj.rgb
@@ -121,7 +137,9 @@ def _draw(draw: ImageDraw.ImageDraw, obj: ToyObject, rng: np.random.Generator, b
 
     def poly(points):
         c, s = math.cos(rot), math.sin(rot)
-        draw.polygon([(cx + r * (px * c - py * s), cy + r * (px * s + py * c)) for px, py in points], fill=fill)
+        draw.polygon(
+            [(cx + r * (px * c - py * s), cy + r * (px * s + py * c)) for px, py in points], fill=fill
+        )
 
     if obj.shape == "circle":
         draw.ellipse(obj.box, fill=fill)
@@ -135,7 +153,10 @@ def _draw(draw: ImageDraw.ImageDraw, obj: ToyObject, rng: np.random.Generator, b
         draw.ellipse((x0 + dx, y0 - r * 0.25, x1 + dx, y1 - r * 0.25), fill=bg)
     elif obj.shape == "heart":
         t = np.linspace(0, 2 * math.pi, 40)
-        hx, hy = 16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        hx, hy = (
+            16 * np.sin(t) ** 3,
+            -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)),
+        )
         poly(list(zip(hx / 17.0, hy / 17.0)))
     elif obj.shape == "triangle":
         poly([(0, -1.0), (0.55, 0.95), (-0.55, 0.95)])
@@ -172,10 +193,21 @@ def render_array(scene: Scene, size: int = 64) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- captions
 _COUNTS = {2: ("two", "2", "a pair of", "a couple of"), 3: ("three", "3", "several")}
 _OPENERS = (
-    "a photo of {}.", "a picture of {}.", "there is {} in the image.", "this image shows {}.", "{}.",
-    "an image with {}.", "i can see {} here.", "a snapshot of {}.", "look at {}!", "a close-up of {}.",
-    "{} on a {bg} background.", "a photo of {} on a {bg} background.", "here we have {}, nothing else.",
-    "a drawing of {}.", "a scene with {}.",
+    "a photo of {}.",
+    "a picture of {}.",
+    "there is {} in the image.",
+    "this image shows {}.",
+    "{}.",
+    "an image with {}.",
+    "i can see {} here.",
+    "a snapshot of {}.",
+    "look at {}!",
+    "a close-up of {}.",
+    "{} on a {bg} background.",
+    "a photo of {} on a {bg} background.",
+    "here we have {}, nothing else.",
+    "a drawing of {}.",
+    "a scene with {}.",
 )
 _JOINERS = (" and ", " next to ", " beside ", " together with ", ", ", " near ", " with ")
 

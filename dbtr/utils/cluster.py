@@ -22,7 +22,9 @@ class SlurmLayoutError(UserError):
 def _get(node: DictConfig, key: str) -> Any:
     try:
         return node.get(key)
-    except Exception as err:  # an interpolation that resolves to the wrong type, e.g. devices=auto into an int
+    except (
+        Exception
+    ) as err:  # an interpolation that resolves to the wrong type, e.g. devices=auto into an int
         raise SlurmLayoutError(
             f"hydra.launcher.{key} could not be resolved ({err}); under SLURM trainer.devices and trainer.num_nodes "
             "must be integers (one SLURM task per device)"
@@ -32,13 +34,21 @@ def _get(node: DictConfig, key: str) -> Any:
 def slurm_layout_problems(launcher: DictConfig, trainer: DictConfig) -> list[str]:
     """What is wrong with running ``trainer`` as the SLURM job ``launcher`` describes (empty if nothing)."""
     devices, num_nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
-    tasks, nodes, gpus = _get(launcher, "tasks_per_node"), _get(launcher, "nodes"), _get(launcher, "gpus_per_node")
+    tasks, nodes, gpus = (
+        _get(launcher, "tasks_per_node"),
+        _get(launcher, "nodes"),
+        _get(launcher, "gpus_per_node"),
+    )
     problems = []
     if isinstance(devices, bool) or not isinstance(devices, int):
-        problems.append(f"trainer.devices={devices!r} must be a number of devices per node (SLURM starts one task each)")
+        problems.append(
+            f"trainer.devices={devices!r} must be a number of devices per node (SLURM starts one task each)"
+        )
     elif tasks != devices:
-        problems.append(f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={devices}: they must be equal "
-                        "(Lightning expects one SLURM task per device)")
+        problems.append(
+            f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={devices}: they must be equal "
+            "(Lightning expects one SLURM task per device)"
+        )
     if nodes != num_nodes:
         problems.append(f"hydra.launcher.nodes={nodes} but trainer.num_nodes={num_nodes}: they must be equal")
     accelerator = str(trainer.get("accelerator", "auto"))
@@ -51,7 +61,8 @@ def check_slurm_layout(config: DictConfig) -> None:
     problems = slurm_layout_problems(config.hydra.launcher, config.trainer)
     if problems:
         raise SlurmLayoutError(
-            "SLURM layout does not match the trainer: " + "; ".join(problems)
+            "SLURM layout does not match the trainer: "
+            + "; ".join(problems)
             + ". Keep the defaults of launcher=slurm (tasks_per_node=${trainer.devices}, nodes=${trainer.num_nodes}) "
             "and set trainer.devices / trainer.num_nodes instead."
         )

@@ -27,7 +27,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 EXIT_USER_ERROR = 2
 _TRACEBACK_VARS = ("HYDRA_FULL_ERROR", "DBTR_TRACEBACK")
@@ -69,8 +70,10 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, UserError):
         return _without_worker_traceback(str(exc))
     if isinstance(exc, UnicodeDecodeError):
-        return (f"a text input is not UTF-8 ({exc.reason} at byte {exc.start}): save the file as UTF-8 "
-                "(UTF-8 with a byte-order mark is fine)")
+        return (
+            f"a text input is not UTF-8 ({exc.reason} at byte {exc.start}): save the file as UTF-8 "
+            "(UTF-8 with a byte-order mark is fine)"
+        )
     if isinstance(exc, OSError):
         return _os_message(exc)
     if _is_config_error(exc):
@@ -96,12 +99,14 @@ def _os_message(exc: OSError) -> str | None:
         return _without_worker_traceback(str(exc)) if exc.errno is None and str(exc) else None
     verb = "write" if _writing(exc) else "read"
     what = exc.strerror or str(exc)
-    hint = {errno.EACCES: " (check its permissions, or choose another location)",
-            errno.EPERM: " (check its permissions, or choose another location)",
-            errno.EROFS: " (the file system is read-only: choose another location)",
-            errno.ENOSPC: " (free some space, or choose another location)",
-            errno.ENOTDIR: " (a file stands where a folder is needed)",
-            errno.EEXIST: " (a file stands where a folder is needed)"}.get(exc.errno or -1, "")
+    hint = {
+        errno.EACCES: " (check its permissions, or choose another location)",
+        errno.EPERM: " (check its permissions, or choose another location)",
+        errno.EROFS: " (the file system is read-only: choose another location)",
+        errno.ENOSPC: " (free some space, or choose another location)",
+        errno.ENOTDIR: " (a file stands where a folder is needed)",
+        errno.EEXIST: " (a file stands where a folder is needed)",
+    }.get(exc.errno or -1, "")
     return f"cannot {verb} {_shown_path(exc.filename)}: {what}{hint}"
 
 
@@ -157,11 +162,15 @@ def _is_config_error(exc: BaseException) -> bool:
         from omegaconf.errors import OmegaConfBaseException
     except ImportError:  # pragma: no cover - both are dependencies
         return False
-    return isinstance(exc, (OmegaConfBaseException, ConfigCompositionException, MissingConfigException,
-                            OverrideParseException))
+    return isinstance(
+        exc,
+        (OmegaConfBaseException, ConfigCompositionException, MissingConfigException, OverrideParseException),
+    )
 
 
-_SIGNATURE = re.compile(r"got an unexpected keyword argument|missing \d+ required (positional|keyword-only) argument")
+_SIGNATURE = re.compile(
+    r"got an unexpected keyword argument|missing \d+ required (positional|keyword-only) argument"
+)
 
 
 def _signature_refusal(exc: TypeError) -> bool:
@@ -171,7 +180,9 @@ def _signature_refusal(exc: TypeError) -> bool:
 
 def _one_paragraph(text: str) -> str:
     """OmegaConf messages are several lines (``full_key: ...``, ``object_type=...``): one line, joined by '; '."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("object_type=")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("object_type=")
+    ]
     out = ""
     for line in lines:
         out += line if not out else (" " if out.endswith(":") else "; ") + line

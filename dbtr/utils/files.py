@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dbtr.utils.errors import UserError
 
@@ -19,8 +20,10 @@ class DataFormatError(UserError):
 
 
 def _not_utf8(path: Path, line: int, byte: int) -> DataFormatError:
-    return DataFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}): save the file as UTF-8 (in most "
-                           "editors: Save As, encoding UTF-8) and run again")
+    return DataFormatError(
+        f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}): save the file as UTF-8 (in most "
+        "editors: Save As, encoding UTF-8) and run again"
+    )
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -67,8 +70,10 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); each line "
-                                  "must be one JSON object") from None
+            raise DataFormatError(
+                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); each line "
+                "must be one JSON object"
+            ) from None
         if not isinstance(record, dict):
             raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record

@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +26,9 @@ if not OmegaConf.has_resolver("dbtr_asset"):
     OmegaConf.register_new_resolver("dbtr_asset", lambda name: str(ASSETS_DIR / name))
 # Absolute paths in the saved config, so metrics.json / .hydra/config.yaml stay usable from another folder.
 if not OmegaConf.has_resolver("dbtr_abspath"):
-    OmegaConf.register_new_resolver("dbtr_abspath", lambda path: os.path.abspath(os.path.expanduser(str(path))))
+    OmegaConf.register_new_resolver(
+        "dbtr_abspath", lambda path: os.path.abspath(os.path.expanduser(str(path)))
+    )
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
@@ -85,7 +88,9 @@ def run_identity() -> dict[str, Any]:
         hc = HydraConfig.get()
     except Exception:  # outside a Hydra app (tests calling train(cfg) directly)
         return {}
-    choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")}
+    choices = {
+        k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")
+    }
     return {"choices": choices, "overrides": list(hc.overrides.task)}
 
 

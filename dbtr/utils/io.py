@@ -17,8 +17,9 @@ import socket
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 
 class AtomicWriteError(OSError):
@@ -103,7 +104,9 @@ _HOST = socket.gethostname().replace(".", "_") or "host"
 
 
 def _temporary_dir(path: Path) -> Path:
-    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp"))
+    return Path(
+        tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
+    )
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ log = logging.getLogger("dbtr")
 DEFAULT_METRIC = "val/mAP"
 
 
-def optimized_value(name: str | None, test: dict[str, Any], selection: dict[str, Any],
-                    val_last: dict[str, Any]) -> float | None:
+def optimized_value(
+    name: str | None, test: dict[str, Any], selection: dict[str, Any], val_last: dict[str, Any]
+) -> float | None:
     """``name`` (default ``val/mAP``) from, in order: the checkpoint selection (its best score over epochs), the
     last validation epoch, the test metrics. An explicitly requested metric that the run did not produce is an
     error (a sweeper cannot rank a trial without it); the default just gives ``None``."""

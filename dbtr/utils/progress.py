@@ -15,17 +15,23 @@ import logging
 import re
 import sys
 import warnings
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 _quiet = False
 _silenced = False
 
 # Lightning's info lines that are the same on every run (matched at the start of the message)
-_BANNERS = re.compile(r"(GPU|TPU|HPU|IPU) available|💡 Tip:|Loading `\w+` to estimate number of stepping batches")
+_BANNERS = re.compile(
+    r"(GPU|TPU|HPU|IPU) available|💡 Tip:|Loading `\w+` to estimate number of stepping batches"
+)
 # Lightning routes rank_zero_info through these loggers (whichever module was imported last sets it)
-_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                      "lightning_utilities.core.rank_zero")
+_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning_utilities.core.rank_zero",
+)
 # lightning/pytorch/utilities/_pytree.py calls a torch API deprecated in torch 2.10: not ours to fix, twice a run
 _LIBRARY_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
 
@@ -42,7 +48,9 @@ def silence_library_noise() -> None:
         _silenced = True
         for name in _RANK_ZERO_LOGGERS:
             logging.getLogger(name).addFilter(_DropBanners())
-    for message in _LIBRARY_DEPRECATIONS:  # re-adding a filter moves it to the front instead of duplicating it
+    for (
+        message
+    ) in _LIBRARY_DEPRECATIONS:  # re-adding a filter moves it to the front instead of duplicating it
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
 

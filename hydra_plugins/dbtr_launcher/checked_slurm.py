@@ -8,7 +8,9 @@ from __future__ import annotations
 
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-except ImportError:  # hydra-submitit-launcher not installed: launcher=slurm is unavailable, nothing else breaks
+except (
+    ImportError
+):  # hydra-submitit-launcher not installed: launcher=slurm is unavailable, nothing else breaks
     SlurmLauncher = None
 
 if SlurmLauncher is not None:

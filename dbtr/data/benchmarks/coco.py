@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.utils.files import DataFormatError, load_json
 from dbtr.utils.errors import ConfigError
+from dbtr.utils.files import DataFormatError, load_json
 
 COCO_SPLITS = ("train2014", "val2014")
 LAYOUT = """expected layout:
@@ -30,7 +30,9 @@ def _field(obj: dict, key: str, kind: type, where: str):
     return value
 
 
-def read_coco2014(root: str | os.PathLike, split: str = "val2014", include_unlabeled: bool = True) -> ImageRecords:
+def read_coco2014(
+    root: str | os.PathLike, split: str = "val2014", include_unlabeled: bool = True
+) -> ImageRecords:
     root = Path(root)
     if split not in COCO_SPLITS:
         raise ConfigError(f"COCO 2014 split must be one of {COCO_SPLITS}, got {split!r}")

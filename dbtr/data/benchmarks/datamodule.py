@@ -21,8 +21,8 @@ from dbtr.data.benchmarks.voc import LAYOUT as VOC_LAYOUT
 from dbtr.data.benchmarks.voc import VOC_CLASSES, VOC_SPLITS, read_voc2007
 from dbtr.data.datamodule import TextToImageDataModule
 from dbtr.data.images import ImageRecords
-from dbtr.utils.files import DataFormatError
 from dbtr.utils.errors import ConfigError, choice_error
+from dbtr.utils.files import DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class BenchmarkDataModule(TextToImageDataModule):
         if not isinstance(classes, str) or classes not in ("all", "seen", "unseen"):
             raise choice_error("data.classes", classes, ("all", "seen", "unseen"))
         if classes != "all" and class_split is None:
-            raise ConfigError(f"data.classes={classes} needs data.class_split (e.g. {self.name}'s seen/unseen split)")
+            raise ConfigError(
+                f"data.classes={classes} needs data.class_split (e.g. {self.name}'s seen/unseen split)"
+            )
         if on_missing_image not in ("error", "skip"):
             raise choice_error("data.on_missing_image", on_missing_image, ("error", "skip"))
         self.root = Path(root)
@@ -91,7 +93,11 @@ class BenchmarkDataModule(TextToImageDataModule):
         self.val_size, self.val_seed = val_size, int(val_seed)
         self.which_classes = classes
         self.class_split: ClassSplit | None = load_class_split(class_split) if class_split else None
-        self.label_proportion, self.partial_seed, self.partial_file = float(label_proportion), int(partial_seed), partial_file
+        self.label_proportion, self.partial_seed, self.partial_file = (
+            float(label_proportion),
+            int(partial_seed),
+            partial_file,
+        )
         self.image_list, self.on_missing_image = image_list, on_missing_image
         space = self.label_space()
         if self.class_split is not None:
@@ -163,8 +169,12 @@ class BenchmarkDataModule(TextToImageDataModule):
         if self.image_list:
             records = restrict_to_list(records, self.image_list)
         if records.missing:
-            log.warning("%s %s: %d annotated images are not on disk and are not evaluated (see data_report.json)",
-                        self.name, self.split, len(records.missing))
+            log.warning(
+                "%s %s: %d annotated images are not on disk and are not evaluated (see data_report.json)",
+                self.name,
+                self.split,
+                len(records.missing),
+            )
         return records
 
     def train_images(self) -> ImageRecords:
@@ -173,9 +183,15 @@ class BenchmarkDataModule(TextToImageDataModule):
         if self.train_records is None:
             records = self._holdout()[0]
             if self.label_proportion < 1.0:
-                records, path = apply_partial_labels(records, self.label_proportion, self.partial_seed, self.partial_file)
-                log.info("partial labels: p=%.2f, %.1f%% of labels known (mask %s)", self.label_proportion,
-                         100.0 * (records.labels != 0).mean(), path or "not saved: set data.partial_file")
+                records, path = apply_partial_labels(
+                    records, self.label_proportion, self.partial_seed, self.partial_file
+                )
+                log.info(
+                    "partial labels: p=%.2f, %.1f%% of labels known (mask %s)",
+                    self.label_proportion,
+                    100.0 * (records.labels != 0).mean(),
+                    path or "not saved: set data.partial_file",
+                )
             if self.train_classes == "seen":
                 seen = set(self.class_split.seen)
                 records.labels[:, [i for i, c in enumerate(self.class_names) if c not in seen]] = 0
@@ -232,8 +248,10 @@ class Coco2014DataModule(BenchmarkDataModule):
     def read_native(self, split: str) -> ImageRecords:
         records = read_coco2014(self.root, split, self.include_unlabeled)
         if records.class_names != self.label_space():
-            raise DataFormatError(f"{self.root}/annotations/instances_{split}.json: its categories are not the 80 "
-                                  f"COCO classes in id order (first: {records.class_names[:3]})")
+            raise DataFormatError(
+                f"{self.root}/annotations/instances_{split}.json: its categories are not the 80 "
+                f"COCO classes in id order (first: {records.class_names[:3]})"
+            )
         return records
 
 
@@ -250,8 +268,14 @@ class NusWideDataModule(BenchmarkDataModule):
     name, default_split, default_train_split = "nuswide", "Test", "Train"
     splits = NUS_SPLITS
 
-    def __init__(self, root, image_root: str | None = None, include_unlabeled: bool = True,
-                 on_missing_image: str = "skip", **kwargs):
+    def __init__(
+        self,
+        root,
+        image_root: str | None = None,
+        include_unlabeled: bool = True,
+        on_missing_image: str = "skip",
+        **kwargs,
+    ):
         from dbtr.data.benchmarks import nuswide
 
         self.image_root, self.include_unlabeled = image_root, bool(include_unlabeled)
@@ -272,8 +296,10 @@ class NusWideDataModule(BenchmarkDataModule):
         records = read_nuswide(self.root, split, self.image_root, include_unlabeled=True)
         concepts = self.label_space()[-81:]
         if records.class_names != concepts:
-            raise DataFormatError(f"{self.root}/Concepts81.txt: expected the 81 NUS-WIDE concepts in the standard "
-                                  f"order, got {records.class_names[:3]}... ({len(records.class_names)})")
+            raise DataFormatError(
+                f"{self.root}/Concepts81.txt: expected the 81 NUS-WIDE concepts in the standard "
+                f"order, got {records.class_names[:3]}... ({len(records.class_names)})"
+            )
         labels, names = records.labels, records.class_names
         if len(self.label_space()) > len(concepts):
             tags, tag_labels = read_tag_labels(self.root, records.file_names)
@@ -281,10 +307,14 @@ class NusWideDataModule(BenchmarkDataModule):
             seen = self.label_space()[: -len(concepts)]
             absent = [t for t in seen if t not in col]
             if absent:
-                raise DataFormatError(f"{self.root}/NUS_WID_Tags/TagList1k.txt lacks seen tags of the split: {absent[:5]}")
+                raise DataFormatError(
+                    f"{self.root}/NUS_WID_Tags/TagList1k.txt lacks seen tags of the split: {absent[:5]}"
+                )
             labels = np.concatenate([tag_labels[:, [col[t] for t in seen]], labels], axis=1)
             names = seen + names
         records = ImageRecords(records.root, records.file_names, labels, names)
         if not self.include_unlabeled:
-            records = records.subset(np.flatnonzero((labels[:, [names.index(c) for c in self.class_names]] == 1).any(1)))
+            records = records.subset(
+                np.flatnonzero((labels[:, [names.index(c) for c in self.class_names]] == 1).any(1))
+            )
         return records

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.utils.files import DataFormatError, read_text
 from dbtr.utils.errors import ConfigError
+from dbtr.utils.files import DataFormatError, read_text
 
 NUS_SPLITS = ("Train", "Test")
 
@@ -58,23 +58,36 @@ def read_binary_rows(path: Path, num_rows: int, num_cols: int) -> np.ndarray:
     ends = np.flatnonzero(raw == ord("\n"))
     if len(raw) and raw[-1] != ord("\n"):
         ends = np.append(ends, len(raw))
-    per_line = np.diff(np.concatenate([[0], np.cumsum(digit)[ends - 1] if len(ends) else []]).astype(np.int64))
+    per_line = np.diff(
+        np.concatenate([[0], np.cumsum(digit)[ends - 1] if len(ends) else []]).astype(np.int64)
+    )
     nonblank = per_line > 0
     if nonblank.sum() != num_rows:
-        raise DataFormatError(f"{path}: {int(nonblank.sum())} rows, expected {num_rows} (one per listed image)")
+        raise DataFormatError(
+            f"{path}: {int(nonblank.sum())} rows, expected {num_rows} (one per listed image)"
+        )
     wrong = np.flatnonzero(nonblank & (per_line != num_cols))
     if len(wrong):
-        raise DataFormatError(f"{path}:{int(wrong[0]) + 1}: {int(per_line[wrong[0]])} values, expected {num_cols}")
+        raise DataFormatError(
+            f"{path}:{int(wrong[0]) + 1}: {int(per_line[wrong[0]])} values, expected {num_cols}"
+        )
     return (raw[digit] == ord("1")).reshape(num_rows, num_cols)
 
 
-def read_nuswide(root: str | os.PathLike, split: str = "Test", image_root: str | os.PathLike | None = None,
-                 include_unlabeled: bool = True) -> ImageRecords:
+def read_nuswide(
+    root: str | os.PathLike,
+    split: str = "Test",
+    image_root: str | os.PathLike | None = None,
+    include_unlabeled: bool = True,
+) -> ImageRecords:
     """The 81-concept labels of ``split`` from ``TrainTestLabels`` (images with no concept kept unless asked)."""
     root = Path(root)
     split = _split_name(split)
     concepts = read_concepts(root)
-    entries = [normalize_entry(x) for x in read_lines(_require(root / "ImageList" / f"{split}Imagelist.txt", "the image list"))]
+    entries = [
+        normalize_entry(x)
+        for x in read_lines(_require(root / "ImageList" / f"{split}Imagelist.txt", "the image list"))
+    ]
     labels = np.full((len(entries), len(concepts)), -1, np.int8)
     for k, concept in enumerate(concepts):
         path = root / "TrainTestLabels" / f"Labels_{concept}_{split}.txt"
@@ -89,11 +102,16 @@ def read_tag_labels(root: str | os.PathLike, file_names: list[str]) -> tuple[lis
     """The 1k-tag names and the (N, 1000) {1, -1} tag labels of ``file_names`` (rows of ``AllTags1k.txt``)."""
     root = Path(root)
     tags = read_lines(_require(root / "NUS_WID_Tags" / "TagList1k.txt", "the 1k tag list"))
-    everything = [normalize_entry(x) for x in read_lines(_require(root / "ImageList" / "Imagelist.txt", "the full image list"))]
+    everything = [
+        normalize_entry(x)
+        for x in read_lines(_require(root / "ImageList" / "Imagelist.txt", "the full image list"))
+    ]
     position = {name: i for i, name in enumerate(everything)}
     missing = [n for n in file_names if n not in position]
     if missing:
-        raise DataFormatError(f"{root / 'ImageList' / 'Imagelist.txt'}: {len(missing)} images of the split are not listed, e.g. {missing[:3]}")
+        raise DataFormatError(
+            f"{root / 'ImageList' / 'Imagelist.txt'}: {len(missing)} images of the split are not listed, e.g. {missing[:3]}"
+        )
     rows = read_binary_rows(root / "NUS_WID_Tags" / "AllTags1k.txt", len(everything), len(tags))
     picked = rows[[position[n] for n in file_names]]
     return tags, np.where(picked, 1, -1).astype(np.int8)

@@ -4,15 +4,15 @@ from the training split, partial-label masks, and frozen lists of evaluated imag
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.utils.files import DataFormatError, load_json, read_text
 from dbtr.utils.errors import ConfigError
+from dbtr.utils.files import DataFormatError, load_json, read_text
 from dbtr.utils.io import atomic_write_text
 
 SPLIT_DIR = Path(__file__).resolve().parent / "splits"
@@ -39,7 +39,9 @@ class ClassSplit:
         """Fail at start-up unless seen and unseen are disjoint subsets of the dataset's label space."""
         both = sorted(set(self.seen) & set(self.unseen))
         if both:
-            raise DataFormatError(f"class split {self.name}: {len(both)} classes are both seen and unseen: {both[:5]}")
+            raise DataFormatError(
+                f"class split {self.name}: {len(both)} classes are both seen and unseen: {both[:5]}"
+            )
         known = set(label_space)
         unknown = [c for c in (*self.seen, *self.unseen) if c not in known]
         if unknown:
@@ -50,13 +52,23 @@ class ClassSplit:
 
 def load_class_split(name_or_path: str | os.PathLike) -> ClassSplit:
     """A shipped split by name, or a JSON file ``{"seen": [...], "unseen": [...], "provenance": "..."}``."""
-    path = SPLIT_DIR / f"{name_or_path}.json" if str(name_or_path) in BUILTIN_CLASS_SPLITS else Path(name_or_path)
+    path = (
+        SPLIT_DIR / f"{name_or_path}.json"
+        if str(name_or_path) in BUILTIN_CLASS_SPLITS
+        else Path(name_or_path)
+    )
     if not path.is_file() and not str(name_or_path).endswith(".json"):
-        raise ConfigError(f"unknown class split {name_or_path!r}; shipped: {BUILTIN_CLASS_SPLITS} (or a JSON file)")
+        raise ConfigError(
+            f"unknown class split {name_or_path!r}; shipped: {BUILTIN_CLASS_SPLITS} (or a JSON file)"
+        )
     data = load_json(path, 'a class split {"seen": [...], "unseen": [...]}')
     for key in ("seen", "unseen"):
         names = data.get(key) if isinstance(data, dict) else None
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(n, str) and n.strip() for n in names)
+        ):
             raise DataFormatError(f"{path}: {key!r} must be a non-empty list of class names")
         if len(set(names)) != len(names):
             raise DataFormatError(f"{path}: {key!r} repeats a class name")
@@ -97,18 +109,28 @@ def apply_partial_labels(
                     "hold-out or class set); delete it or set data.partial_file to a new path to draw a new mask"
                 )
         if not np.isclose(float(stored["proportion"]), proportion):
-            raise DataFormatError(f"{path}: mask has label_proportion={float(stored['proportion'])}, run asks {proportion}")
+            raise DataFormatError(
+                f"{path}: mask has label_proportion={float(stored['proportion'])}, run asks {proportion}"
+            )
         known = stored["known"].astype(bool)
     if known is None:
         known = partial_mask(records.labels.shape, proportion, seed)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-            np.savez_compressed(tmp, known=known, file_names=np.array(records.file_names),
-                                class_names=np.array(records.class_names), proportion=proportion, seed=seed)
+            np.savez_compressed(
+                tmp,
+                known=known,
+                file_names=np.array(records.file_names),
+                class_names=np.array(records.class_names),
+                proportion=proportion,
+                seed=seed,
+            )
             os.replace(tmp, path)
     labels = np.where(known, records.labels, 0).astype(np.int8)
-    out = ImageRecords(records.root, records.file_names, labels, records.class_names, records.missing, records.skipped)
+    out = ImageRecords(
+        records.root, records.file_names, labels, records.class_names, records.missing, records.skipped
+    )
     return out, path
 
 
@@ -120,7 +142,9 @@ def restrict_to_list(records: ImageRecords, list_file: str | os.PathLike) -> Ima
     """Evaluate exactly the images of a frozen list (one relative path per line), in its order."""
     path = Path(list_file)
     if not path.is_file():
-        raise FileNotFoundError(f"data.image_list: {path} not found (write one with dbtr-data: evaluated_<split>.txt)")
+        raise FileNotFoundError(
+            f"data.image_list: {path} not found (write one with dbtr-data: evaluated_<split>.txt)"
+        )
     row = {n: i for i, n in enumerate(records.file_names)}
     missing_from_disk = set(records.missing) | set(records.skipped)
     rows = []

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -18,20 +18,28 @@ from dbtr.data.benchmarks.voc import VOC_CLASSES
 def random_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 30)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
-    low = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)  # smooth-ish, like a photo, compresses
+    low = rng.integers(
+        0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8
+    )  # smooth-ish, like a photo, compresses
     Image.fromarray(low).resize((w, h), Image.BILINEAR).save(path, quality=90)
 
 
 def voc_xml(objects: Sequence[tuple[str, int]]) -> str:
     body = "".join(
         f"<object><name>{n}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>{d}</difficult>"
-        "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>" for n, d in objects
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>"
+        for n, d in objects
     )
     return f"<annotation><folder>VOC2007</folder><size><width>40</width><height>30</height><depth>3</depth></size>{body}</annotation>\n"
 
 
-def write_voc2007(root: str | os.PathLike, split_ids: dict[str, list[str]], objects: dict[str, list[tuple[str, int]]],
-                  seed: int = 0, image_size: tuple[int, int] = (40, 30)) -> Path:
+def write_voc2007(
+    root: str | os.PathLike,
+    split_ids: dict[str, list[str]],
+    objects: dict[str, list[tuple[str, int]]],
+    seed: int = 0,
+    image_size: tuple[int, int] = (40, 30),
+) -> Path:
     """``<root>/VOCdevkit/VOC2007`` with the given ids per split and (class, difficult) objects per image id."""
     base = Path(root) / "VOCdevkit" / "VOC2007"
     rng = np.random.default_rng(seed)
@@ -45,19 +53,33 @@ def write_voc2007(root: str | os.PathLike, split_ids: dict[str, list[str]], obje
     return base
 
 
-def random_voc2007(root: str | os.PathLike, num_trainval: int, num_test: int, seed: int = 0,
-                   image_size: tuple[int, int] = (40, 30)) -> Path:
+def random_voc2007(
+    root: str | os.PathLike,
+    num_trainval: int,
+    num_test: int,
+    seed: int = 0,
+    image_size: tuple[int, int] = (40, 30),
+) -> Path:
     rng = np.random.default_rng(seed)
     ids = [f"{i:06d}" for i in range(1, num_trainval + num_test + 1)]
     objects = {}
     for i in ids:
         k = int(rng.integers(1, 4))
         objects[i] = [(VOC_CLASSES[int(c)], int(rng.random() < 0.15)) for c in rng.integers(0, 20, k)]
-    return write_voc2007(root, {"trainval": ids[:num_trainval], "test": ids[num_trainval:]}, objects, seed, image_size)
+    return write_voc2007(
+        root, {"trainval": ids[:num_trainval], "test": ids[num_trainval:]}, objects, seed, image_size
+    )
 
 
-def write_coco2014(root: str | os.PathLike, split: str, class_names: Sequence[str], images: list[list[int]],
-                   crowd: Sequence[int] = (), seed: int = 0, missing: Sequence[int] = ()) -> Path:
+def write_coco2014(
+    root: str | os.PathLike,
+    split: str,
+    class_names: Sequence[str],
+    images: list[list[int]],
+    crowd: Sequence[int] = (),
+    seed: int = 0,
+    missing: Sequence[int] = (),
+) -> Path:
     """``<root>/annotations/instances_<split>.json`` + ``<root>/<split>/``; ``images[i]`` = class indices of image i.
 
     Category ids are COCO-like (gapped) and the categories are written in shuffled order, as the reader must sort
@@ -75,16 +97,31 @@ def write_coco2014(root: str | os.PathLike, split: str, class_names: Sequence[st
         if i not in missing:
             random_jpeg(root / split / name, rng)
         for j, c in enumerate(classes):
-            anns.append({"id": len(anns) + 1, "image_id": 1000 + i, "category_id": ids[c], "bbox": [0, 0, 5, 5],
-                         "area": 25.0, "iscrowd": int(i in crowd and j == 0)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": 1000 + i,
+                    "category_id": ids[c],
+                    "bbox": [0, 0, 5, 5],
+                    "area": 25.0,
+                    "iscrowd": int(i in crowd and j == 0),
+                }
+            )
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": imgs, "annotations": anns, "categories": cats}))
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": imgs, "annotations": anns, "categories": cats})
+    )
     return root
 
 
-def write_nuswide(root: str | os.PathLike, concepts: Sequence[str], tags: Sequence[str],
-                  splits: dict[str, list[tuple[str, list[int], list[int]]]], missing: Sequence[str] = (),
-                  seed: int = 0) -> Path:
+def write_nuswide(
+    root: str | os.PathLike,
+    concepts: Sequence[str],
+    tags: Sequence[str],
+    splits: dict[str, list[tuple[str, list[int], list[int]]]],
+    missing: Sequence[str] = (),
+    seed: int = 0,
+) -> Path:
     """The NUS-WIDE release files under ``root`` and images under ``root/Flickr``.
 
     ``splits[name]`` lists ``(relative path with "/", concept indices, tag indices)``. Lists use Windows paths and
@@ -137,6 +174,12 @@ def random_nuswide(root: str | os.PathLike, num_train: int, num_test: int, seed:
     rng = np.random.default_rng(seed)
     splits = {}
     for split, n in (("Train", num_train), ("Test", num_test)):
-        splits[split] = [(f"{concepts[i % 81]}/{split}_{i:04d}.jpg", list(rng.choice(81, int(rng.integers(1, 4)), replace=False)),
-                          list(rng.choice(1000, int(rng.integers(2, 8)), replace=False))) for i in range(n)]
+        splits[split] = [
+            (
+                f"{concepts[i % 81]}/{split}_{i:04d}.jpg",
+                list(rng.choice(81, int(rng.integers(1, 4)), replace=False)),
+                list(rng.choice(1000, int(rng.integers(2, 8)), replace=False)),
+            )
+            for i in range(n)
+        ]
     return write_nuswide(root, concepts, tags, splits, seed=seed)

@@ -14,13 +14,31 @@ from pathlib import Path
 import numpy as np
 
 from dbtr.data.images import ImageRecords
-from dbtr.utils.files import DataFormatError, read_text
 from dbtr.utils.errors import ConfigError
+from dbtr.utils.files import DataFormatError, read_text
 
 # The devkit's class order (VOCcode/VOCinit.m), which is the label-column order everywhere.
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 VOC_SPLITS = ("train", "val", "trainval", "test")
 LAYOUT = """expected layout:
@@ -63,7 +81,9 @@ def read_voc2007(root: str | os.PathLike, split: str = "test") -> ImageRecords:
         raise ConfigError(f"VOC2007 split must be one of {VOC_SPLITS}, got {split!r}")
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
-        raise FileNotFoundError(f"{list_file} not found (is the {split!r} part of VOC2007 unpacked here?)\n{LAYOUT}")
+        raise FileNotFoundError(
+            f"{list_file} not found (is the {split!r} part of VOC2007 unpacked here?)\n{LAYOUT}"
+        )
     index = {n: i for i, n in enumerate(VOC_CLASSES)}
     ids, rows, seen = [], [], {}
     for lineno, line in enumerate(read_text(list_file).splitlines(), start=1):
