@@ -92,7 +92,8 @@ def main() -> None:
     t_cache = time.perf_counter() - start
     t_cached, n_cached = epoch_seconds(model, CaptionDataset(records, feats), CaptionCollate(), args.batch)
     print(
-        f"captions={args.captions} classes={args.classes} batch={args.batch} threads={torch.get_num_threads()}"
+        f"captions={args.captions} classes={args.classes} batch={args.batch}"
+        f" threads={torch.get_num_threads()}"
     )
     print(f"epoch re-encoding captions : {t_raw:8.2f} s  text-encoder forwards: {n_raw}")
     print(f"one-off feature caching    : {t_cache:8.2f} s (encode + write + checksum)")
@@ -101,12 +102,14 @@ def main() -> None:
         f"  ({'PASS' if n_cached == 0 else 'FAIL'}: must be 0)"
     )
     print(
-        f"speed-up per epoch         : {t_raw / t_cached:8.1f}x  (target >= 50x: {'PASS' if t_raw / t_cached >= 50 else 'FAIL'})"
+        f"speed-up per epoch         : {t_raw / t_cached:8.1f}x"
+        f"  (target >= 50x: {'PASS' if t_raw / t_cached >= 50 else 'FAIL'})"
     )
     stored = feats.text_embeds.nbytes + feats.token_embeds.nbytes + feats.offsets.nbytes
     dense = len(records.texts) * 77 * encoder.embed_dim * 4
     print(
-        f"cache bytes per caption    : {stored / len(records.texts):8.0f}  ({100 * stored / dense:.1f}% of dense 77 x D fp32;"
+        f"cache bytes per caption    : {stored / len(records.texts):8.0f}"
+        f"  ({100 * stored / dense:.1f}% of dense 77 x D fp32;"
         f" target <= 25%: {'PASS' if stored <= 0.25 * dense else 'FAIL'})"
     )
 

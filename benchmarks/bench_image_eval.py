@@ -33,7 +33,8 @@ from dbtr.models.heads import DualBranchHead  # noqa: E402
 
 
 def evaluate(dm, encoder, head) -> float:
-    """Score the whole test split (pixels or cached features, whichever the datamodule serves) and return mAP."""
+    """Score the whole test split (pixels or cached features, whichever the datamodule serves) and return
+    mAP."""
     scores, labels = [], []
     with torch.no_grad():
         for batch in dm.test_dataloader():
@@ -89,7 +90,8 @@ def main() -> None:
     cached_map = evaluate(dm, encoder, head)
     cached_s = time.perf_counter() - t
     print(
-        f"\n1. evaluation of {args.images} images ({args.device}, {torch.get_num_threads()} threads, {args.workers} workers)"
+        f"\n1. evaluation of {args.images} images ({args.device}, {torch.get_num_threads()} threads,"
+        f" {args.workers} workers)"
     )
     print(f"   full image pass     {full_s:8.2f} s   mAP {full_map:.2f}")
     print(f"   cache build (once)  {build_s:8.2f} s")
@@ -113,7 +115,8 @@ def main() -> None:
     model_rate = reps * args.batch / (time.perf_counter() - t)
     print("\n2. throughput (images/s)")
     print(
-        f"   loader alone        {load_rate:8.1f}   (decode + resize + crop + normalise, {args.workers} workers)"
+        f"   loader alone        {load_rate:8.1f}"
+        f"   (decode + resize + crop + normalise, {args.workers} workers)"
     )
     print(f"   image tower alone   {model_rate:8.1f}")
     print(f"   ratio loader/model  {load_rate / model_rate:8.1f}x   (target >= 2)")

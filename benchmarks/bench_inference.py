@@ -55,7 +55,8 @@ def main() -> None:
     t_full = timeit(full, args.repeats, sync=sync)
     ratio = t_full / t_plain
     print(
-        f"device={dev} dtype={args.dtype} batch={args.batch} classes={args.classes} dense={args.dense} threads={torch.get_num_threads()}"
+        f"device={dev} dtype={args.dtype} batch={args.batch} classes={args.classes} dense={args.dense}"
+        f" threads={torch.get_num_threads()}"
     )
     print(f"plain CLIP zero-shot : {t_plain * 1000:8.1f} ms/batch")
     print(f"full dbtr model      : {t_full * 1000:8.1f} ms/batch")

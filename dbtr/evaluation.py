@@ -21,7 +21,8 @@ BRANCHES = ("merged", "global", "local")
 def branch_metrics(
     scores: Tensor, labels: Tensor, eval_cfg: dict[str, Any], with_f1: bool = True
 ) -> dict[str, Any]:
-    """mAP, per-class AP, CF1/OF1@top_k and (``f1_at``) the zero-shot literature's F1@k of one score matrix."""
+    """mAP, per-class AP, CF1/OF1@top_k and (``f1_at``) the zero-shot literature's F1@k of one score
+    matrix."""
     top_k = tuple(k for k in eval_cfg["top_k"] if k <= scores.shape[1]) if with_f1 else ()
     metrics = evaluate_scores(scores, labels, difficult=eval_cfg["difficult"], top_k=top_k, per_class=True)
     for k in eval_cfg["f1_at"]:
@@ -40,9 +41,11 @@ def summarise(
 ) -> tuple[dict[str, Any], tuple[Tensor, Tensor] | None]:
     """``(result, merged (scores, labels))`` of one stage.
 
-    :param collected: ``branch -> (scores, labels)`` for ``merged``, ``global``, ``local`` and, with an ensemble,
-        ``text`` (the text-only model); ``ensemble`` = ``(1 - r) * minmax(text) + r * minmax(merged)`` is added.
-    :param eval_cfg: ``difficult``, ``top_k``, ``f1_at``, ``val_subset`` (validation on one class subset only).
+    :param collected: ``branch -> (scores, labels)`` for ``merged``, ``global``, ``local`` and, with an
+        ensemble, ``text`` (the text-only model); ``ensemble`` =
+        ``(1 - r) * minmax(text) + r * minmax(merged)`` is added.
+    :param eval_cfg: ``difficult``, ``top_k``, ``f1_at``, ``val_subset`` (validation on one class subset
+        only).
     :param class_subsets: subset name -> label columns; the test also reports ``test/<subset>/mAP`` on each.
     """
     class_subsets = class_subsets or {}

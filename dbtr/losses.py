@@ -24,9 +24,9 @@ __all__ = ["LOSSES", "asymmetric_loss", "bce_loss", "get_loss", "ranking_loss", 
 def split_labels(labels: Tensor | np.ndarray, signed: bool | None = None) -> tuple[Tensor, Tensor]:
     """Map a label matrix to ``(targets in {0., 1.}, known bool)``.
 
-    ``{1, 0, -1}`` labels (1 positive, -1 negative, 0 unknown) -> targets ``labels == 1``, known ``labels != 0``.
-    ``{0, 1}`` labels -> everything known. By default a matrix is read as signed iff it holds a -1; pass
-    ``signed`` to force the reading (a small batch of signed labels may by chance hold no -1).
+    ``{1, 0, -1}`` labels (1 positive, -1 negative, 0 unknown) -> targets ``labels == 1``, known
+    ``labels != 0``. ``{0, 1}`` labels -> everything known. By default a matrix is read as signed iff it holds
+    a -1; pass ``signed`` to force the reading (a small batch of signed labels may by chance hold no -1).
     """
     y = torch.as_tensor(labels)
     if y.dtype == torch.bool:
@@ -61,7 +61,8 @@ def _prepare(logits: Tensor, targets: Tensor, known: Tensor | None) -> tuple[Ten
 
 
 def ranking_loss(logits: Tensor, targets: Tensor, known: Tensor | None = None, margin: float = 1.0) -> Tensor:
-    """TaI-DPT ranking loss: per sample ``sum_{i pos, j neg} max(0, margin - z_i + z_j)``, mean over the batch.
+    """TaI-DPT ranking loss: per sample ``sum_{i pos, j neg} max(0, margin - z_i + z_j)``, mean over the
+    batch.
 
     Samples without any (known positive, known negative) pair add 0 but still count in the mean.
     Computed without the (B, C, C) pair tensor: with the negatives sorted, positive i's hinges sum to

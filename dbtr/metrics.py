@@ -1,4 +1,5 @@
-"""Multi-label evaluation: mAP (sklearn-exact, tie-aware), CP/CR/CF1/OP/OR/OF1, and a DDP-safe score collector.
+"""Multi-label evaluation: mAP (sklearn-exact, tie-aware), CP/CR/CF1/OP/OR/OF1, and a DDP-safe score
+collector.
 
 Labels are either VOC style ``{1, 0, -1}`` (1 present, -1 absent, 0 "difficult" / unknown) or plain
 ``{0, 1}``. The matrix is VOC style iff it contains a -1 anywhere; only then does ``difficult`` matter:
@@ -150,13 +151,15 @@ def precision_recall_curves(
 def _classes_without_positive_warning(missing: np.ndarray, total: int, what: str) -> None:
     idx = np.flatnonzero(missing).tolist()
     warnings.warn(
-        f"{len(idx)} of {total} classes have no positive label and are left out of {what}: class indices {idx}",
+        f"{len(idx)} of {total} classes have no positive label and are left out of {what}: "
+        f"class indices {idx}",
         stacklevel=3,
     )
 
 
 def mean_average_precision(scores: ArrayLike, labels: ArrayLike, difficult: str = "negative") -> float:
-    """100 x mean AP over the classes that have at least one positive (others are left out, with a warning)."""
+    """100 x mean AP over the classes that have at least one positive (others are left out, with a
+    warning)."""
     return _mean_ap(average_precision_per_class(scores, labels, difficult=difficult))
 
 
@@ -254,7 +257,8 @@ def multilabel_f1(
 
 
 def minmax(scores: Tensor) -> Tensor:
-    """Min-max normalisation over the whole score matrix (not per class or image), as TaI-DPT's ensemble does."""
+    """Min-max normalisation over the whole score matrix (not per class or image), as TaI-DPT's ensemble
+    does."""
     lo, hi = scores.min(), scores.max()
     return (scores - lo) / (hi - lo).clamp_min(1e-12)
 
@@ -325,12 +329,14 @@ class ScoreCollector(Metric):
 
     def update(self, scores: Tensor, labels: Tensor, indices: Tensor | None = None) -> None:
         """``indices`` (B,) are the samples' dataset positions: with them, ``compute`` drops the repeats that
-        DDP's DistributedSampler pads with and returns dataset order, so metrics equal a single-process run."""
+        DDP's DistributedSampler pads with and returns dataset order, so metrics equal a single-process
+        run."""
         if scores.ndim != 2 or scores.shape != labels.shape:
             raise ValueError(
                 f"scores and labels must both be (B, C), got {tuple(scores.shape)} and {tuple(labels.shape)}"
             )
-        # Stay on the module's device so DDP's all-gather (NCCL needs CUDA tensors) works; cast to save memory.
+        # Stay on the module's device so DDP's all-gather (NCCL needs CUDA tensors) works; cast to save
+        # memory.
         self.scores.append(scores.detach().float())
         self.labels.append(labels.detach().to(torch.int8))
         if indices is not None:

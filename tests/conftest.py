@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """The tiny fixture layout (classes, captions, images, labels, random CLIP folder), generated once per session."""
+    """The tiny fixture layout (classes, captions, images, labels, random CLIP folder), generated once per
+    session."""
     from dbtr.testing.fixtures import make_tiny_dataset
 
     return make_tiny_dataset(
@@ -50,7 +51,8 @@ def cli():
 
 @pytest.fixture(scope="session")
 def wandb_run(demo_dir, tmp_path_factory) -> Path:
-    """A short dbtr-train of the full method on the tiny data, logged to wandb in offline mode (no network)."""
+    """A short dbtr-train of the full method on the tiny data, logged to wandb in offline mode (no
+    network)."""
     root = tmp_path_factory.mktemp("wandb_run")
     run = root / "run"
     wandb_dirs = {k: str(root / k.lower()) for k in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}

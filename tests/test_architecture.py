@@ -1,5 +1,5 @@
-"""The package's dependencies point one way: library (text, zeroshot, models, data, losses, metrics, evaluation)
-below the Lightning system, the system below the command-line apps; test fixtures apart from both.
+"""The package's dependencies point one way: library (text, zeroshot, models, data, losses, metrics,
+evaluation) below the Lightning system, the system below the command-line apps; test fixtures apart from both.
 
 Every ``import dbtr.x`` / ``from dbtr.x import`` in the source (top level or inside functions) is checked
 against the layer table, so a new upward edge or cycle fails here instead of growing silently.

@@ -1,4 +1,5 @@
-"""Atomic writes (dbtr.utils.io): usual permissions, and a failed write leaves nothing and names its target."""
+"""Atomic writes (dbtr.utils.io): usual permissions, and a failed write leaves nothing and names its
+target."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def test_disk_full_leaves_the_old_file_no_temporary_and_names_the_target(tmp_pat
 
 
 def test_an_unwritable_folder_names_the_target(tmp_path, monkeypatch):
-    # tests may run as root, for whom chmod does not make a folder read-only: refuse the temporary file instead
+    # tests may run as root, for whom chmod does not make a folder read-only: refuse the temporary file
+    # instead
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EROFS, os.strerror(errno.EROFS))
 

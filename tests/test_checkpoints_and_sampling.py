@@ -1,4 +1,5 @@
-"""Atomic, weights-only checkpoint files; the caption sampler that makes DDP steps equal single-process steps."""
+"""Atomic, weights-only checkpoint files; the caption sampler that makes DDP steps equal single-process
+steps."""
 
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ def test_encoder_is_frozen_and_stays_in_eval(encoder):
 
 
 def test_legacy_eos_id_in_config_uses_the_tokenizer_eos(clip_dir):
-    """OpenAI hub configs say eos_token_id=2 (a legacy value); the EOT position must come from the tokenizer."""
+    """OpenAI hub configs say eos_token_id=2 (a legacy value); the EOT position must come from the
+    tokenizer."""
     from transformers import CLIPModel, CLIPTokenizer
 
     model = CLIPModel.from_pretrained(str(clip_dir))

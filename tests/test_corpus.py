@@ -166,7 +166,8 @@ def test_truncated_captions_are_counted(encoder):
 
 
 def test_dbtr_train_on_a_synonym_labelled_corpus(tmp_path):
-    """The toy world's plain captions + its synonyms.json through `data=corpus`, trained and tested end to end."""
+    """The toy world's plain captions + its synonyms.json through `data=corpus`, trained and tested end to
+    end."""
     from dbtr.toyworld.build import build_toyworld
 
     tw = build_toyworld(tmp_path / "tw", num_captions=300, num_val=40, num_test=60)

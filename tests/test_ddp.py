@@ -3,12 +3,12 @@
 Why the runs can be compared directly: ``data.batch_size`` is the global batch, and the caption sampler
 (:class:`dbtr.data.sampling.GlobalBatchSampler`) orders the captions from (seed, epoch) and gives each process
 one half of every single-process batch. DDP averages the two half-batch gradients, which (halves of equal
-size, a mean-over-batch loss) is the single-process gradient up to float summation order. So the same seed gives
-the same optimizer steps and weights equal to ~1e-9, not bitwise; the test asserts closeness of the weights and
-equality of the metrics within 1e-4. Evaluation does not depend on that: the DDP run's final test (two processes)
-is compared with a single-process ``dbtr-eval`` of the very same checkpoint, which must agree exactly, image
-count included. The splits have odd sizes (23 val, 31 test images) so DistributedSampler pads one process with a
-repeated image, which the score collector must drop.
+size, a mean-over-batch loss) is the single-process gradient up to float summation order. So the same seed
+gives the same optimizer steps and weights equal to ~1e-9, not bitwise; the test asserts closeness of the
+weights and equality of the metrics within 1e-4. Evaluation does not depend on that: the DDP run's final test
+(two processes) is compared with a single-process ``dbtr-eval`` of the very same checkpoint, which must agree
+exactly, image count included. The splits have odd sizes (23 val, 31 test images) so DistributedSampler pads
+one process with a repeated image, which the score collector must drop.
 """
 
 from __future__ import annotations

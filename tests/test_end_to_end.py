@@ -1,5 +1,5 @@
-"""The console entry points end to end on generated data (CPU): dbtr-train then dbtr-eval on the demo data, and
-dbtr-toyworld on a tiny world (the reduced and full demos are the slow tests in test_toyworld_demo)."""
+"""The console entry points end to end on generated data (CPU): dbtr-train then dbtr-eval on the demo data,
+and dbtr-toyworld on a tiny world (the reduced and full demos are the slow tests in test_toyworld_demo)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The on-disk feature caches (captions and images): hits, keys, damage detection, atomic and concurrent writes."""
+"""The on-disk feature caches (captions and images): hits, keys, damage detection, atomic and concurrent
+writes."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def test_key_changes_with_corpus_tokenizer_length_and_weights(encoder):
     assert caption_cache_key(encoder, TEXTS) != base
 
 
-# Every way an entry can be damaged: the array files, and a meta.json that is valid JSON but not what we wrote.
+# Every way an entry can be damaged: the array files, and a meta.json that is valid JSON but not what we
+# wrote.
 def _truncate(folder, array):
     path = folder / f"{array}.npy"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -36,7 +36,8 @@ def reference() -> dict[str, np.ndarray]:
     if not path.is_file():
         # Shipped in tests/data/reference: its absence is a broken checkout, not a reason to skip.
         pytest.fail(
-            f"reference predictions not found at {path} (set DBTR_REFERENCE_DIR to the folder holding {REFERENCE_NAME})"
+            f"reference predictions not found at {path} "
+            f"(set DBTR_REFERENCE_DIR to the folder holding {REFERENCE_NAME})"
         )
     with np.load(path) as d:
         data = {k: d[k] for k in ("labels", "global_scores", "local_scores")}

@@ -1,4 +1,5 @@
-"""PR-curve data, the plot files, and the loggers: wandb offline (config, losses, mAP, table, images), none."""
+"""PR-curve data, the plot files, and the loggers: wandb offline (config, losses, mAP, table, images),
+none."""
 
 from __future__ import annotations
 

@@ -155,8 +155,9 @@ def test_a_new_name_scores_as_plain_zero_shot_and_trained_names_keep_their_resid
 
 
 def test_a_new_vocabulary_keeps_the_seen_unseen_training_rule(ckpt, demo_dir, tmp_path):
-    # A seen/unseen checkpoint: "unseen" classes kept T0 in training (row_mask), even where their residual rows
-    # hold values. A new vocabulary drops the training subsets (they name other classes) but must keep that rule.
+    # A seen/unseen checkpoint: "unseen" classes kept T0 in training (row_mask), even where their residual
+    # rows hold values. A new vocabulary drops the training subsets (they name other classes) but must keep
+    # that rule.
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     seen, unseen = list(TINY_CLASSES[:2]), list(TINY_CLASSES[2:])
     hp = raw["hyper_parameters"]

@@ -1,5 +1,6 @@
 """TaI-DPT's double-grained prompt learning (``model=taidpt``): exactness against ``encode_text``, gradients
-reaching only the contexts, eval-time caching, strict checkpoints, and a dbtr-train -> dbtr-eval round trip."""
+reaching only the contexts, eval-time caching, strict checkpoints, and a dbtr-train -> dbtr-eval round
+trip."""
 
 from __future__ import annotations
 

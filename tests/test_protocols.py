@@ -34,7 +34,8 @@ def data_dir(tmp_path_factory) -> Path:
     synthetic.random_voc2007(root, num_trainval=24, num_test=12)
     synthetic.random_coco2014(root / "coco", num_train=24, num_val=12)
     synthetic.random_nuswide(root / "nuswide", num_train=24, num_test=12)
-    # a small caption corpus for the *_captions runs: two sentences per class of each vocabulary (not C x 81 templates)
+    # a small caption corpus for the *_captions runs: two sentences per class of each vocabulary
+    # (not C x 81 templates)
     from dbtr.text.synonyms import BUILTIN_VOCABULARIES, builtin_vocabulary
 
     names = sorted({n for v in BUILTIN_VOCABULARIES for n in builtin_vocabulary(v).prompt_names})
@@ -102,7 +103,8 @@ def test_experiment_runs_tiny_version(experiment, data_dir, demo_dir, tmp_path):
 
 
 def test_partial_then_ensemble_through_the_cli(data_dir, demo_dir, tmp_path):
-    """The text-only model inside the ensemble reproduces its own run's test mAP on the same cached features."""
+    """The text-only model inside the ensemble reproduces its own run's test mAP on the same cached
+    features."""
     from cli_helpers import run_cli
 
     common = [

@@ -1,5 +1,5 @@
-"""The README quickstart, run as written on a toy-world checkpoint (whose mean/std are not CLIP's), scores exactly
-what dbtr-predict scores; and the one loader is what dbtr-eval and dbtr-train's test measure."""
+"""The README quickstart, run as written on a toy-world checkpoint (whose mean/std are not CLIP's), scores
+exactly what dbtr-predict scores; and the one loader is what dbtr-eval and dbtr-train's test measure."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def quickstart_code() -> str:
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory, cli):
-    """A one-epoch dbtr-train experiment=toyworld on a small toy world (the warm-up is shortened, not refused)."""
+    """A one-epoch dbtr-train experiment=toyworld on a small toy world (the warm-up is shortened, not
+    refused)."""
     root = tmp_path_factory.mktemp("quickstart")
     run, world = root / "run", root / "world"
     proc = cli(
@@ -97,7 +98,8 @@ def test_readme_quickstart_scores_a_toyworld_checkpoint_like_dbtr_predict(toy_ru
 
 
 def test_loaded_checkpoint_reproduces_the_training_runs_test(toy_run):
-    """The loader's model on the test split = what dbtr-train's test step measured (trainer.test on the best epoch)."""
+    """The loader's model on the test split = what dbtr-train's test step measured (trainer.test on the best
+    epoch)."""
     import dbtr
     from dbtr.data.images import ImageDataset, read_image_jsonl
     from dbtr.metrics import mean_average_precision

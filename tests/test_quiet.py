@@ -86,8 +86,8 @@ def test_library_noise_is_dropped_at_its_source_and_real_warnings_kept(caplog):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         silence_library_noise()  # again inside this catch_warnings, which restores the filters on exit
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
-        warnings.warn("a real deprecation of ours", FutureWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=2)
+        warnings.warn("a real deprecation of ours", FutureWarning, stacklevel=2)
         rank_zero_warn("a real warning of Lightning")
     messages = [str(w.message) for w in seen]
     assert "a real deprecation of ours" in messages and "LeafSpec" not in " ".join(messages)

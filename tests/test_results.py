@@ -1,5 +1,5 @@
-"""dbtr-results on real run folders: a seed sweep (multirun) of the full method and a zero-shot run on the tiny
-fixture, plus copies of those runs edited to test refusals, skips and missing values."""
+"""dbtr-results on real run folders: a seed sweep (multirun) of the full method and a zero-shot run on the
+tiny fixture, plus copies of those runs edited to test refusals, skips and missing values."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def _metrics(run: Path) -> dict:
 
 
 def _copy(run: Path, dest: Path, edit=None, hydra: bool = True) -> Path:
-    """A copy of a real run folder (metrics.json, and .hydra unless hydra=False), metrics.json edited by ``edit``."""
+    """A copy of a real run folder (metrics.json, and .hydra unless hydra=False), metrics.json edited by
+    ``edit``."""
     dest.mkdir(parents=True)
     if hydra:
         shutil.copytree(run / ".hydra", dest / ".hydra")
@@ -239,8 +240,9 @@ def test_eval_runs_take_method_and_seed_from_the_training_run(runs, capsys, tmp_
 
 
 def test_one_checkpoint_evaluated_twice_is_one_eval_row_not_two_seeds(runs, capsys, tmp_path):
-    """The training run's own test, and two dbtr-eval runs of its checkpoint: the evals form their own row (named
-    after the training run, whose identity the checkpoint stores) and count once; no 'config edited' note."""
+    """The training run's own test, and two dbtr-eval runs of its checkpoint: the evals form their own row
+    (named after the training run, whose identity the checkpoint stores) and count once; no 'config edited'
+    note."""
     train = runs / "multirun" / "sweep" / "1"
     ckpt = tmp_path / "moved" / "best.ckpt"  # the training run folder is not beside the checkpoint
 

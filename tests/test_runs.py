@@ -1,4 +1,5 @@
-"""find_checkpoint: the newest checkpoint under a folder, skipping global-only models when heatmaps are wanted."""
+"""find_checkpoint: the newest checkpoint under a folder, skipping global-only models when heatmaps are
+wanted."""
 
 from __future__ import annotations
 

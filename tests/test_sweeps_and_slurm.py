@@ -1,4 +1,5 @@
-"""Hydra multirun, the Optuna search config and the SLURM launcher config (composed and checked, never submitted)."""
+"""Hydra multirun, the Optuna search config and the SLURM launcher config (composed and checked, never
+submitted)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def test_optuna_search_config_composes():
 
 @pytest.mark.slow
 def test_optuna_two_trials_maximise_validation_map(demo_dir, tmp_path):
-    """Two Optuna trials on tiny data: the study's best value is the best trial's validation selection score."""
+    """Two Optuna trials on tiny data: the study's best value is the best trial's validation selection
+    score."""
     sweep = tmp_path / "optuna"
     run_cli(
         "dbtr-train",

@@ -1,4 +1,5 @@
-"""The toy world: deterministic generation, caption labels, files the real loaders read, atomic model writes."""
+"""The toy world: deterministic generation, caption labels, files the real loaders read, atomic model
+writes."""
 
 from __future__ import annotations
 

@@ -339,6 +339,6 @@ def test_what_counts_as_a_user_error(tmp_path):
     assert user_message(_raised(lambda: (tmp_path / "absent.txt").read_text())).startswith("cannot read ")
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.json"))
     assert (
-        user_message(full)
-        == f"cannot write {tmp_path / 'metrics.json'}: No space left on device (free some space, or choose another location)"
+        user_message(full) == f"cannot write {tmp_path / 'metrics.json'}: No space left on device "
+        "(free some space, or choose another location)"
     )

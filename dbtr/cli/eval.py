@@ -1,13 +1,14 @@
 """Evaluate a trained checkpoint on a dataset's test split.
 
-    dbtr-eval ckpt_path=logs/train/runs/<run>/checkpoints/epoch_004.ckpt     # the checkpoint train.py tested
-    dbtr-eval ckpt_path=... experiment=toyworld                                # an experiment's data (and CLIP)
+    dbtr-eval ckpt_path=logs/train/runs/<run>/checkpoints/epoch_004.ckpt   # the checkpoint train.py tested
+    dbtr-eval ckpt_path=... experiment=toyworld                              # an experiment's data (and CLIP)
     dbtr-eval ckpt_path=... data=jsonl data.test_images=... clip=vit_b16 clip.name_or_path=/weights/clip-b16
 
 The checkpoint's class list must equal the data's, its residuals must sit on the same CLIP weights (a hash
-of the projections) and the image preprocessing must match training (checks of :mod:`dbtr.system.checkpoint`);
-``allow_mismatch=true`` turns the last two into warnings, for deliberate transfer experiments. Metric conventions
-are ``model.evaluation.*`` (null = as stored in the checkpoint), the same path as in training.
+of the projections) and the image preprocessing must match training (checks of
+:mod:`dbtr.system.checkpoint`); ``allow_mismatch=true`` turns the last two into warnings, for deliberate
+transfer experiments. Metric conventions are ``model.evaluation.*`` (null = as stored in the checkpoint), the
+same path as in training.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _override_key(override: str) -> str:
 
 
 def refuse_model_overrides(overrides: list[str]) -> None:
-    """A trained checkpoint's model is what it stored: only ``model.evaluation.*`` (how it is scored) can change.
-    Anything else would be recorded as applied while the checkpoint's value is used."""
+    """A trained checkpoint's model is what it stored: only ``model.evaluation.*`` (how it is scored) can
+    change. Anything else would be recorded as applied while the checkpoint's value is used."""
     bad = [
         o
         for o in overrides
@@ -53,8 +54,8 @@ def refuse_model_overrides(overrides: list[str]) -> None:
 def clip_overrides(clip: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """The CLIP settings that replace the checkpoint's: where the weights are (``clip.name_or_path``, from any
     config: it is machine-specific and checked by fingerprint), and the rest only when set on the command line
-    (``clip=<group>`` or ``clip.<field>=``). An experiment's clip group must not silently change, say, the dense
-    mode the checkpoint was trained and selected with."""
+    (``clip=<group>`` or ``clip.<field>=``). An experiment's clip group must not silently change, say, the
+    dense mode the checkpoint was trained and selected with."""
     keys = {_override_key(o) for o in overrides}
     if "clip" in keys:
         return dict(clip)
@@ -62,7 +63,8 @@ def clip_overrides(clip: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the checkpoint (:func:`dbtr.load_checkpoint`), check it against the data, test; write ``metrics.json``."""
+    """Load the checkpoint (:func:`dbtr.load_checkpoint`), check it against the data, test; write
+    ``metrics.json``."""
     from dbtr.system.checkpoint import Preprocessing, check_class_names, check_preprocessing, load_checkpoint
 
     set_quiet(cfg.get("quiet", False))

@@ -9,8 +9,8 @@ are skipped and listed (summary, ``<output>.skipped.txt``); the exit status is 0
 (1) or the arguments are wrong (2). The output is checked to be writable before the model is loaded; every
 output file is written atomically.
 A name the model was not trained on is scored as the model scores any class without training labels: zero
-residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for TaI-DPT
-prompts (``dbtr.system.checkpoint.new_class_rule``); it is reported on stderr and in the summary.
+residual (plain T0) for free residuals, g(T0) with a residual generator, the learned shared contexts for
+TaI-DPT prompts (``dbtr.system.checkpoint.new_class_rule``); it is reported on stderr and in the summary.
 """
 
 from __future__ import annotations
@@ -222,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-mismatch",
         action="store_true",
-        help="score even if --clip is not the CLIP the checkpoint was trained on (a warning instead of an error)",
+        help=(
+            "score even if --clip is not the CLIP the checkpoint was trained on "
+            "(a warning instead of an error)"
+        ),
     )
     return p
 

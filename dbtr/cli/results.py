@@ -2,22 +2,23 @@
 
     dbtr-results logs/                                   # every run below logs/ (single runs and multiruns)
     dbtr-results logs/tiny_full/multiruns/2026-11-28_16-05-40 'logs/*/runs/2026-11-2*'
-    dbtr-results logs/ --metric test/mAP --metric test/CF1@3 --sort test/mAP --out results   # results.{md,csv}
+    dbtr-results logs/ --metric test/mAP --metric test/CF1@3 --sort test/mAP --out results  # results.{md,csv}
     dbtr-results logs/ --readme README.md                # replaces the block between the results markers
 
 Rows are methods, columns are dataset x metric, a cell is the mean ± sample std over seeds, with the number of
 runs: ``88.07 ± 0.12 (3)``; one run shows no ±.
 
-**Grouping.** A run is identified by its task name, its ``experiment=`` and ``model=`` choices and its command-line
-overrides. The seed and overrides that only say where or how things are written (``seed``, ``hydra.*``,
-``paths.*``, ``cache_dir``, ``cache_image_features``, ``logger``; more with ``--ignore KEY``) are left out, so the
-runs of a seed sweep fall in one cell. ``data=`` picks the column: a row is everything else, and its "made by"
-column is the command that reproduces it (``data=a,b`` is appended when the data was chosen on the command line).
-The choices come from ``metrics.json["choices"]`` (the :class:`~dbtr.system.run_record.RunRecord` written by dbtr-train,
-dbtr-eval and the toy-world demo), else from the run's ``.hydra/hydra.yaml``. A ``dbtr-eval`` run (``kind: eval``)
-is its own row, named after the training run of its checkpoint (whose identity the checkpoint stores; older
-checkpoints: the run folder that holds it), with that run's method and seed; the same checkpoint evaluated
-again the same way counts once (the newest), so a re-evaluation never reads as a second seed.
+**Grouping.** A run is identified by its task name, its ``experiment=`` and ``model=`` choices and its
+command-line overrides. The seed and overrides that only say where or how things are written (``seed``,
+``hydra.*``, ``paths.*``, ``cache_dir``, ``cache_image_features``, ``logger``; more with ``--ignore KEY``) are
+left out, so the runs of a seed sweep fall in one cell. ``data=`` picks the column: a row is everything else,
+and its "made by" column is the command that reproduces it (``data=a,b`` is appended when the data was chosen
+on the command line). The choices come from ``metrics.json["choices"]`` (the
+:class:`~dbtr.system.run_record.RunRecord` written by dbtr-train, dbtr-eval and the toy-world demo), else from
+the run's ``.hydra/hydra.yaml``. A ``dbtr-eval`` run (``kind: eval``) is its own row, named after the training
+run of its checkpoint (whose identity the checkpoint stores; older checkpoints: the run folder that holds it),
+with that run's method and seed; the same checkpoint evaluated again the same way counts once (the newest), so
+a re-evaluation never reads as a second seed.
 
 **Protocol.** Numbers share a column only if they were measured the same way. What has to agree, per column:
     class_names          the label space, in order (metrics.json)
@@ -31,8 +32,9 @@ again the same way counts once (the newest), so a re-evaluation never reads as a
 Runs that differ in any of these make the command refuse (exit 2) and say which runs differ in what; with
 ``--allow-mixed`` each protocol gets its own, labelled columns.
 
-Nothing is dropped silently: run folders without a readable ``metrics.json`` are listed as skipped, runs without a
-requested metric leave "—" (or a smaller n) and are listed; both lists go under the table and to stderr.
+Nothing is dropped silently: run folders without a readable ``metrics.json`` are listed as skipped, runs
+without a requested metric leave "—" (or a smaller n) and are listed; both lists go under the table and to
+stderr.
 Exit status: 0 written, 1 no run found, 2 bad arguments or a refused mix.
 """
 
@@ -90,7 +92,7 @@ class SkippedRun(Exception):
     """A run folder that cannot be tabulated; the message is the reason."""
 
 
-# ---------------------------------------------------------------- aggregation (also used by the toy-world demo)
+# ------------------------------------------------------------ aggregation (also used by the toy-world demo)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None, int]:
@@ -118,8 +120,9 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def find_run_dirs(inputs: Iterable[str]) -> list[Path]:
-    """Run folders named by ``inputs``: run dirs, parents searched recursively (multirun sweeps included), globs,
-    or metrics.json files. A run folder's own subfolders are not searched; hidden folders are skipped."""
+    """Run folders named by ``inputs``: run dirs, parents searched recursively (multirun sweeps included),
+    globs, or metrics.json files. A run folder's own subfolders are not searched; hidden folders are
+    skipped."""
     found: dict[Path, None] = {}
     for raw in inputs:
         paths = (
@@ -188,7 +191,8 @@ class Run:
     protocol: dict[str, Any] = field(default_factory=dict)
 
     def metric(self, name: str) -> float | None:
-        """``name`` from the test metrics, else a top-level entry, else any section (val_last_epoch, zsl, ...)."""
+        """``name`` from the test metrics, else a top-level entry, else any section (val_last_epoch, zsl,
+        ...)."""
         for section in (self.payload.get("test"), self.payload):
             if isinstance(section, dict) and isinstance(section.get(name), (int, float)):
                 return float(section[name])
@@ -369,7 +373,8 @@ def columns_for(runs: list[Run], allow_mixed: bool) -> dict[tuple, Column]:
         raise ResultsError(
             "refusing to put runs measured under different protocols in one column:\n"
             + "\n".join(problems)
-            + "\nTabulate them separately, or pass --allow-mixed to give each protocol its own labelled columns."
+            + "\nTabulate them separately, or pass --allow-mixed to give each protocol its own labelled "
+            "columns."
         )
     return columns
 
@@ -448,7 +453,7 @@ def build_table(
                     f"{row['method']} ({row['made_by']}) on {columns[col].label}: seed {', '.join(repeated)} "
                     f"appears in {len(paths)} runs; every run is counted"
                 )
-        for col, group in row["runs"].items():
+        for _col, group in row["runs"].items():
             for other in group[1:]:
                 if diff := config_difference(group[0], other, ignored):
                     notes.append(
@@ -481,7 +486,8 @@ def _one_per_evaluation(runs: list[Run]) -> tuple[list[Run], list[str]]:
 
 
 def _sorted(rows: list[dict], columns: list[Column], sort: str) -> list[dict]:
-    """Descending by ``sort`` (a metric, or ``data:metric``) in the first column that has it; rows without it last."""
+    """Descending by ``sort`` (a metric, or ``data:metric``) in the first column that has it; rows without it
+    last."""
     data, _, metric = sort.rpartition(":") if ":" in sort else ("", "", sort)
     cols = [i for i, c in enumerate(columns) if not data or c.data == data or c.label == data]
     if not cols:

@@ -1,12 +1,13 @@
 """Inspect a dataset without a model: per-class table and ``dataset_stats.json``.
 
-Benchmark image datasets report the images of ``data.split``; other data configs report their training captions.
+Benchmark image datasets report the images of ``data.split``; other data configs report their training
+captions.
 
     dbtr-data data=voc2007 data.root=/data/VOCdevkit/VOC2007 data.split=test
     dbtr-data data=nuswide data.root=/data/nuswide data.split=Test verify_images=false
     dbtr-data                                           # the default data config (the toy world's captions)
     dbtr-data data=corpus data.corpus.vocabulary=coco2014 \\
-        'data.corpus.sources=[{type: coco_captions, path: annotations/captions_train2017.json}]' out=stats.json
+      'data.corpus.sources=[{type: coco_captions, path: annotations/captions_train2017.json}]' out=stats.json
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ log = logging.getLogger("dbtr")
 
 
 def caption_stats(datamodule) -> dict:
-    """The corpus report of a datamodule's training captions (built by synonym matching or read from JSON lines)."""
+    """The corpus report of a datamodule's training captions (built by synonym matching or read from JSON
+    lines)."""
     from dbtr.data.corpus import CorpusReport
 
     datamodule.setup("fit")

@@ -53,9 +53,9 @@ def _resolve_resume(ckpt_path: str | None, output_dir: Path) -> str | None:
 def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Instantiate, fit (unless training-free), test the selected weights; write ``metrics.json``.
 
-    ``identity``: ``{"choices", "overrides"}`` of the run for callers outside a Hydra app (the toy-world demo);
-    default Hydra's. Returns ``(test metrics, objects)``. Feature caching and T0 happen in Lightning's setup hooks
-    (:class:`~dbtr.system.callbacks.FeatureCaching`, ``DbtrLitModule.setup``).
+    ``identity``: ``{"choices", "overrides"}`` of the run for callers outside a Hydra app (the toy-world
+    demo); default Hydra's. Returns ``(test metrics, objects)``. Feature caching and T0 happen in Lightning's
+    setup hooks (:class:`~dbtr.system.callbacks.FeatureCaching`, ``DbtrLitModule.setup``).
     """
     set_quiet(cfg.get("quiet", False))
     output_dir = Path(cfg.paths.output_dir)
@@ -132,7 +132,8 @@ def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the selection metric (``optimized_metric``, default the best val/mAP) for sweepers such as Optuna."""
+    """Returns the selection metric (``optimized_metric``, default the best val/mAP) for sweepers such as
+    Optuna."""
     from dbtr.utils.objective import optimized_value
 
     metrics, objects = task_wrapper(train)(cfg)

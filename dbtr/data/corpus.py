@@ -65,8 +65,8 @@ def text_lines(path: str | os.PathLike) -> Iterator[Caption]:
 def hf_dataset(
     path: str, column: str = "caption", split: str = "train", data_files=None, **kwargs
 ) -> Iterator[Caption]:
-    """Any HF ``datasets`` dataset: a builder for local files (``json``, ``csv``, ``parquet`` with ``data_files``)
-    or a hub name (needs network or the HF cache). ``column`` holds the caption text."""
+    """Any HF ``datasets`` dataset: a builder for local files (``json``, ``csv``, ``parquet`` with
+    ``data_files``) or a hub name (needs network or the HF cache). ``column`` holds the caption text."""
     try:
         import datasets
     except ImportError:
@@ -89,7 +89,8 @@ def hf_dataset(
 def class_sentences(
     vocab: SynonymVocabulary, simple_count: int = 9, templates: Sequence[str] = IMAGENET_TEMPLATES
 ) -> tuple[list[str], np.ndarray]:
-    """TaI-DPT's extra samples: per class "a photo of a {}." x ``simple_count`` plus each template once, one-hot."""
+    """TaI-DPT's extra samples: per class "a photo of a {}." x ``simple_count`` plus each template once,
+    one-hot."""
     texts, rows = [], []
     for ci, name in enumerate(vocab.prompt_names):
         for sentence in ["a photo of a {}."] * simple_count + list(templates):
@@ -137,8 +138,8 @@ class CorpusReport:
 
 
 def balance_by_rarest_class(labels: np.ndarray, max_per_class: int) -> np.ndarray:
-    """Indices kept by the NUS-WIDE protocol: each caption is assigned to its rarest positive class (by caption
-    frequency), and at most ``max_per_class`` captions are kept per class, in corpus order."""
+    """Indices kept by the NUS-WIDE protocol: each caption is assigned to its rarest positive class (by
+    caption frequency), and at most ``max_per_class`` captions are kept per class, in corpus order."""
     freq = (labels == 1).sum(0)
     taken = np.zeros(labels.shape[1], dtype=np.int64)
     keep = []
@@ -207,13 +208,15 @@ def resolve_vocabulary(vocabulary: str | os.PathLike) -> SynonymVocabulary:
 def load_corpus(
     spec: dict, class_names: Sequence[str] | None = None
 ) -> tuple[list[str], np.ndarray, CorpusReport]:
-    """Build a corpus from a config dict: ``vocabulary``, ``sources`` (``[{type, path}]``), ``class_sentences``
-    (count of "a photo of a {}." per class, with the 80 templates; null = none) and ``max_per_class``."""
+    """Build a corpus from a config dict: ``vocabulary``, ``sources`` (``[{type, path}]``),
+    ``class_sentences`` (count of "a photo of a {}." per class, with the 80 templates; null = none) and
+    ``max_per_class``."""
     vocab = resolve_vocabulary(spec["vocabulary"])
     if class_names is not None and list(class_names) != vocab.class_names:
         raise ConfigError(
-            f"the vocabulary {spec['vocabulary']!r} defines classes {vocab.class_names[:5]}... ({len(vocab.class_names)}), "
-            f"the data's class list is {list(class_names)[:5]}... ({len(class_names)}): they must be equal and in the same order"
+            f"the vocabulary {spec['vocabulary']!r} defines classes {vocab.class_names[:5]}... "
+            f"({len(vocab.class_names)}), the data's class list is {list(class_names)[:5]}... "
+            f"({len(class_names)}): they must be equal and in the same order"
         )
     streams = []
     for i, src in enumerate(spec.get("sources") or []):
@@ -249,7 +252,10 @@ def report_table(report: CorpusReport, title: str = "caption corpus"):
 
     truncated = "" if report.truncated is None else f"; {report.truncated} truncated to the token limit"
     table = Table(
-        title=f"{title}: {report.kept} kept of {report.read} read; dropped {report.dropped or 'none'}{truncated}"
+        title=(
+            f"{title}: {report.kept} kept of {report.read} read; "
+            f"dropped {report.dropped or 'none'}{truncated}"
+        )
     )
     table.add_column("class")
     table.add_column("captions", justify="right")

@@ -52,14 +52,18 @@ class TextToImageDataModule(L.LightningDataModule):
     :param val_images / val_labels: held-out labelled images for model selection (never the test set).
     :param test_images / test_labels: the evaluation set, used only by the final test and ``dbtr-eval``.
     :param image_size: input resolution; ``None`` = the CLIP model's own (set by ``attach_encoder``).
-    :param batch_size: captions per training step, over all devices; ``eval_batch_size``: images per step and device.
-    :param on_bad_image: ``error`` stops at an undecodable image (naming it); ``skip`` drops it from evaluation,
-        and it is counted and listed in ``image_report()`` (written to the run folder as ``data_report.json``).
-    :param fast_decode: JPEG draft-mode decoding (see :class:`ClipImageTransform`); off = exact CLIP preprocessing.
+    :param batch_size: captions per training step, over all devices; ``eval_batch_size``: images per step and
+        device.
+    :param on_bad_image: ``error`` stops at an undecodable image (naming it); ``skip`` drops it from
+        evaluation, and it is counted and listed in ``image_report()`` (written to the run folder as
+        ``data_report.json``).
+    :param fast_decode: JPEG draft-mode decoding (see :class:`ClipImageTransform`); off = exact CLIP
+        preprocessing.
     """
 
-    #: what ``fit`` trains on: ``captions`` (text-only, the zero-shot protocol) or ``images`` (labelled images;
-    #: benchmark datamodules, ``data.train_on=images``). Decides what is encoded and cached before fitting.
+    #: what ``fit`` trains on: ``captions`` (text-only, the zero-shot protocol) or ``images`` (labelled
+    #: images; benchmark datamodules, ``data.train_on=images``). Decides what is encoded and cached before
+    #: fitting.
     train_on: Literal["captions", "images"] = "captions"
 
     def __init__(
@@ -171,8 +175,8 @@ class TextToImageDataModule(L.LightningDataModule):
         """Encode the listed image splits once; their loaders then serve features instead of pixels.
 
         With ``cache_dir`` the features go to the fingerprinted on-disk cache (fp16, memory-mapped) and later
-        runs on the same model, preprocessing and images read them back; without it they stay in memory (fp32).
-        Returns the cache status per split (hit / built / rebuilt / memory).
+        runs on the same model, preprocessing and images read them back; without it they stay in memory
+        (fp32). Returns the cache status per split (hit / built / rebuilt / memory).
         """
         from dbtr.data.feature_cache import cached_image_features
 

@@ -97,7 +97,8 @@ def save_caption_features(folder: Path, features: CaptionFeatures, key: str) -> 
 
 
 class CacheDamaged(ValueError):
-    """A cache entry that exists but cannot be used (truncated, corrupted, malformed meta.json, foreign key)."""
+    """A cache entry that exists but cannot be used (truncated, corrupted, malformed meta.json, foreign
+    key)."""
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,9 @@ def _load_entry(folder: Path, key: str, kind: _Kind, verify: bool = True) -> dic
 
 
 def _publish(folder: Path, key: str, kind: _Kind, fill: Callable[[Path], dict]) -> None:
-    """Build an entry in a temporary folder (``fill`` writes the arrays and returns the sizes) and publish it in
-    one rename. If another job published the same entry meanwhile, the first one stays and this one is dropped:
-    both are complete and equal, and a reader never sees a half entry."""
+    """Build an entry in a temporary folder (``fill`` writes the arrays and returns the sizes) and publish it
+    in one rename. If another job published the same entry meanwhile, the first one stays and this one is
+    dropped: both are complete and equal, and a reader never sees a half entry."""
     with atomic_directory(folder, keep_existing=True) as tmp:
         meta = {"version": CACHE_VERSION, "key": key, **fill(tmp)}
         meta["checksums"] = {name: _checksum(tmp / f"{name}.npy") for name in kind.arrays}
@@ -207,7 +208,8 @@ def _load_or_build(folder: Path, key: str, kind: _Kind, fill: Callable[[Path], d
 
 
 def load_caption_features(folder: Path, key: str, verify: bool = True) -> CaptionFeatures | None:
-    """The cached features, or None when absent; raises ``CacheDamaged`` when present but damaged or foreign."""
+    """The cached features, or None when absent; raises ``CacheDamaged`` when present but damaged or
+    foreign."""
     arrays = _load_entry(folder, key, _CAPTIONS, verify)
     return None if arrays is None else CaptionFeatures(**arrays)
 
@@ -284,13 +286,15 @@ def _image_features(arrays: dict):
 
 
 def load_image_features(folder: Path, key: str, verify: bool = True):
-    """``(ImageFeatures, ok)`` from ``folder``, or None when absent; ``CacheDamaged`` when damaged or foreign."""
+    """``(ImageFeatures, ok)`` from ``folder``, or None when absent; ``CacheDamaged`` when damaged or
+    foreign."""
     arrays = _load_entry(folder, key, _IMAGES, verify)
     return None if arrays is None else _image_features(arrays)
 
 
 def cached_image_features(encoder, loader, root: str | os.PathLike, progress: str | None = None):
-    """Features of ``loader.dataset`` (an ImageDataset) from ``root`` or encoded there: ``(features, ok, status)``.
+    """Features of ``loader.dataset`` (an ImageDataset) from ``root`` or encoded there:
+    ``(features, ok, status)``.
 
     The arrays are written straight into memory maps inside the temporary folder, so a 40k-image split never
     sits in RAM, and a run killed half-way leaves no folder that reads as complete.

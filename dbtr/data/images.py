@@ -35,7 +35,8 @@ DECODE_VERSION = 2
 
 
 class ImageDecodeError(UserError, OSError):
-    """An image file exists but cannot be decoded (an OSError: callers that skip unreadable files catch it)."""
+    """An image file exists but cannot be decoded (an OSError: callers that skip unreadable files catch
+    it)."""
 
 
 @dataclass
@@ -72,7 +73,9 @@ class ImageRecords:
         self,
         on_missing: str = "error",
         layout: str = "",
-        fix: str = "set data.on_missing_image=skip to evaluate without them; they are then counted and listed",
+        fix: str = (
+            "set data.on_missing_image=skip to evaluate without them; they are then counted and listed"
+        ),
     ) -> ImageRecords:
         """Check every listed file exists; ``skip`` drops and records the missing ones, ``error`` raises (with
         ``fix``: what to do, in terms of an option the caller's config has)."""
@@ -100,7 +103,8 @@ def read_image_jsonl(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"image folder not found: {root}\n  expected layout: {root}/<file_name> for each line of {labels_file}"
+            f"image folder not found: {root}\n"
+            f"  expected layout: {root}/<file_name> for each line of {labels_file}"
         )
     index = {n: i for i, n in enumerate(class_names)}
     names, rows, seen = [], [], {}
@@ -126,9 +130,9 @@ def read_image_jsonl(
 class ClipImageTransform:
     """CLIP test preprocessing: bicubic resize of the short side, centre crop, CLIP mean/std (no torchvision).
 
-    ``draft=True`` lets libjpeg decode large JPEGs at a reduced scale (still at least ``size`` on the short side)
-    before the bicubic resize: several times faster on photos, but not bit-identical to the full decode, so it
-    is off by default and part of the image-cache key.
+    ``draft=True`` lets libjpeg decode large JPEGs at a reduced scale (still at least ``size`` on the short
+    side) before the bicubic resize: several times faster on photos, but not bit-identical to the full decode,
+    so it is off by default and part of the image-cache key.
     """
 
     def __init__(
@@ -317,8 +321,8 @@ def encode_image_features(
     """Run the frozen image tower once over ``loader`` (an ImageDataset in order).
 
     Returns the features and the boolean ``ok`` per image (False: undecodable, skipped). With ``out`` (two
-    preallocated (N, D) / (N, P, D) arrays, e.g. memory maps) rows are written in place as they come, so a large
-    split never has to fit in memory.
+    preallocated (N, D) / (N, P, D) arrays, e.g. memory maps) rows are written in place as they come, so a
+    large split never has to fit in memory.
     """
     from dbtr.utils.progress import track
 

@@ -14,7 +14,8 @@ from dbtr.utils.files import DataFormatError, read_text
 
 
 def load_class_names(classes: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Class names from a list, or from a text file with one name per line (blank lines and # comments skipped)."""
+    """Class names from a list, or from a text file with one name per line (blank lines and # comments
+    skipped)."""
     if isinstance(classes, (str, os.PathLike)):
         path = Path(classes)
         if not path.is_file():

@@ -25,9 +25,9 @@ class GlobalBatchSampler(DistributedSampler):
 
     A subclass of DistributedSampler so Lightning keeps it under DDP (it only swaps in its own sampler when
     none is distributed) and calls ``set_epoch`` before every epoch, including the first one after a resume.
-    Every process yields ``ceil(num_items / global_batch_size)`` batches of ``global_batch_size / W`` (the last
-    may be smaller); a last global batch with fewer items than processes is padded from the epoch's start so
-    every process takes the same number of steps.
+    Every process yields ``ceil(num_items / global_batch_size)`` batches of ``global_batch_size / W`` (the
+    last may be smaller); a last global batch with fewer items than processes is padded from the epoch's start
+    so every process takes the same number of steps.
     """
 
     def __init__(

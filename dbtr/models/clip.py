@@ -36,7 +36,8 @@ class ClipWeightsNotFound(UserError, FileNotFoundError):
 
 @dataclass
 class TextEmbeddings:
-    """Projected text features: ``text_embeds`` (B, D) at EOT, ``token_embeds`` (B, L, D), ``attention_mask`` (B, L)."""
+    """Projected text features: ``text_embeds`` (B, D) at EOT, ``token_embeds`` (B, L, D), ``attention_mask``
+    (B, L)."""
 
     text_embeds: Tensor
     token_embeds: Tensor
@@ -54,8 +55,9 @@ class ImageEmbeddings:
 def _missing_weights_message(name_or_path: str, err: Exception) -> str:
     return (
         f"Could not load CLIP weights from {name_or_path!r}.\n"
-        f"  Looked for: a local folder with config.json + model.safetensors (or pytorch_model.bin) and tokenizer "
-        f"files, or the hub id {name_or_path!r} in the HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}).\n"
+        f"  Looked for: a local folder with config.json + model.safetensors (or pytorch_model.bin) and "
+        f"tokenizer files, or the hub id {name_or_path!r} in the HF cache "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}).\n"
         f"  To fix: download once on a machine with internet, e.g.\n"
         f'      python -c "from transformers import CLIPModel, CLIPTokenizer as T; '
         f"CLIPModel.from_pretrained('openai/clip-vit-base-patch16').save_pretrained('weights/clip-b16'); "
@@ -318,7 +320,8 @@ class ClipEncoder(nn.Module):
         is_eos = input_ids == self.eos_token_id
         if not bool(is_eos.any(-1).all()):
             raise ValueError(
-                "every token sequence must contain the EOS token (was the text tokenized by this CLIP tokenizer?)"
+                "every token sequence must contain the EOS token "
+                "(was the text tokenized by this CLIP tokenizer?)"
             )
         return is_eos.int().argmax(-1)
 

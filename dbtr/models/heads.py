@@ -10,9 +10,9 @@ EOT embedding) and a set of local vectors (image patches, or caption tokens with
                     z_b += beta2 * s * <q_b, T_a>  +  beta3 * s * (mean_N F_a + max_N F_a) T_b^T
     score = w * z_g + (1 - w) * z_l
 
-With learned prompts (TaI-DPT, ``dbtr/models/prompts.py``) the branches start from the prompts' class embeddings
-(``bases``) instead of T0. Every baseline of the paper is a setting of this one module (see ``conf/model/``),
-not a code fork.
+With learned prompts (TaI-DPT, ``dbtr/models/prompts.py``) the branches start from the prompts' class
+embeddings (``bases``) instead of T0. Every baseline of the paper is a setting of this one module (see
+``conf/model/``), not a code fork.
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ class TaskResidual(nn.Module):
     """TaskRes classifier ``T = norm(T0 + alpha * X)`` with ``X`` zero-initialised (or off: ``T = T0``).
 
     ``X`` is a free (C, D) parameter, or with ``generator_hidden > 0`` a small shared map ``X = g(T0)`` (last
-    layer zero-initialised) that also gives a residual to class names never trained on. ``row_mask`` zeroes the
-    free residual of classes that must keep T0 (unseen classes in the seen/unseen protocol).
+    layer zero-initialised) that also gives a residual to class names never trained on. ``row_mask`` zeroes
+    the free residual of classes that must keep T0 (unseen classes in the seen/unseen protocol).
     """
 
     def __init__(
@@ -227,20 +227,23 @@ class DualBranchHead(nn.Module):
     :param pfa: which branches get parameter-free attention: none | global | local | both.
     :param pfa_temperature: softmax temperature of the PFA (CALIP's code uses 0.5, i.e. x2).
     :param beta2 / beta3: weights of the attended-text and attended-local PFA terms.
-    :param pfa_local_query: what the local branch compares with the attended text: the L2-normalised mean of the
-        (valid) locals, so that its scale matches the global query; or the global embedding itself.
+    :param pfa_local_query: what the local branch compares with the attended text: the L2-normalised mean of
+        the (valid) locals, so that its scale matches the global query; or the global embedding itself.
     :param pfa_center: subtract each sample's mean over classes from the PFA terms. CALIP was built for
         single-label top-1, where a per-image offset is harmless; multi-label AP ranks images per class, and
         the attended terms carry a large image-dependent, class-independent part that scrambles that ranking.
     :param logit_scale: s (TaI-DPT fixes 4; the ranking margin 1 is then a cosine gap of 0.25).
     :param tau_text / tau_image: spatial softmax temperatures for caption tokens / image patches.
     :param merge_weight: w in ``w * z_g + (1 - w) * z_l``.
-    :param feature_noise_std: Gaussian noise added to normalised caption features in training, then renormalised.
-    :param center_scores: subtract each sample's mean over classes from the merged score (a training-free baseline).
-    :param residual_generator: hidden width of a shared residual generator ``X = g(T0)`` instead of free per-class
-        residuals (0 = free); it transfers what was learned to class names without training labels.
-    :param prompts: a :class:`~dbtr.models.prompts.PromptLearner` whose contexts are trained with the head; its
-        class embeddings are passed to ``forward`` as ``bases`` (they need the text tower, which the head has not).
+    :param feature_noise_std: Gaussian noise added to normalised caption features in training, then
+        renormalised.
+    :param center_scores: subtract each sample's mean over classes from the merged score (a training-free
+        baseline).
+    :param residual_generator: hidden width of a shared residual generator ``X = g(T0)`` instead of free
+        per-class residuals (0 = free); it transfers what was learned to class names without training labels.
+    :param prompts: a :class:`~dbtr.models.prompts.PromptLearner` whose contexts are trained with the head;
+        its class embeddings are passed to ``forward`` as ``bases`` (they need the text tower, which the head
+        has not).
     """
 
     def __init__(
@@ -299,7 +302,8 @@ class DualBranchHead(nn.Module):
             center_scores,
         )
         self.prompts = prompts
-        # T0 depends on the CLIP model and the class names, both known from hyper-parameters: rebuilt, not saved.
+        # T0 depends on the CLIP model and the class names, both known from hyper-parameters: rebuilt, not
+        # saved.
         self.register_buffer("class_embeds", torch.zeros(num_classes, embed_dim), persistent=False)
         self.register_buffer("class_embeds_ready", torch.tensor(False), persistent=False)
 
@@ -313,7 +317,8 @@ class DualBranchHead(nn.Module):
         self.class_embeds_ready.fill_(True)
 
     def set_residual_classes(self, learned: Tensor) -> None:
-        """Only classes with ``learned[c]`` True use their free residual; the others keep T0 (zero residual)."""
+        """Only classes with ``learned[c]`` True use their free residual; the others keep T0 (zero
+        residual)."""
         for branch in (self.global_classifier, self.local_classifier):
             branch.row_mask.copy_(learned.to(branch.row_mask))
 

@@ -21,8 +21,8 @@ from dbtr.utils.errors import ConfigError
 class PromptLearner(nn.Module):
     """Global and local learned contexts shared by all classes (or one per class with ``class_specific``).
 
-    :param encoder: the frozen :class:`~dbtr.models.clip.ClipEncoder` (used here for tokens and sizes only; not
-        kept as a submodule, so checkpoints hold the contexts alone).
+    :param encoder: the frozen :class:`~dbtr.models.clip.ClipEncoder` (used here for tokens and sizes only;
+        not kept as a submodule, so checkpoints hold the contexts alone).
     :param class_names: the label space; each is prompted by its :func:`prompt_name`.
     :param n_ctx: number of context tokens per prompt (TaI-DPT: 16).
     :param ctx_init: ``None`` = random ``N(0, ctx_std^2)`` (TaI-DPT); or a text whose token embeddings start
@@ -51,8 +51,9 @@ class PromptLearner(nn.Module):
             row = ids[:1] * (1 + n_ctx) + ids[1:]
             if len(row) > encoder.max_length:
                 raise ConfigError(
-                    f"the prompt of class {name!r} has {len(row)} tokens with n_ctx={n_ctx} context tokens, more "
-                    f"than the text encoder's {encoder.max_length}: lower model.prompts.n_ctx or shorten the class name"
+                    f"the prompt of class {name!r} has {len(row)} tokens with n_ctx={n_ctx} context tokens, "
+                    f"more than the text encoder's {encoder.max_length}: lower model.prompts.n_ctx or "
+                    "shorten the class name"
                 )
             rows.append(row)
         # Causal text tower: nothing after the longest prompt's EOT matters, so sequences stop there.
@@ -72,7 +73,8 @@ class PromptLearner(nn.Module):
         ids = encoder.tokenizer(ctx_init)["input_ids"][1:-1]  # without SOS / EOS
         if len(ids) != self.n_ctx:
             raise ConfigError(
-                f"model.prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but model.prompts.n_ctx={self.n_ctx}"
+                f"model.prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but "
+                f"model.prompts.n_ctx={self.n_ctx}"
             )
         with torch.no_grad():
             emb = encoder.embed_tokens(torch.tensor(ids)).float().cpu()

@@ -60,7 +60,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
 
 
 def tiny_clip_config(vocab_size: int, **overrides):
-    """A small ``CLIPConfig``; ``text_*``/``vision_*``/top-level keys in ``overrides`` replace the defaults."""
+    """A small ``CLIPConfig``; ``text_*``/``vision_*``/top-level keys in ``overrides`` replace the
+    defaults."""
     from transformers import CLIPConfig
 
     text = dict(
@@ -96,7 +97,8 @@ def tiny_clip_config(vocab_size: int, **overrides):
 def save_random_clip(
     path: str | os.PathLike, texts: Iterable[str], seed: int = 0, vocab_size: int = 1000, **config_overrides
 ):
-    """Build a randomly initialised CLIP + tokenizer trained on ``texts`` and save both to ``path`` atomically."""
+    """Build a randomly initialised CLIP + tokenizer trained on ``texts`` and save both to ``path``
+    atomically."""
     from transformers import CLIPModel
 
     from dbtr.utils.io import atomic_directory

@@ -23,8 +23,8 @@ class EvalPlots(L.Callback):
 
     :param dirpath: output folder (``<run>/plots``).
     :param num_images: test images drawn in ``heatmaps.png`` (the first ones of the split).
-    :param top_k: classes per image in the heatmaps (the best-scored ones). Where the labels file has ``boxes``
-        (the toy world), the true boxes are drawn on the image and on the panel of their class.
+    :param top_k: classes per image in the heatmaps (the best-scored ones). Where the labels file has
+        ``boxes`` (the toy world), the true boxes are drawn on the image and on the panel of their class.
     """
 
     def __init__(self, dirpath: str, num_images: int = 4, top_k: int = 3):
@@ -109,14 +109,15 @@ class EvalPlots(L.Callback):
 
 
 class FeatureCaching(L.Callback):
-    """What the frozen CLIP sees, encoded once per run in the ``setup`` hook (after the datamodule's own setup, on
-    the device Lightning runs on): the training captions at ``fit`` (with their corpus report and truncation
-    count) and the image splits of each stage. dbtr-train and dbtr-eval add it themselves, whatever
+    """What the frozen CLIP sees, encoded once per run in the ``setup`` hook (after the datamodule's own
+    setup, on the device Lightning runs on): the training captions at ``fit`` (with their corpus report and
+    truncation count) and the image splits of each stage. dbtr-train and dbtr-eval add it themselves, whatever
     ``callbacks=`` says.
 
     :param captions: encode the training captions once (steps then run no text-encoder forward).
     :param images: ``false`` | ``memory`` (or true) | ``disk`` (fingerprinted fp16 cache under ``cache_dir``).
-    :param cache_dir: the on-disk cache folder (captions, and images with ``images=disk``); None = memory only.
+    :param cache_dir: the on-disk cache folder (captions, and images with ``images=disk``); None = memory
+        only.
     :param output_dir: where ``corpus_report.json`` goes (a corpus-built caption set).
     """
 

@@ -4,9 +4,9 @@
     model, transform = dbtr.load_checkpoint("logs/train/runs/<run>/checkpoints/last.ckpt")
 
 :func:`load_checkpoint` is the only place a checkpoint becomes a model (dbtr-eval, dbtr-predict, the notebook,
-the toy-world demo, the ensemble's text model, the README quickstart). It returns the model with the exact image
-preprocessing stored in the checkpoint (:class:`Preprocessing`: the toy world's (0.5, 0.5, 0.5) mean/std is not
-CLIP's), after checking it against the CLIP weights it was trained on.
+the toy-world demo, the ensemble's text model, the README quickstart). It returns the model with the exact
+image preprocessing stored in the checkpoint (:class:`Preprocessing`: the toy world's (0.5, 0.5, 0.5) mean/std
+is not CLIP's), after checking it against the CLIP weights it was trained on.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain Python values only, no code
 runs while loading (dbtr checkpoints hold nothing else: residuals, hyper-parameters, Lightning's loop state).
@@ -14,8 +14,8 @@ runs while loading (dbtr checkpoints hold nothing else: residuals, hyper-paramet
 The vocabulary can be replaced at inference (open vocabulary): a class the model was trained on keeps what it
 learned, and a new name is scored the way the model scores any class without training labels
 (:func:`new_class_rule`): a zero residual (plain template embedding T0) for free residuals, ``g(T0)`` with a
-residual generator, the learned shared contexts with TaI-DPT prompts. Class-specific prompt contexts exist only
-for trained names, so a vocabulary with new names is refused for them.
+residual generator, the learned shared contexts with TaI-DPT prompts. Class-specific prompt contexts exist
+only for trained names, so a vocabulary with new names is refused for them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ META_KEY = "dbtr"  # checkpoint["dbtr"]: what the residuals depend on beyond the
 
 
 class CheckpointMismatchError(UserError):
-    """A checkpoint's classes, CLIP weights, preprocessing or tensor shapes do not match the data or the model."""
+    """A checkpoint's classes, CLIP weights, preprocessing or tensor shapes do not match the data or the
+    model."""
 
 
 # ------------------------------------------------------------------ what a checkpoint records
@@ -100,7 +101,8 @@ class Preprocessing:
 
 
 def checkpoint_meta(encoder, datamodule, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``checkpoint["dbtr"]``: the CLIP fingerprint, the preprocessing and (when known) the run that made it."""
+    """``checkpoint["dbtr"]``: the CLIP fingerprint, the preprocessing and (when known) the run that made
+    it."""
     prep = Preprocessing.of(datamodule)
     return {
         "clip_fingerprint": encoder.fingerprint(),
@@ -163,7 +165,8 @@ def check_class_names(checkpoint_names: Sequence[str], data_names: Sequence[str]
     if not only_ckpt and not only_data:
         detail = "same names in a different order (label columns would be misaligned)"
     raise CheckpointMismatchError(
-        f"{ckpt_path} was trained on {len(checkpoint_names)} classes, the data has {len(data_names)}: {detail}"
+        f"{ckpt_path} was trained on {len(checkpoint_names)} classes, "
+        f"the data has {len(data_names)}: {detail}"
     )
 
 
@@ -183,14 +186,16 @@ def check_preprocessing(
 def check_clip(
     ckpt: dict[str, Any], encoder, ckpt_path: str, clip_path: str, allow_mismatch: bool = False
 ) -> None:
-    """The residuals only mean something on the CLIP weights they were trained on (a hash of the projections)."""
+    """The residuals only mean something on the CLIP weights they were trained on (a hash of the
+    projections)."""
     trained_on = (ckpt.get(META_KEY) or {}).get("clip_fingerprint")
     if trained_on and trained_on != encoder.fingerprint():
         _mismatch(
-            f"the CLIP at {clip_path!r} is not the one the residuals were trained on ({ckpt_path}: projection "
-            f"hash {encoder.fingerprint()} != {trained_on})",
+            f"the CLIP at {clip_path!r} is not the one the residuals were trained on "
+            f"({ckpt_path}: projection hash {encoder.fingerprint()} != {trained_on})",
             allow_mismatch,
-            "pass the training CLIP, or allow the mismatch (allow_mismatch=true, --allow-mismatch) to score anyway",
+            "pass the training CLIP, or allow the mismatch (allow_mismatch=true, --allow-mismatch) "
+            "to score anyway",
         )
 
 
@@ -216,7 +221,8 @@ def check_state_dict(
         c, d = tuple(value.shape) if value.ndim == 2 else (None, None)
         raise CheckpointMismatchError(
             f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but this model expects "
-            f"{tuple(expected[key].shape)} = ({num_classes} classes, CLIP projection dim {encoder.embed_dim}); "
+            f"{tuple(expected[key].shape)} = ({num_classes} classes, "
+            f"CLIP projection dim {encoder.embed_dim}); "
             f"the checkpoint was trained with {c} classes and embedding size {d}. "
             "Use the same class list and CLIP model as in training."
         )
@@ -225,7 +231,8 @@ def check_state_dict(
     if strict and (missing or unexpected):
         raise CheckpointMismatchError(
             f"checkpoint does not match the head configuration: missing {missing}, unexpected {unexpected} "
-            "(was it trained with other head.global_residual/local_residual/use_local or model.prompts settings?)"
+            "(was it trained with other head.global_residual/local_residual/use_local "
+            "or model.prompts settings?)"
         )
 
 
@@ -368,12 +375,13 @@ def load_checkpoint(
 ) -> LoadedModel:
     """Rebuild a checkpoint's model (safe loading) with the preprocessing stored in it.
 
-    :param clip: a CLIP folder or hub id, or a dict of ``clip.*`` fields (dense, dtype, ...) to override; default
-        the CLIP settings stored in the checkpoint.
+    :param clip: a CLIP folder or hub id, or a dict of ``clip.*`` fields (dense, dtype, ...) to override;
+        default the CLIP settings stored in the checkpoint.
     :param classes: replace the vocabulary (see module docstring); default the trained classes.
     :param allow_mismatch: warn instead of failing when the CLIP weights are not the ones trained on.
     :param evaluation: ``evaluation.*`` fields to override (e.g. ``{"difficult": "ignore"}``).
-    :param encoder: an already built :class:`~dbtr.models.clip.ClipEncoder` to reuse (still fingerprint-checked).
+    :param encoder: an already built :class:`~dbtr.models.clip.ClipEncoder` to reuse (still
+        fingerprint-checked).
     """
     from dbtr.system.lit_module import DbtrLitModule, residual_columns
     from dbtr.text.names import validate_class_names

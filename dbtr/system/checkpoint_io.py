@@ -47,8 +47,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class LastEpochCheckpoint(ModelCheckpoint):
     """Writes ``<dirpath>/last.ckpt`` at the end of every epoch, for ``ckpt_path=last``.
 
-    Lightning's ``save_last=True`` only refreshes ``last.ckpt`` when the monitored checkpoint improves, so after
-    a kill it would resume from the best epoch, not the latest one. This callback keeps the best-on-val
+    Lightning's ``save_last=True`` only refreshes ``last.ckpt`` when the monitored checkpoint improves, so
+    after a kill it would resume from the best epoch, not the latest one. This callback keeps the best-on-val
     ``ModelCheckpoint`` untouched and owns ``last.ckpt`` alone (the other must keep ``save_last`` off).
     """
 
@@ -65,5 +65,6 @@ class LastEpochCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        # distinct from a ModelCheckpoint that also has no monitor (no validation split), or Lightning refuses both
+        # distinct from a ModelCheckpoint that also has no monitor (no validation split),
+        # or Lightning refuses both
         return type(self).__name__

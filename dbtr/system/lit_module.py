@@ -1,9 +1,9 @@
 """The Lightning system: a frozen CLIP encoder + the dual-branch head, trained on captions, tested on images.
 
 It builds the model, scores batches, trains and collects evaluation scores; the numbers are computed by
-:func:`dbtr.evaluation.summarise`, the optimizer by :func:`dbtr.system.optim.build_optimizer`, and checkpoints become
-models through :func:`dbtr.load_checkpoint` (:mod:`dbtr.system.checkpoint`). Checkpoints hold the head's residuals and
-plain hyper-parameters only (no CLIP weights, no pickled objects).
+:func:`dbtr.evaluation.summarise`, the optimizer by :func:`dbtr.system.optim.build_optimizer`, and checkpoints
+become models through :func:`dbtr.load_checkpoint` (:mod:`dbtr.system.checkpoint`). Checkpoints hold the
+head's residuals and plain hyper-parameters only (no CLIP weights, no pickled objects).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from dbtr.zeroshot.classifier import build_class_embeddings
 
 log = logging.getLogger(__name__)
 # Under DDP the evaluation scores are all-gathered before the metrics are computed (ScoreCollector, padding
-# repeats dropped), so every process logs the same whole-split value: Lightning's advice to sync_dist them, and
-# its warning that DistributedSampler repeats test samples, do not apply here.
+# repeats dropped), so every process logs the same whole-split value: Lightning's advice to sync_dist them,
+# and its warning that DistributedSampler repeats test samples, do not apply here.
 warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/.*sync_dist=True.*")
 warnings.filterwarnings(
     "ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`.*"
@@ -51,7 +51,8 @@ __all__ = ["CheckpointMismatchError", "DbtrLitModule", "attention_grid", "residu
 
 
 def attention_grid(attention: Tensor) -> Tensor:
-    """(B, N, C) spatial attention over N = g * g patches (row-major, as CLIP flattens them) -> (B, C, g, g)."""
+    """(B, N, C) spatial attention over N = g * g patches (row-major, as CLIP flattens them)
+    -> (B, C, g, g)."""
     b, n, c = attention.shape
     g = math.isqrt(n)
     if g * g != n:
@@ -85,19 +86,23 @@ class DbtrLitModule(L.LightningModule):
     :param templates: prompt set for T0 (``imagenet`` = 80 templates, ``simple``) or a list of templates.
     :param loss: ``ranking`` | ``asl`` | ``bce``; ``loss_kwargs`` are passed to it.
     :param optimizer: ``{"name": adam|adamw|sgd, "lr", "weight_decay", "momentum"}``.
-    :param scheduler: ``{"name": cosine|constant, "warmup_epochs", "warmup_lr"}`` (TaI-DPT: constant warm-up, cosine).
-    :param evaluation: ``{"difficult": negative|ignore, "top_k": [3], "f1_at": [], "val_subset": null}`` metric
-        conventions: ``f1_at`` adds the zero-shot literature's F1@k (:func:`dbtr.metrics.f1_at_k`); ``val_subset``
-        computes validation metrics (hence model selection) on one class subset only, e.g. ``seen``.
-    :param class_subsets: named subsets of ``class_names`` (``{"seen": [...], "unseen": [...]}``); the test then
-        also reports ``test/<subset>/mAP`` and F1@k on each (ZSL = unseen; GZSL = all classes).
+    :param scheduler: ``{"name": cosine|constant, "warmup_epochs", "warmup_lr"}`` (TaI-DPT: constant warm-up,
+        cosine).
+    :param evaluation: ``{"difficult": negative|ignore, "top_k": [3], "f1_at": [], "val_subset": null}``
+        metric conventions: ``f1_at`` adds the zero-shot literature's F1@k (:func:`dbtr.metrics.f1_at_k`);
+        ``val_subset`` computes validation metrics (hence model selection) on one class subset only, e.g.
+        ``seen``.
+    :param class_subsets: named subsets of ``class_names`` (``{"seen": [...], "unseen": [...]}``); the test
+        then also reports ``test/<subset>/mAP`` and F1@k on each (ZSL = unseen; GZSL = all classes).
     :param residual_classes: the classes that learn a residual (a subset name or a list); the others keep T0
         (default: all). With ``head.residual_generator`` every class gets ``g(T0)`` instead.
     :param init_from: a checkpoint whose head tensors initialise this one (e.g. text-trained residuals).
     :param ensemble: ``{"text_ckpt": path, "rate": r}``: also score with that (text-only) model and report
-        ``(1 - r) * minmax(text) + r * minmax(this)``, min-max over the whole score matrix (TaI-DPT's ensemble).
-    :param prompts: ``{"n_ctx", "ctx_init", "ctx_std", "class_specific"}`` of a :class:`PromptLearner` (TaI-DPT):
-        learned prompts then give the branches' class embeddings instead of T0; None = no prompt learning.
+        ``(1 - r) * minmax(text) + r * minmax(this)``, min-max over the whole score matrix (TaI-DPT's
+        ensemble).
+    :param prompts: ``{"n_ctx", "ctx_init", "ctx_std", "class_specific"}`` of a :class:`PromptLearner`
+        (TaI-DPT): learned prompts then give the branches' class embeddings instead of T0; None = no prompt
+        learning.
     :param encoder: an already built :class:`ClipEncoder` (tests, notebooks); not saved in the checkpoint.
     """
 
@@ -192,8 +197,9 @@ class DbtrLitModule(L.LightningModule):
         return out
 
     def load_companions(self, stage: str) -> None:
-        """Initialise the head from ``init_from`` (at the start of a fresh fit only: never over trained or resumed
-        weights) and load the ensemble's text-only model (both through :mod:`dbtr.system.checkpoint`)."""
+        """Initialise the head from ``init_from`` (at the start of a fresh fit only: never over trained or
+        resumed weights) and load the ensemble's text-only model (both through
+        :mod:`dbtr.system.checkpoint`)."""
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if self.init_from and stage == "fit" and not resuming:
             load_head_init(self.head, self.init_from, self.class_names, self.encoder)
@@ -230,7 +236,8 @@ class DbtrLitModule(L.LightningModule):
         checkpoint["dbtr"] = checkpoint_meta(self.encoder, dm, self.run_info)
 
     def state_dict(self, *args, **kwargs):
-        # The frozen CLIP is rebuilt from clip.name_or_path; keeping it out makes checkpoints a few hundred kB.
+        # The frozen CLIP is rebuilt from clip.name_or_path; keeping it out makes checkpoints
+        # a few hundred kB.
         full = super().state_dict(*args, **kwargs)
         return type(full)(
             (k, v)

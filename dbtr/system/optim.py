@@ -1,4 +1,5 @@
-"""The optimizer and the learning-rate schedule of the heads: a constant warm-up, then cosine (TaI-DPT / Dassl)."""
+"""The optimizer and the learning-rate schedule of the heads: a constant warm-up, then cosine
+(TaI-DPT / Dassl)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ SCHEDULER_DEFAULTS = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5}
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
-    """Warm-up steps; a warm-up that would cover the whole run (``trainer.max_epochs=1`` with one warm-up epoch)
-    is shortened to half the run, with a one-line notice, instead of failing after all the caching."""
+    """Warm-up steps; a warm-up that would cover the whole run (``trainer.max_epochs=1`` with one warm-up
+    epoch) is shortened to half the run, with a one-line notice, instead of failing after all the caching."""
     warmup = round(warmup_epochs * steps_per_epoch)
     if warmup >= total_steps:
         short = total_steps // 2
@@ -42,7 +43,8 @@ def build_optimizer(
     total_steps: int | None = None,
     steps_per_epoch: int | None = None,
 ):
-    """What ``configure_optimizers`` returns: the optimizer alone (constant lr) or with a per-step schedule."""
+    """What ``configure_optimizers`` returns: the optimizer alone (constant lr) or with a per-step
+    schedule."""
     params = list(params)
     if not params:
         raise RuntimeError(

@@ -1,4 +1,5 @@
-"""What dbtr-train and dbtr-eval share: the Trainer with its callbacks, data preparation, the run's reports."""
+"""What dbtr-train and dbtr-eval share: the Trainer with its callbacks, data preparation, the run's
+reports."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def feature_caching(cfg: DictConfig, captions: bool = True):
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list, has_val: bool = True) -> L.Trainer:
-    """``cfg.trainer`` with the configured callbacks and loggers (plus ``extra_callbacks``); without a validation
-    split the checkpoint keeps the last epoch (the test split is never used for selection)."""
+    """``cfg.trainer`` with the configured callbacks and loggers (plus ``extra_callbacks``); without a
+    validation split the checkpoint keeps the last epoch (the test split is never used for selection)."""
     callbacks = instantiate_group(cfg.get("callbacks"))
     for cb in callbacks:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.monitor and not has_val:

@@ -1,10 +1,10 @@
-"""``metrics.json``: the one record of a run, written by dbtr-train, dbtr-eval and the toy-world demo (all through
-``train()`` / ``evaluate()``) and read by dbtr-results.
+"""``metrics.json``: the one record of a run, written by dbtr-train, dbtr-eval and the toy-world demo (all
+through ``train()`` / ``evaluate()``) and read by dbtr-results.
 
-A training run records what made it (``choices``: the config-group files, ``overrides``: the command line) and its
-test numbers. An evaluation run (``kind="eval"``) records the checkpoint it evaluated and, in ``source``, the identity
-of the training run that wrote that checkpoint (stored inside the checkpoint), so dbtr-results files it under that
-run instead of mistaking it for one more seed.
+A training run records what made it (``choices``: the config-group files, ``overrides``: the command line) and
+its test numbers. An evaluation run (``kind="eval"``) records the checkpoint it evaluated and, in ``source``,
+the identity of the training run that wrote that checkpoint (stored inside the checkpoint), so dbtr-results
+files it under that run instead of mistaking it for one more seed.
 """
 
 from __future__ import annotations

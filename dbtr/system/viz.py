@@ -61,7 +61,8 @@ def per_class_ap_figure(class_names: Sequence[str], ap: Sequence[float], title: 
     return fig
 
 
-# Up to 20 classes: 20 distinct colours (tab20); beyond, the colours repeat with another line style each round.
+# Up to 20 classes: 20 distinct colours (tab20); beyond, the colours repeat with another line style each
+# round.
 _LINE_STYLES = ("-", "--", ":", "-.")
 
 
@@ -145,9 +146,9 @@ def top_panels(
 def crop_boxes(
     boxes: Sequence[dict], original_size: tuple[int, int], size: int, class_names: Sequence[str]
 ) -> dict[int, list[Box]]:
-    """Labels-file boxes (``{"label", "box": [x0, y0, x1, y1]}`` in original pixels) in the ``size`` x ``size``
-    view of :meth:`dbtr.data.images.ClipImageTransform.crop` (short side resized to ``size``, centre crop),
-    per class index; boxes of classes outside ``class_names`` or entirely cropped away are dropped."""
+    """Labels-file boxes (``{"label", "box": [x0, y0, x1, y1]}`` in original pixels) in the ``size`` x
+    ``size`` view of :meth:`dbtr.data.images.ClipImageTransform.crop` (short side resized to ``size``, centre
+    crop), per class index; boxes of classes outside ``class_names`` or entirely cropped away are dropped."""
     w, h = original_size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))  # as ClipImageTransform.crop
@@ -166,7 +167,8 @@ def crop_boxes(
 
 
 def read_boxes(labels_file: str | os.PathLike, file_names: Sequence[str]) -> dict[str, list[dict]]:
-    """The ``boxes`` of ``file_names`` from a labels JSONL (the toy world writes them); {} for files without."""
+    """The ``boxes`` of ``file_names`` from a labels JSONL (the toy world writes them); {} for files
+    without."""
     from dbtr.utils.files import iter_jsonl
 
     wanted, out = set(file_names), {}
@@ -209,11 +211,11 @@ def heatmap_figure(
 ):
     """One row per image: the image as the model sees it, then each panel's g x g map drawn over it.
 
-    A panel is ``(title, map)`` or ``(title, map, boxes)``; a row may carry a third item, the true boxes of the
-    image per class index (drawn on the image, labelled with ``class_names``). All maps share one colour scale,
-    from 0 to the largest value in the figure, shown by a single colour bar: a map sums to 1 over the patches, so
-    a flat map is visibly dim and a concentrated one bright. Maps are upsampled bilinearly and drawn at
-    ``OVERLAY_ALPHA`` over the image; boxes are white outlines.
+    A panel is ``(title, map)`` or ``(title, map, boxes)``; a row may carry a third item, the true boxes of
+    the image per class index (drawn on the image, labelled with ``class_names``). All maps share one colour
+    scale, from 0 to the largest value in the figure, shown by a single colour bar: a map sums to 1 over the
+    patches, so a flat map is visibly dim and a concentrated one bright. Maps are upsampled bilinearly and
+    drawn at ``OVERLAY_ALPHA`` over the image; boxes are white outlines.
     """
     if not rows:
         raise ValueError("no image to draw")

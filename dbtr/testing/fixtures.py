@@ -1,6 +1,7 @@
 """A tiny self-contained dataset with a RANDOM-weight CLIP: the fast fixture of the tests.
 
-    python -m dbtr.testing.fixtures --out /tmp/tiny && dbtr-train experiment=tiny_full paths.tiny_dir=/tmp/tiny
+    python -m dbtr.testing.fixtures --out /tmp/tiny
+    dbtr-train experiment=tiny_full paths.tiny_dir=/tmp/tiny
 
 Its numbers are at chance level by construction; it exercises every code path (loading by path, caching,
 training, selection, test, checkpoints) on real file formats in seconds. The toy world is the demo that
@@ -55,7 +56,8 @@ def make_tiny_dataset(
     image_size: int = 32,
     clip: bool = True,
 ) -> Path:
-    """Write ``classes.txt``, ``captions.jsonl``, ``images/``, ``val.jsonl``, ``test.jsonl`` and ``clip/`` under ``root``."""
+    """Write ``classes.txt``, ``captions.jsonl``, ``images/``, ``val.jsonl``, ``test.jsonl`` and ``clip/``
+    under ``root``."""
     from dbtr.models.tiny import save_random_clip
 
     root = Path(root)

@@ -46,7 +46,8 @@ def tokenize(text: str) -> list[str]:
 
 @dataclass
 class SynonymVocabulary:
-    """Per class, its synonyms; the first synonym is the prompt name. A synonym may belong to one class only."""
+    """Per class, its synonyms; the first synonym is the prompt name. A synonym may belong to one class
+    only."""
 
     synonyms: dict[str, list[str]]
     source: str = "vocabulary"
@@ -76,7 +77,8 @@ class SynonymVocabulary:
             for words in dict.fromkeys(forms):
                 if words in owner and owner[words] != cls:
                     raise VocabularyError(
-                        f"{self.source}: synonym {' '.join(words)!r} belongs to both {owner[words]!r} and {cls!r}"
+                        f"{self.source}: synonym {' '.join(words)!r} belongs to both {owner[words]!r} "
+                        f"and {cls!r}"
                     )
                 if words not in owner:
                     owner[words] = cls
@@ -93,9 +95,9 @@ class SynonymVocabulary:
                 other = owner.get(form)
                 if other is not None and other != cls:
                     raise VocabularyError(
-                        f"{self.source}: synonym {' '.join(words)!r} of class {cls!r} and {' '.join(form)!r} of class "
-                        f"{other!r} are forms of the same word (a caption with {' '.join(words)!r} would be labelled "
-                        "with both): keep it in one class"
+                        f"{self.source}: synonym {' '.join(words)!r} of class {cls!r} and "
+                        f"{' '.join(form)!r} of class {other!r} are forms of the same word (a caption with "
+                        f"{' '.join(words)!r} would be labelled with both): keep it in one class"
                     )
 
     @property

@@ -1,4 +1,5 @@
-"""The toy world as a LightningDataModule: generated on first use (prepare_data), then read by the real loaders."""
+"""The toy world as a LightningDataModule: generated on first use (prepare_data), then read by the real
+loaders."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ WORLD_VERSION = 1  # bump when the generator changes, so stale folders are rebui
 
 
 class ToyWorldDataModule(TextToImageDataModule):
-    """Captions for training, 64 px scenes for validation and test; ``root`` is (re)built when missing or stale."""
+    """Captions for training, 64 px scenes for validation and test; ``root`` is (re)built when missing or
+    stale."""
 
     def __init__(
         self,

@@ -4,10 +4,11 @@
     dbtr-toyworld --seeds 1 2 3       # mean +- std over head-training seeds
 
 Each method and seed is one ``dbtr-train experiment=toyworld model=<name> seed=<s>`` run: the same configs and
-the same :func:`dbtr.cli.train.train` (trained on captions only where it has residuals, selected on the validation
-images by val mAP, tested once on the held-out test images), written to ``<out>/runs/<method>/seed<s>/``.
-CLIP is frozen, so the caption and image features come from the on-disk cache (``cache_dir``, under the toy-world
-folder) after the first run, for the demo and for any later ``dbtr-train experiment=toyworld``.
+the same :func:`dbtr.cli.train.train` (trained on captions only where it has residuals, selected on the
+validation images by val mAP, tested once on the held-out test images), written to
+``<out>/runs/<method>/seed<s>/``. CLIP is frozen, so the caption and image features come from the on-disk
+cache (``cache_dir``, under the toy-world folder) after the first run, for the demo and for any later
+``dbtr-train experiment=toyworld``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ QUIET_RUN = ("quiet=true", "logger=none", "~callbacks.eval_plots")
 def run_method(
     method: str, seed: int, run_dir: Path, overrides: Sequence[str] = ()
 ) -> tuple[dict[str, Any], Any]:
-    """``dbtr-train experiment=toyworld model=<method> seed=<seed> <overrides>`` into ``run_dir``: the test metrics
-    (plus the selected epoch) and the tested model."""
+    """``dbtr-train experiment=toyworld model=<method> seed=<seed> <overrides>`` into ``run_dir``: the test
+    metrics (plus the selected epoch) and the tested model."""
     from dbtr.cli.train import train
 
     identity = ["experiment=toyworld", f"model={method}", f"seed={seed}", *overrides]
@@ -220,18 +221,20 @@ def markdown_table(summary: dict[str, Any]) -> str:
         "| method | mAP | CF1@3 | OF1@3 | config |",
         "|---|---|---|---|---|",
     ]
-    for name, r in summary["methods"].items():
+    for _name, r in summary["methods"].items():
         lines.append(
-            f"| {r['description']} | {summarise(r['mAP'])} | {summarise(r['CF1@3'])} | {summarise(r['OF1@3'])} "
+            f"| {r['description']} | {summarise(r['mAP'])} | {summarise(r['CF1@3'])} "
+            f"| {summarise(r['OF1@3'])} "
             f"| `{r['config']}` |"
         )
     loc = summary.get("localization")
     if loc:
         lines += [
             "",
-            f"Local-branch attention of the full method on the true classes ({loc['pairs']} image-class pairs): "
-            f"{loc['mass_in_box']:.1f}% of the mass inside the object boxes (uniform map: "
-            f"{loc['mass_in_box_uniform']:.1f}%); the peak falls inside a box {loc['pointing_accuracy']:.1f}% of the time.",
+            f"Local-branch attention of the full method on the true classes ({loc['pairs']} image-class "
+            f"pairs): {loc['mass_in_box']:.1f}% of the mass inside the object boxes (uniform map: "
+            f"{loc['mass_in_box_uniform']:.1f}%); the peak falls inside a box "
+            f"{loc['pointing_accuracy']:.1f}% of the time.",
         ]
     t = summary["timings"]
     lines += [
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         progress=lambda msg: print(msg, flush=True),
     )
     table = Table(
-        title=f"toy world, test split ({summary['num_test_images']} images), chance mAP {summary['chance_mAP']:.1f}"
+        title=f"toy world, test split ({summary['num_test_images']} images), "
+        f"chance mAP {summary['chance_mAP']:.1f}"
     )
     for col in ("method", "mAP", "CF1@3", "OF1@3"):
         table.add_column(col, justify="left" if col == "method" else "right")

@@ -33,7 +33,8 @@ def localization_scores(
     class_names: Sequence[str],
     image_size: int,
 ) -> dict[str, float]:
-    """``attention`` (N, P, C) spatial softmax; returns mean mass-in-box, pointing accuracy and their uniform baselines."""
+    """``attention`` (N, P, C) spatial softmax; returns mean mass-in-box, pointing accuracy and their uniform
+    baselines."""
     n, p, _ = attention.shape
     grid = int(round(p**0.5))
     if grid * grid != p:

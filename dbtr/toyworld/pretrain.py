@@ -55,7 +55,8 @@ def _render_chunk(args: tuple[int, int, int]) -> tuple[list[Scene], np.ndarray]:
 
 
 def make_scenes(seed: int, count: int, size: int = 64, workers: int = 2) -> tuple[list[Scene], np.ndarray]:
-    """Scenes and their uint8 images (N, H, W, 3); chunked by seed so the result is independent of ``workers``."""
+    """Scenes and their uint8 images (N, H, W, 3); chunked by seed so the result is independent of
+    ``workers``."""
     chunk = 2000
     jobs = [
         (seed * 1_000_003 + i, min(chunk, count - i * chunk), size) for i in range(math.ceil(count / chunk))
@@ -147,7 +148,8 @@ def pretrain(
             history.append((step, round(loss.item(), 4)))
             rate = (step + 1) * batch_size / (time.perf_counter() - t1)
             print(
-                f"step {step:5d}  loss {float(loss):.3f}  scale {model.logit_scale.exp():.1f}  {rate:.0f} pairs/s",
+                f"step {step:5d}  loss {float(loss):.3f}  scale {model.logit_scale.exp():.1f}"
+                f"  {rate:.0f} pairs/s",
                 flush=True,
             )
     t_train = time.perf_counter() - t1
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     stats = pretrain(a.out, a.seed, a.num_images, a.steps, a.batch_size, a.lr, workers=a.workers)
     print(
-        f"saved {a.out} ({stats['parameters']:,} parameters; data {stats['data_s']} s, training {stats['train_s']} s)"
+        f"saved {a.out} ({stats['parameters']:,} parameters; data {stats['data_s']} s,"
+        f" training {stats['train_s']} s)"
     )
 
 

@@ -2,8 +2,8 @@
 
 Classes are defined mainly by colour, with shape as the second cue: four colours carry two classes each that
 differ only in shape (tomato/strawberry, banana/lemon, tangerine/carrot, lime/leaf), four colours one class
-each, and colours are confusable (red/orange/brown, pink/purple, yellow/orange). A CPU-trained tiny CLIP learns
-colour in minutes but shape slowly, so zero-shot recognition is well above chance and well below 100.
+each, and colours are confusable (red/orange/brown, pink/purple, yellow/orange). A CPU-trained tiny CLIP
+learns colour in minutes but shape slowly, so zero-shot recognition is well above chance and well below 100.
 Distractor objects (grey stones, white clouds) appear in images and sometimes in captions but are no class.
 
 Everything is deterministic given a seed (numpy Generator), and fast: rendering is PIL on 64 x 64 canvases.
@@ -76,7 +76,8 @@ class Scene:
 def sample_scene(
     rng: np.random.Generator, size: int = 64, max_classes: int = 3, distractor_p: float = 0.3
 ) -> Scene:
-    """1..max_classes distinct classes, 1-2 instances each, plus an optional distractor, with limited overlap."""
+    """1..max_classes distinct classes, 1-2 instances each, plus an optional distractor, with limited
+    overlap."""
     k = int(rng.integers(1, max_classes + 1))
     chosen = sorted(rng.choice(len(CLASSES), size=k, replace=False).tolist())
     kinds: list[tuple[str, tuple[int, int, int], str]] = []

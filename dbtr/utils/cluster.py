@@ -1,4 +1,5 @@
-"""SLURM jobs through Hydra's submitit launcher: one SLURM task per Lightning device, checked before submitting.
+"""SLURM jobs through Hydra's submitit launcher: one SLURM task per Lightning device, checked before
+submitting.
 
 Lightning runs one process per device and, under SLURM, lets SLURM start them (SLURMEnvironment): so
 ``hydra.launcher.tasks_per_node`` must equal ``trainer.devices`` and ``hydra.launcher.nodes`` must equal
@@ -26,7 +27,8 @@ def _get(node: DictConfig, key: str) -> Any:
         Exception
     ) as err:  # an interpolation that resolves to the wrong type, e.g. devices=auto into an int
         raise SlurmLayoutError(
-            f"hydra.launcher.{key} could not be resolved ({err}); under SLURM trainer.devices and trainer.num_nodes "
+            f"hydra.launcher.{key} could not be resolved ({err}); under SLURM trainer.devices and "
+            "trainer.num_nodes "
             "must be integers (one SLURM task per device)"
         ) from None
 
@@ -63,6 +65,7 @@ def check_slurm_layout(config: DictConfig) -> None:
         raise SlurmLayoutError(
             "SLURM layout does not match the trainer: "
             + "; ".join(problems)
-            + ". Keep the defaults of launcher=slurm (tasks_per_node=${trainer.devices}, nodes=${trainer.num_nodes}) "
+            + ". Keep the defaults of launcher=slurm (tasks_per_node=${trainer.devices}, "
+            "nodes=${trainer.num_nodes}) "
             "and set trainer.devices / trainer.num_nodes instead."
         )

@@ -1,21 +1,21 @@
 """User errors and the one boundary that turns them into a clean message and a non-zero exit status.
 
-A *user error* is something the user can fix: a config value, an input file (missing, malformed, not UTF-8), an
-output that cannot be written, a checkpoint that does not fit. Every console script prints it as one paragraph,
-``<prog>: error: <what, where, what to do>``, with no traceback, and exits with status 2. Anything else (a
-``TypeError``, an ``IndexError``, ...) is a bug and keeps its full traceback.
+A *user error* is something the user can fix: a config value, an input file (missing, malformed, not UTF-8),
+an output that cannot be written, a checkpoint that does not fit. Every console script prints it as one
+paragraph, ``<prog>: error: <what, where, what to do>``, with no traceback, and exits with status 2. Anything
+else (a ``TypeError``, an ``IndexError``, ...) is a bug and keeps its full traceback.
 
 What counts (:func:`user_message`): :class:`UserError` and its subclasses (``DataFormatError``,
 ``ClipWeightsNotFound``, ``CheckpointMismatchError``, ...), ``OSError`` on a named file (read or write), a
 ``FileNotFoundError`` raised with our own message, ``UnicodeDecodeError``, OmegaConf config errors (a missing
-``???`` value, a wrong type), and a target's signature refusing a config key. Hydra's ``InstantiationException``
-is unwrapped to the exception the ``_target_`` raised.
+``???`` value, a wrong type), and a target's signature refusing a config key. Hydra's
+``InstantiationException`` is unwrapped to the exception the ``_target_`` raised.
 
 ``HYDRA_FULL_ERROR=1`` (or ``DBTR_TRACEBACK=1``) re-raises instead, for the full trace, in every script.
 
-Hydra multirun (``-m``): a job that fails on a user error logs the paragraph to its own log file and stderr and
-is marked failed; the remaining jobs still run, and at the end Hydra reports the first failed job's overrides and
-the paragraph (no traceback) and exits with status 1.
+Hydra multirun (``-m``): a job that fails on a user error logs the paragraph to its own log file and stderr
+and is marked failed; the remaining jobs still run, and at the end Hydra reports the first failed job's
+overrides and the paragraph (no traceback) and exits with status 1.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def _os_message(exc: OSError) -> str | None:
     return f"cannot {verb} {_shown_path(exc.filename)}: {what}{hint}"
 
 
-# dbtr.utils.io writes through a hidden temporary file next to the target (.<name>.<random>.tmp): name the target
+# dbtr.utils.io writes through a hidden temporary file next to the target (.<name>.<random>.tmp):
+# name the target
 _ATOMIC_TEMP = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
 
 
@@ -174,12 +175,14 @@ _SIGNATURE = re.compile(
 
 
 def _signature_refusal(exc: TypeError) -> bool:
-    """While building a ``_target_``: a constructor refused a config key (``+model.head.typo=1``) or lacks one."""
+    """While building a ``_target_``: a constructor refused a config key (``+model.head.typo=1``) or lacks
+    one."""
     return _SIGNATURE.search(str(exc)) is not None
 
 
 def _one_paragraph(text: str) -> str:
-    """OmegaConf messages are several lines (``full_key: ...``, ``object_type=...``): one line, joined by '; '."""
+    """OmegaConf messages are several lines (``full_key: ...``, ``object_type=...``): one line, joined by
+    '; '."""
     lines = [
         ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("object_type=")
     ]

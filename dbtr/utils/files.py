@@ -28,7 +28,8 @@ def _not_utf8(path: Path, line: int, byte: int) -> DataFormatError:
 
 def read_text(path: str | os.PathLike) -> str:
     """The whole text of a user file: UTF-8, a leading byte-order mark dropped (Windows editors write one, and
-    it would otherwise stick to the first class name or key); not UTF-8 is an error naming the file and line."""
+    it would otherwise stick to the first class name or key); not UTF-8 is an error naming the file and
+    line."""
     path = Path(path)
     data = path.read_bytes()
     try:
@@ -38,7 +39,8 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """``(line_number, text)`` of each line of a user text file, streamed, decoded as :func:`read_text` does."""
+    """``(line_number, text)`` of each line of a user text file, streamed, decoded as :func:`read_text`
+    does."""
     path = Path(path)
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -49,7 +51,8 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
 
 
 def load_json(path: str | os.PathLike, expected: str, error: type[ValueError] | None = None):
-    """Parse a whole JSON file; a missing file or malformed JSON raises an error naming the file (and line)."""
+    """Parse a whole JSON file; a missing file or malformed JSON raises an error naming the file (and
+    line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path} (expected {expected})")

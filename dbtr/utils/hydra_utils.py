@@ -50,10 +50,11 @@ def to_container(cfg: DictConfig) -> dict:
 
 
 def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Log failures with the output folder and always close wandb, so one failed job does not break a multirun.
+    """Log failures with the output folder and always close wandb, so one failed job does not break a
+    multirun.
 
-    A user error (:mod:`dbtr.utils.errors`) is one paragraph and exit status 2, not a traceback; a bug keeps its
-    traceback."""
+    A user error (:mod:`dbtr.utils.errors`) is one paragraph and exit status 2, not a traceback; a bug keeps
+    its traceback."""
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig):

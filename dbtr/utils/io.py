@@ -113,9 +113,9 @@ def _temporary_dir(path: Path) -> Path:
 def atomic_directory(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it becomes ``path`` in one rename.
 
-    If the body raises, the temporary folder is removed and any existing ``path`` is left untouched. An existing
-    ``path`` is replaced, unless ``keep_existing``: then the first complete folder wins (rename-if-absent, for
-    caches that two jobs may fill at once) and this one is discarded.
+    If the body raises, the temporary folder is removed and any existing ``path`` is left untouched. An
+    existing ``path`` is replaced, unless ``keep_existing``: then the first complete folder wins
+    (rename-if-absent, for caches that two jobs may fill at once) and this one is discarded.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

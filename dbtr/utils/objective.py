@@ -1,4 +1,5 @@
-"""The number ``dbtr-train`` returns to a Hydra sweeper (Optuna): the model-selection metric, never the test."""
+"""The number ``dbtr-train`` returns to a Hydra sweeper (Optuna): the model-selection metric, never the
+test."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ DEFAULT_METRIC = "val/mAP"
 def optimized_value(
     name: str | None, test: dict[str, Any], selection: dict[str, Any], val_last: dict[str, Any]
 ) -> float | None:
-    """``name`` (default ``val/mAP``) from, in order: the checkpoint selection (its best score over epochs), the
-    last validation epoch, the test metrics. An explicitly requested metric that the run did not produce is an
-    error (a sweeper cannot rank a trial without it); the default just gives ``None``."""
+    """``name`` (default ``val/mAP``) from, in order: the checkpoint selection (its best score over epochs),
+    the last validation epoch, the test metrics. An explicitly requested metric that the run did not produce
+    is an error (a sweeper cannot rank a trial without it); the default just gives ``None``."""
     key = name or DEFAULT_METRIC
     if selection.get("monitor") == key and selection.get("best_score") is not None:
         return float(selection["best_score"])

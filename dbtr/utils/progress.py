@@ -32,7 +32,8 @@ _RANK_ZERO_LOGGERS = (
     "lightning.fabric.utilities.rank_zero",
     "lightning_utilities.core.rank_zero",
 )
-# lightning/pytorch/utilities/_pytree.py calls a torch API deprecated in torch 2.10: not ours to fix, twice a run
+# lightning/pytorch/utilities/_pytree.py calls a torch API deprecated in torch 2.10: not ours to fix,
+# twice a run
 _LIBRARY_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
 
 
@@ -68,7 +69,8 @@ def _run_folder() -> tuple[str, str | None] | None:
 
 
 def run_folder_line(output_dir) -> str:
-    """``run folder: <dir>`` (with the run's log file when Hydra writes one): the one line naming a run's outputs."""
+    """``run folder: <dir>`` (with the run's log file when Hydra writes one): the one line naming a run's
+    outputs."""
     run = _run_folder()
     log_file = run[1] if run is not None else None
     return f"run folder: {output_dir}" + (f" (full log: {log_file})" if log_file else "")
@@ -82,7 +84,8 @@ def is_quiet() -> bool:
 
 
 def set_quiet(quiet: bool) -> None:
-    """Apply (or lift) quiet mode for this process; every CLI calls it first (it also silences library noise)."""
+    """Apply (or lift) quiet mode for this process; every CLI calls it first (it also silences library
+    noise)."""
     global _quiet
     _quiet = bool(quiet)
     silence_library_noise()

@@ -8,7 +8,8 @@ BRANCH_SUFFIXES = (("merged", ""), ("global", "_global"), ("local", "_local"))
 
 
 def metrics_table(metrics: dict[str, Any], stage: str = "test", title: str | None = None):
-    """A rich Table: rows = merged/global/local branch, columns = mAP and F1 numbers present in ``metrics``."""
+    """A rich Table: rows = merged/global/local branch, columns = mAP and F1 numbers present in
+    ``metrics``."""
     from rich.table import Table
 
     columns = [c for c in ("mAP", "CF1@3", "OF1@3", "CF1@5", "OF1@5") if f"{stage}/{c}" in metrics]

@@ -13,7 +13,8 @@ import os
 
 
 def run_seed() -> int:
-    """The seed ``L.seed_everything`` set for this run (it exports it to every DDP process as PL_GLOBAL_SEED)."""
+    """The seed ``L.seed_everything`` set for this run (it exports it to every DDP process as
+    PL_GLOBAL_SEED)."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 

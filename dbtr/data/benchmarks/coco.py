@@ -1,9 +1,10 @@
-"""MS-COCO 2014 from ``annotations/instances_{train,val}2014.json`` and the ``{train,val}2014/`` image folders.
+"""MS-COCO 2014 from ``annotations/instances_{train,val}2014.json`` and the ``{train,val}2014/`` image
+folders.
 
-Classes are the 80 categories in category-id order (the json's order after sorting by id). An image is positive
-for every category it has an annotation of (crowd annotations included, as ``COCO.getAnnIds`` does). Images
-without annotations: TaI-DPT evaluates all 40,504 val images (``include_unlabeled: true``); DualCoOp/ASL use
-the 40,137 with at least one label (``false``). State which.
+Classes are the 80 categories in category-id order (the json's order after sorting by id). An image is
+positive for every category it has an annotation of (crowd annotations included, as ``COCO.getAnnIds`` does).
+Images without annotations: TaI-DPT evaluates all 40,504 val images (``include_unlabeled: true``);
+DualCoOp/ASL use the 40,137 with at least one label (``false``). State which.
 """
 
 from __future__ import annotations

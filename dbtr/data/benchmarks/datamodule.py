@@ -1,5 +1,6 @@
-"""One LightningDataModule per benchmark: captions (or partially labelled images) for training, a validation split
-held out from the training images for model selection, and the native test split for the final numbers."""
+"""One LightningDataModule per benchmark: captions (or partially labelled images) for training, a validation
+split held out from the training images for model selection, and the native test split for the final
+numbers."""
 
 from __future__ import annotations
 
@@ -41,11 +42,14 @@ class BenchmarkDataModule(TextToImageDataModule):
     :param label_proportion: partial labels on the training images: each label known with this probability.
     :param partial_seed / partial_file: the mask seed, and the file it is saved to and reloaded from.
     :param image_list: a frozen list of test images (one relative path per line) to evaluate exactly.
-    :param on_missing_image: ``error`` | ``skip`` for annotated images that are not on disk (skips are counted).
-    :param train_on: ``captions`` (text-only training, the zero-shot protocol) or ``images``: the training images
-        with their (partial) labels (partial-label and seen/unseen protocols).
-    :param train_classes: ``all`` | ``seen``: with ``seen``, labels of the other classes are unknown (0) in training.
-    Remaining keyword arguments go to :class:`TextToImageDataModule` (captions/corpus, image size, batches...).
+    :param on_missing_image: ``error`` | ``skip`` for annotated images that are not on disk (skips are
+        counted).
+    :param train_on: ``captions`` (text-only training, the zero-shot protocol) or ``images``: the training
+        images with their (partial) labels (partial-label and seen/unseen protocols).
+    :param train_classes: ``all`` | ``seen``: with ``seen``, labels of the other classes are unknown (0) in
+        training.
+    Remaining keyword arguments go to :class:`TextToImageDataModule` (captions/corpus, image size,
+    batches...).
     """
 
     name = "benchmark"
@@ -110,8 +114,8 @@ class BenchmarkDataModule(TextToImageDataModule):
         self.train_records: ImageRecords | None = None
 
     def _check_split(self, key: str, value: str) -> str:
-        """A split name of this dataset (case-insensitive, returned as the dataset spells it), checked at start-up
-        so that a wrong one is refused with the allowed names before anything is read."""
+        """A split name of this dataset (case-insensitive, returned as the dataset spells it), checked at
+        start-up so that a wrong one is refused with the allowed names before anything is read."""
         if not self.splits:
             return value
         match = next((s for s in self.splits if s.lower() == str(value).lower()), None)
@@ -178,8 +182,8 @@ class BenchmarkDataModule(TextToImageDataModule):
         return records
 
     def train_images(self) -> ImageRecords:
-        """The training images minus the validation hold-out, with partial labels applied (unknown = 0) and, with
-        ``train_classes=seen``, every label outside the seen classes unknown."""
+        """The training images minus the validation hold-out, with partial labels applied (unknown = 0) and,
+        with ``train_classes=seen``, every label outside the seen classes unknown."""
         if self.train_records is None:
             records = self._holdout()[0]
             if self.label_proportion < 1.0:
@@ -214,7 +218,8 @@ class BenchmarkDataModule(TextToImageDataModule):
 
 
 class VOC2007DataModule(BenchmarkDataModule):
-    """PASCAL VOC2007 (``VOCdevkit/VOC2007``): test on ``test`` (4,952 images), hold validation out of ``trainval``."""
+    """PASCAL VOC2007 (``VOCdevkit/VOC2007``): test on ``test`` (4,952 images), hold validation out of
+    ``trainval``."""
 
     name, default_split, default_train_split, layout = "voc2007", "test", "trainval", VOC_LAYOUT
     splits = VOC_SPLITS
@@ -229,8 +234,8 @@ class VOC2007DataModule(BenchmarkDataModule):
 class Coco2014DataModule(BenchmarkDataModule):
     """MS-COCO 2014: test on ``val2014``, hold validation out of ``train2014``.
 
-    :param include_unlabeled: evaluate images without any annotation (TaI-DPT: yes, 40,504 images; DualCoOp/ASL:
-        no, 40,137). They are negatives for every class.
+    :param include_unlabeled: evaluate images without any annotation (TaI-DPT: yes, 40,504 images;
+        DualCoOp/ASL: no, 40,137). They are negatives for every class.
     """
 
     name, default_split, default_train_split, layout = "coco2014", "val2014", "train2014", COCO_LAYOUT
@@ -258,8 +263,9 @@ class Coco2014DataModule(BenchmarkDataModule):
 class NusWideDataModule(BenchmarkDataModule):
     """NUS-WIDE: test on ``Test`` (official list), hold validation out of ``Train``.
 
-    Without a class split the label space is the 81 concepts. With ``class_split=nuswide_925_81`` it is the 925
-    seen tags (labels from ``AllTags1k.txt``) followed by the 81 concepts as unseen classes (GZSL: all 1,006).
+    Without a class split the label space is the 81 concepts. With ``class_split=nuswide_925_81`` it is the
+    925 seen tags (labels from ``AllTags1k.txt``) followed by the 81 concepts as unseen classes (GZSL: all
+    1,006).
 
     :param image_root: where the Flickr images are (default ``<root>/Flickr``).
     :param include_unlabeled: evaluate images with none of the classes (the official list keeps them).

@@ -3,7 +3,7 @@
     <root>/Concepts81.txt                                  the 81 concepts, label-column order
     <root>/ImageList/{Train,Test}Imagelist.txt, Imagelist.txt   "actor\\0001_2124494179.jpg" per line
     <root>/TrainTestLabels/Labels_<concept>_{Train,Test}.txt    one 0/1 per line, aligned with the list
-    <root>/NUS_WID_Tags/TagList1k.txt, AllTags1k.txt       (seen/unseen split only) 1k tags, 0/1 rows per image
+    <root>/NUS_WID_Tags/TagList1k.txt, AllTags1k.txt       (seen/unseen only) 1k tags, 0/1 rows per image
     <image_root>/<category>/<file>.jpg                     the list's paths with "/" (default <root>/Flickr)
 
 Many Flickr images are gone from the mirrors, so results depend on the exact list: missing files are counted
@@ -45,7 +45,8 @@ def read_concepts(root: Path) -> list[str]:
 
 
 def read_binary_rows(path: Path, num_rows: int, num_cols: int) -> np.ndarray:
-    """A whitespace-separated 0/1 text matrix, parsed without a Python loop; the bad line is named on error."""
+    """A whitespace-separated 0/1 text matrix, parsed without a Python loop; the bad line is named on
+    error."""
     raw = np.frombuffer(_require(path, "a 0/1 label file").read_bytes(), dtype=np.uint8)
     if raw[:3].tobytes() == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark, as read_text drops it
         raw = raw[3:]
@@ -80,7 +81,8 @@ def read_nuswide(
     image_root: str | os.PathLike | None = None,
     include_unlabeled: bool = True,
 ) -> ImageRecords:
-    """The 81-concept labels of ``split`` from ``TrainTestLabels`` (images with no concept kept unless asked)."""
+    """The 81-concept labels of ``split`` from ``TrainTestLabels`` (images with no concept kept unless
+    asked)."""
     root = Path(root)
     split = _split_name(split)
     concepts = read_concepts(root)
@@ -110,7 +112,8 @@ def read_tag_labels(root: str | os.PathLike, file_names: list[str]) -> tuple[lis
     missing = [n for n in file_names if n not in position]
     if missing:
         raise DataFormatError(
-            f"{root / 'ImageList' / 'Imagelist.txt'}: {len(missing)} images of the split are not listed, e.g. {missing[:3]}"
+            f"{root / 'ImageList' / 'Imagelist.txt'}: {len(missing)} images of the split are not listed, "
+            f"e.g. {missing[:3]}"
         )
     rows = read_binary_rows(root / "NUS_WID_Tags" / "AllTags1k.txt", len(everything), len(tags))
     picked = rows[[position[n] for n in file_names]]

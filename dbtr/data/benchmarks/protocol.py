@@ -46,7 +46,8 @@ class ClassSplit:
         unknown = [c for c in (*self.seen, *self.unseen) if c not in known]
         if unknown:
             raise DataFormatError(
-                f"class split {self.name} names {len(unknown)} classes that {source} does not have: {unknown[:5]}"
+                f"class split {self.name} names {len(unknown)} classes that {source} does not have: "
+                f"{unknown[:5]}"
             )
 
 
@@ -76,7 +77,8 @@ def load_class_split(name_or_path: str | os.PathLike) -> ClassSplit:
 
 
 def holdout(num_items: int, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(num_items)`` into (train, val) sorted indices; ``size`` is a count or a fraction in (0, 1)."""
+    """Split ``range(num_items)`` into (train, val) sorted indices; ``size`` is a count or a fraction
+    in (0, 1)."""
     n_val = int(round(size * num_items)) if isinstance(size, float) and size < 1 else int(size)
     if not 0 <= n_val < num_items:
         raise ConfigError(f"data.val_size={size} leaves no training images out of {num_items}")
@@ -94,8 +96,9 @@ def partial_mask(shape: tuple[int, int], proportion: float, seed: int) -> np.nda
 def apply_partial_labels(
     records: ImageRecords, proportion: float, seed: int, mask_file: str | os.PathLike | None = None
 ) -> tuple[ImageRecords, Path | None]:
-    """Set unknown labels to 0. With ``mask_file``, an existing mask is loaded (and checked against the images,
-    classes and proportion) so runs compare on identical labels; a missing one is written there first."""
+    """Set unknown labels to 0. With ``mask_file``, an existing mask is loaded (and checked against the
+    images, classes and proportion) so runs compare on identical labels; a missing one is written there
+    first."""
     known = None
     path = Path(mask_file) if mask_file else None
     if path is not None and path.is_file():
@@ -105,8 +108,9 @@ def apply_partial_labels(
         for key, value in expect.items():
             if key not in stored or list(stored[key]) != list(value):
                 raise DataFormatError(
-                    f"{path}: the partial-label mask was made for other {key.replace('_', ' ')} (another split, "
-                    "hold-out or class set); delete it or set data.partial_file to a new path to draw a new mask"
+                    f"{path}: the partial-label mask was made for other {key.replace('_', ' ')} "
+                    "(another split, hold-out or class set); delete it or set data.partial_file to a new "
+                    "path to draw a new mask"
                 )
         if not np.isclose(float(stored["proportion"]), proportion):
             raise DataFormatError(

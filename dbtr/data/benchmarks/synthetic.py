@@ -1,6 +1,6 @@
-"""Tiny datasets written in each benchmark's exact native layout (VOC XML, COCO instances JSON, NUS-WIDE release
-files with Windows paths and CRLF line ends), for tests and benchmarks. Images are random pixels: these check
-readers, protocols and speed, never accuracy."""
+"""Tiny datasets written in each benchmark's exact native layout (VOC XML, COCO instances JSON, NUS-WIDE
+release files with Windows paths and CRLF line ends), for tests and benchmarks. Images are random pixels:
+these check readers, protocols and speed, never accuracy."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def voc_xml(objects: Sequence[tuple[str, int]]) -> str:
         "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>"
         for n, d in objects
     )
-    return f"<annotation><folder>VOC2007</folder><size><width>40</width><height>30</height><depth>3</depth></size>{body}</annotation>\n"
+    return (
+        "<annotation><folder>VOC2007</folder><size><width>40</width><height>30</height><depth>3</depth></size>"
+        f"{body}</annotation>\n"
+    )
 
 
 def write_voc2007(
@@ -40,7 +43,8 @@ def write_voc2007(
     seed: int = 0,
     image_size: tuple[int, int] = (40, 30),
 ) -> Path:
-    """``<root>/VOCdevkit/VOC2007`` with the given ids per split and (class, difficult) objects per image id."""
+    """``<root>/VOCdevkit/VOC2007`` with the given ids per split and (class, difficult) objects per image
+    id."""
     base = Path(root) / "VOCdevkit" / "VOC2007"
     rng = np.random.default_rng(seed)
     (base / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
@@ -80,10 +84,12 @@ def write_coco2014(
     seed: int = 0,
     missing: Sequence[int] = (),
 ) -> Path:
-    """``<root>/annotations/instances_<split>.json`` + ``<root>/<split>/``; ``images[i]`` = class indices of image i.
+    """``<root>/annotations/instances_<split>.json`` + ``<root>/<split>/``; ``images[i]`` = class indices of
+    image i.
 
-    Category ids are COCO-like (gapped) and the categories are written in shuffled order, as the reader must sort
-    them by id; ``crowd`` image indices get their first annotation marked iscrowd; ``missing`` images get no file.
+    Category ids are COCO-like (gapped) and the categories are written in shuffled order, as the reader must
+    sort them by id; ``crowd`` image indices get their first annotation marked iscrowd; ``missing`` images get
+    no file.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -124,8 +130,8 @@ def write_nuswide(
 ) -> Path:
     """The NUS-WIDE release files under ``root`` and images under ``root/Flickr``.
 
-    ``splits[name]`` lists ``(relative path with "/", concept indices, tag indices)``. Lists use Windows paths and
-    CRLF, as the release does; ``Imagelist.txt`` carries the ``C:\\ImageData\\Flickr\\`` prefix.
+    ``splits[name]`` lists ``(relative path with "/", concept indices, tag indices)``. Lists use Windows paths
+    and CRLF, as the release does; ``Imagelist.txt`` carries the ``C:\\ImageData\\Flickr\\`` prefix.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
