@@ -363,6 +363,7 @@ def test_bad_image_error_or_counted_skip(tmp_path, encoder):
 
 
 # ------------------------------------------------------------------------------------------------ CLIs
+@pytest.mark.slow
 def test_dbtr_data_reports_a_native_split(tmp_path, voc):
     from cli_helpers import run_cli
 
@@ -404,6 +405,7 @@ def test_dbtr_data_reports_a_native_split(tmp_path, voc):
     )
 
 
+@pytest.mark.slow
 def test_train_then_eval_on_native_voc_with_disk_cache(tmp_path, demo_dir):
     """dbtr-train on VOC2007's native layout (a small caption file, a tiny random CLIP), features cached on
     disk; dbtr-eval then reads the same cache entry and reproduces the test numbers."""

@@ -165,6 +165,7 @@ def test_truncated_captions_are_counted(encoder):
     assert count_truncated(encoder.tokenizer, ["a red box", long, long], encoder.max_length) == 2
 
 
+@pytest.mark.slow
 def test_dbtr_train_on_a_synonym_labelled_corpus(tmp_path):
     """The toy world's plain captions + its synonyms.json through `data=corpus`, trained and tested end to
     end."""

@@ -84,6 +84,7 @@ def test_eval_cli_matches_train_test(trained, demo_dir, tmp_path):
     assert (tmp_path / "eval" / "plots" / "pr_curves.png").is_file()  # dbtr-eval draws the test plots too
 
 
+@pytest.mark.slow
 def test_eval_refuses_other_class_list(trained, demo_dir, tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("red\ngreen\nblue\nyellow\npurple\nbrown\n")
@@ -104,6 +105,7 @@ def test_eval_refuses_other_class_list(trained, demo_dir, tmp_path):
     assert "trained on 6 classes" in proc.stderr and "only in checkpoint: ['orange']" in proc.stderr
 
 
+@pytest.mark.slow
 def test_eval_refuses_clip_with_other_embedding_size(trained, demo_dir, tmp_path):
     from dbtr.models.tiny import save_random_clip
 
@@ -137,6 +139,7 @@ def test_training_free_baseline_skips_fit(demo_dir, tmp_path):
     assert "test/mAP_local" not in metrics["test"] and 0 < metrics["test"]["test/mAP"] <= 100
 
 
+@pytest.mark.slow
 def test_eval_refuses_another_clip_of_the_same_size_unless_allowed(trained, demo_dir, tmp_path):
     from dbtr.models.tiny import save_random_clip
 
@@ -193,6 +196,7 @@ def test_toyworld_cli_on_a_tiny_world(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_eval_keeps_the_checkpoints_clip_settings_and_refuses_model_overrides(demo_dir, tmp_path):
     """An experiment's clip group does not replace the dense mode the checkpoint was trained with, the record
     says what was used, and a model override (which could not apply) is refused instead of recorded."""

@@ -178,6 +178,7 @@ def test_wandb_offline_run_holds_config_losses_map_table_and_plots(wandb_run):
         assert key in data, key  # losses, metrics and the resolved config (its keys) are in the run's records
 
 
+@pytest.mark.slow
 def test_logger_none_trains_and_still_writes_plots(demo_dir, tmp_path, cli):
     run = tmp_path / "run"
     cli(

@@ -102,6 +102,7 @@ def test_experiment_runs_tiny_version(experiment, data_dir, demo_dir, tmp_path):
         )  # unseen keep T0
 
 
+@pytest.mark.slow
 def test_partial_then_ensemble_through_the_cli(data_dir, demo_dir, tmp_path):
     """The text-only model inside the ensemble reproduces its own run's test mAP on the same cached
     features."""
@@ -256,6 +257,7 @@ def test_zsl_requires_a_partitioning_split():
         VOC2007DataModule("/nonexistent", train_classes="seen")
 
 
+@pytest.mark.slow
 def test_label_proportion_sweep_is_one_multirun_command(data_dir, demo_dir, tmp_path):
     from cli_helpers import run_cli
 

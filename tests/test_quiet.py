@@ -7,6 +7,8 @@ import json
 import logging
 import warnings
 
+import pytest
+
 from cli_helpers import cli_env, run_cli
 
 NOISE = ("Epoch", "GPU available", "Test metric", "[INFO]", "Seed set", "encoding")
@@ -29,6 +31,7 @@ def _warnings_shown_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_quiet_train_and_eval_print_little_but_the_metrics(demo_dir, tmp_path):
     run = tmp_path / "run"
     proc = run_cli(

@@ -81,6 +81,7 @@ def test_killed_run_resumed_from_last_matches_uninterrupted_run(demo_dir, tmp_pa
     assert m_resumed["test/mAP"] == m_full["test/mAP"]
 
 
+@pytest.mark.slow
 def test_resume_last_without_checkpoint_fails_clearly(demo_dir, tmp_path):
     proc = run_cli(
         "dbtr-train", *_args(demo_dir, tmp_path / "fresh", "ckpt_path=last"), cwd=tmp_path, check=False
@@ -89,6 +90,7 @@ def test_resume_last_without_checkpoint_fails_clearly(demo_dir, tmp_path):
     assert "ckpt_path=last but" in proc.stderr and "hydra.run.dir=<the run folder to resume>" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_from_missing_path_fails_clearly(demo_dir, tmp_path):
     proc = run_cli(
         "dbtr-train",
@@ -106,6 +108,7 @@ def two_epochs(demo_dir, tmp_path_factory) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_class_order(two_epochs, demo_dir, tmp_path):
     names = (demo_dir / "classes.txt").read_text().split()
     reordered = tmp_path / "classes.txt"
@@ -121,6 +124,7 @@ def test_resume_refuses_a_checkpoint_of_another_class_order(two_epochs, demo_dir
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_init_from_refuses_a_checkpoint_of_another_clip(two_epochs, demo_dir, tmp_path):
     from dbtr.models.tiny import save_random_clip
 

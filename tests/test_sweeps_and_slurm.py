@@ -156,6 +156,7 @@ def test_slurm_layout_mismatch_is_refused_before_submitting(override, message):
         check_slurm_layout(cfg)
 
 
+@pytest.mark.slow
 def test_slurm_mismatch_fails_from_the_cli_without_submitting(demo_dir, tmp_path):
     proc = run_cli(
         "dbtr-train",

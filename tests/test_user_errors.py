@@ -85,6 +85,7 @@ def test_a_wrong_split_lists_the_allowed_values(tmp_path):
     clean_failure(proc, "data.split=test", "val2014", "train2014")
 
 
+@pytest.mark.slow
 def test_a_failed_multirun_job_is_reported_and_the_others_still_run(demo_dir, tmp_path):
     proc = run_cli(
         "dbtr-data",
@@ -101,6 +102,7 @@ def test_a_failed_multirun_job_is_reported_and_the_others_still_run(demo_dir, tm
     assert (tmp_path / "sweep" / "1" / "dataset_stats.json").is_file()  # the job after the failed one ran
 
 
+@pytest.mark.slow
 def test_eval_refuses_missing_foreign_and_mismatched_inputs(ckpt, tiny_copy, tmp_path):
     def evaluate(*args: str):
         return run_cli(
@@ -136,6 +138,7 @@ class _RunsCode:
         return os.system, ("echo this must never run",)
 
 
+@pytest.mark.slow
 def test_predict_refuses_an_unsafe_checkpoint_in_one_line(demo_dir, tmp_path):
     import torch
 
@@ -200,6 +203,7 @@ def test_predict_class_files_bom_and_not_utf8(ckpt, demo_dir, tmp_path):
     assert summary["new_classes"] == []  # "red" is the trained class, not a new "\ufeffred"
 
 
+@pytest.mark.slow
 def test_predict_names_the_output_it_cannot_write(ckpt, demo_dir, tmp_path):
     image = str(demo_dir / "images" / "test_0000.png")
     in_the_way = tmp_path / "a_file"
