@@ -101,22 +101,24 @@ def write_heatmaps(
 ) -> Path:
     from dbtr.data.images import load_image
     from dbtr.system.lit_module import attention_grid
-    from dbtr.system.viz import heatmap_figure, save_figure
+    from dbtr.system.viz import crop_boxes, heatmap_figure, read_boxes, save_figure
 
     rows = []
     records = datamodule.test_records
+    names = datamodule.class_names
+    all_boxes = read_boxes(datamodule.test_labels, records.file_names[:count])
     for i in range(count):
         image = load_image(records.root / records.file_names[i])
+        boxes = crop_boxes(all_boxes.get(records.file_names[i], []), image.size, min(image.size), names)
         true = np.flatnonzero(records.labels[i] == 1).tolist()
         top = [c for c in np.argsort(-scores[i]).tolist() if c not in true][:1]
         grid = attention_grid(torch.from_numpy(model_attention[i : i + 1]))[0].numpy()  # (C, g, g)
         panels = [
-            (datamodule.class_names[c] + ("" if c in true else " (wrong)"), grid[c]) for c in true + top
+            (names[c] + ("" if c in true else " (wrong)"), grid[c], boxes.get(c, [])) for c in true + top
         ]
-        rows.append((image, panels))
-    return save_figure(
-        heatmap_figure(rows, title="local-branch attention: true classes, then the best wrong one"), path
-    )
+        rows.append((image, panels, boxes))
+    title = "local-branch attention: true classes (boxes: ground truth), then the best wrong one"
+    return save_figure(heatmap_figure(rows, title=title, class_names=names), path)
 
 
 def summarise(values: list[float]) -> str:
