@@ -24,14 +24,17 @@ from omegaconf import DictConfig
 from dbtr.system.pipeline import build_trainer, feature_caching, report_run, write_data_report
 from dbtr.system.run_record import RunRecord
 from dbtr.utils.errors import ConfigError
-from dbtr.utils.hydra_utils import CONFIG_DIR, instantiate, run_identity, task_wrapper, to_container
+from dbtr.utils.hydra_utils import (
+    CONFIG_DIR,
+    instantiate,
+    override_key,
+    run_identity,
+    task_wrapper,
+    to_container,
+)
 from dbtr.utils.progress import set_quiet
 
 log = logging.getLogger("dbtr")
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def refuse_model_overrides(overrides: list[str]) -> None:
@@ -40,7 +43,7 @@ def refuse_model_overrides(overrides: list[str]) -> None:
     bad = [
         o
         for o in overrides
-        if (key := _override_key(o)) == "model"
+        if (key := override_key(o)) == "model"
         or (key.startswith("model.") and not key.startswith("model.evaluation"))
     ]
     if bad:
@@ -56,7 +59,7 @@ def clip_overrides(clip: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     config: it is machine-specific and checked by fingerprint), and the rest only when set on the command line
     (``clip=<group>`` or ``clip.<field>=``). An experiment's clip group must not silently change, say, the
     dense mode the checkpoint was trained and selected with."""
-    keys = {_override_key(o) for o in overrides}
+    keys = {override_key(o) for o in overrides}
     if "clip" in keys:
         return dict(clip)
     return {k: v for k, v in clip.items() if k == "name_or_path" or f"clip.{k}" in keys}

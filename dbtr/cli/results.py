@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from dbtr.utils.errors import EXIT_USER_ERROR, UserError, cli, format_error, traceback_requested
+from dbtr.utils.hydra_utils import override_key
 
 # Overrides that change where or how a run is written, never its numbers (prefixes of the override key).
 IGNORED_OVERRIDES = (
@@ -155,10 +156,6 @@ def _get(tree: Any, dotted: str) -> Any:
     return tree
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _ignored(key: str, ignored: Sequence[str]) -> bool:
     return any(key == p or key.startswith((p + ".", p + "/")) for p in ignored)
 
@@ -219,7 +216,7 @@ def _own(overrides: Sequence[str], ignored: Sequence[str]) -> list[str]:
     return [
         o
         for o in overrides
-        if _override_key(o) not in ("experiment", "model", "data") and not _ignored(_override_key(o), ignored)
+        if override_key(o) not in ("experiment", "model", "data") and not _ignored(override_key(o), ignored)
     ]
 
 
@@ -242,7 +239,7 @@ def load_run(run_dir: Path, ignored: Sequence[str] = IGNORED_OVERRIDES) -> Run:
         record.evaluation.get("difficult"),
     )
     if record.kind == "eval":  # its own row, named after the training run of the checkpoint
-        own = [o for o in own if _override_key(o) != "ckpt_path"]
+        own = [o for o in own if override_key(o) != "ckpt_path"]
         source = _source(record, ignored)
         if source is not None:
             method, seed, train_made_by, train_key = source
@@ -269,7 +266,7 @@ def load_run(run_dir: Path, ignored: Sequence[str] = IGNORED_OVERRIDES) -> Run:
         seed=seed,
         row_key=row_key,
         made_by=made_by,
-        data_overridden=any(_override_key(o) == "data" for o in overrides),
+        data_overridden=any(override_key(o) == "data" for o in overrides),
         protocol=protocol,
     )
 

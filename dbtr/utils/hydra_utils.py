@@ -80,6 +80,11 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
     return wrapped
 
 
+def override_key(override: str) -> str:
+    """``+model.head.alpha=0.9`` -> ``model.head.alpha``: the config key a command-line override sets."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def run_identity() -> dict[str, Any]:
     """What made this run, for metrics.json: the config-group choices (``model: dbtr``) and the command-line
     overrides. The resolved config alone does not say which ``model=`` file was chosen. {} outside Hydra."""
