@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dbtr.metrics import evaluate_scores, f1_at_k, minmax
+from dbtr.metrics import evaluate_scores, f1_at_k, map_by_size, minmax
 
 EVALUATION_DEFAULTS = {"difficult": "negative", "top_k": [3], "f1_at": [], "val_subset": None}
 BRANCHES = ("merged", "global", "local")
@@ -38,6 +38,7 @@ def summarise(
     class_names: Sequence[str],
     class_subsets: dict[str, list[int]] | None = None,
     ensemble_rate: float = 0.9,
+    object_areas: tuple[Any, Sequence[float]] | None = None,
 ) -> tuple[dict[str, Any], tuple[Tensor, Tensor] | None]:
     """``(result, merged (scores, labels))`` of one stage.
 
@@ -47,6 +48,9 @@ def summarise(
     :param eval_cfg: ``difficult``, ``top_k``, ``f1_at``, ``val_subset`` (validation on one class subset
         only).
     :param class_subsets: subset name -> label columns; the test also reports ``test/<subset>/mAP`` on each.
+    :param object_areas: ``(areas (N, C), size_thresholds)`` when the test labels carry boxes: the test also
+        reports ``test/mAP_small``, ``_medium``, ``_large`` (per branch with its suffix, e.g.
+        ``test/mAP_small_local``), see :func:`dbtr.metrics.map_by_size`.
     """
     class_subsets = class_subsets or {}
     eval_cfg = {**EVALUATION_DEFAULTS, **eval_cfg}
@@ -65,6 +69,11 @@ def summarise(
         metrics = branch_metrics(scores, labels, eval_cfg)
         ap = metrics.pop("AP")
         suffix = "" if branch == "merged" else f"_{branch}"
+        if stage == "test" and object_areas is not None and subset is None:
+            areas, thresholds = object_areas
+            if len(areas) != scores.shape[0]:
+                raise RuntimeError(f"{len(areas)} rows of object areas for {scores.shape[0]} scored images")
+            metrics.update(map_by_size(scores, labels, areas, thresholds, eval_cfg["difficult"]))
         for name, value in metrics.items():
             result[f"{stage}/{name}{suffix}"] = float(value)
         if branch == "merged":

@@ -28,6 +28,7 @@ __all__ = [
     "ScoreCollector",
     "average_precision_per_class",
     "evaluate_scores",
+    "map_by_size",
     "mean_average_precision",
     "multilabel_f1",
     "precision_recall_curves",
@@ -170,6 +171,46 @@ def _mean_ap(ap: np.ndarray) -> float:
     if missing.any():
         _classes_without_positive_warning(missing, ap.size, "the mAP")
     return float(100.0 * ap[~missing].mean())
+
+
+# ----------------------------------------------------------------- AP by object size
+SIZE_NAMES = ("small", "medium", "large")
+
+
+def size_buckets(areas: ArrayLike, thresholds: Sequence[float]) -> np.ndarray:
+    """(N, C) int8 bucket of each (image, class) from the area of its largest instance: 0 small (area <
+    thresholds[0]), 1 medium, 2 large (area >= thresholds[1]), -1 where the area is unknown (NaN)."""
+    a = np.asarray(areas, dtype=np.float64)
+    lo, hi = (float(t) for t in thresholds)
+    if not 0 < lo < hi:
+        raise ValueError(f"size thresholds must be 0 < small/medium < medium/large, got {thresholds}")
+    out = np.where(a < lo, 0, np.where(a < hi, 1, 2)).astype(np.int8)
+    out[np.isnan(a)] = -1
+    return out
+
+
+def map_by_size(
+    scores: ArrayLike,
+    labels: ArrayLike,
+    areas: ArrayLike,
+    thresholds: Sequence[float],
+    difficult: str = "negative",
+) -> dict[str, float]:
+    """``{"mAP_small", "mAP_medium", "mAP_large"}``: for class c and bucket s, the positives are the images
+    whose largest instance of c falls in s, ranked against all negatives of c (positives of other buckets and
+    positives of unknown size are left out); the mean is over the classes with a positive in s (NaN when none
+    has). ``areas`` (N, C): area of the largest instance, NaN where unknown."""
+    s, positive, valid = _prepare(scores, labels, difficult)
+    bucket = size_buckets(areas, thresholds)
+    if bucket.shape != s.shape:
+        raise ValueError(f"areas must have the scores' shape {s.shape}, got {bucket.shape}")
+    out = {}
+    for b, name in enumerate(SIZE_NAMES):
+        # VOC-style matrix: 1 = positive of this bucket, -1 = negative, 0 = dropped for this class
+        y = np.where(positive, np.where(bucket == b, 1, 0), np.where(valid, -1, 0)).astype(np.int8)
+        ap = average_precision_per_class(s, y, difficult="ignore")
+        out[f"mAP_{name}"] = float(100.0 * np.nanmean(ap)) if not np.isnan(ap).all() else float("nan")
+    return out
 
 
 # ------------------------------------------------------------------------- F1

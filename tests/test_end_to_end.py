@@ -183,17 +183,24 @@ def test_toyworld_cli_on_a_tiny_world(tmp_path):
     )
     summary = json.loads((out / "results.json").read_text())
     assert summary["num_test_images"] == 40 and summary["num_captions"] == 300 and summary["seeds"] == [1]
-    zs, full = summary["methods"]["zsclip"]["mAP"][0], summary["methods"]["dbtr"]["mAP"][0]
-    assert summary["chance_mAP"] + 30 < zs < 100 and 0 < full <= 100  # the shipped toy CLIP, far above chance
+    assert summary["generator"] == 2 and summary["world_seed"] == 0
+    zs, full = summary["methods"]["zsclip"]["mAP"], summary["methods"]["dbtr"]["mAP"]
+    assert summary["chance_mAP"] + 10 < zs < 100 and 0 < full <= 100  # the shipped toy CLIP, far above chance
+    sig = summary["signatures"]
+    assert sig["zsclip_mAP"] == pytest.approx(zs)  # the signatures' heads are the zsclip run's, exactly
+    assert {"local_minus_global", "mass_in_box", "uniform_mass", "peak_in_box"} <= set(sig)
     assert f"{zs:.2f}" in proc.stdout and "toy world, test split (40 images)" in proc.stdout
-    assert (
-        "| full method" in (out / "results.md").read_text() and (out / "heatmaps.png").stat().st_size > 1000
-    )
+    md = (out / "results.md").read_text()
+    assert "| full method" in md and "Realism signatures" in md and (out / "heatmaps.png").stat().st_size > 1000
+    # the trained method also ran centred, in its own run folder; the training-free one did not
+    assert summary["methods"]["dbtr"]["centered"]["config"].endswith("model.head.center_scores=true")
+    assert "centered" not in summary["methods"]["zsclip"]
     for method, value in (("zsclip", zs), ("dbtr", full)):  # one run folder per method and seed, as tabulated
-        assert (
-            json.loads((out / "runs" / method / "seed1" / "metrics.json").read_text())["test"]["test/mAP"]
-            == value
-        )
+        test = json.loads((out / "runs" / method / "seed1" / "metrics.json").read_text())["test"]
+        assert test["test/mAP"] == value
+        for size in ("small", "medium", "large"):  # the toy world's labels carry boxes
+            assert test[f"test/mAP_{size}"] == summary["methods"][method][f"mAP_{size}"]
+    assert (out / "runs" / "dbtr_centered" / "seed1" / "metrics.json").is_file()
 
 
 @pytest.mark.slow

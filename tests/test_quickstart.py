@@ -29,11 +29,11 @@ def toy_run(tmp_path_factory, cli):
     """A one-epoch dbtr-train experiment=toyworld on a small toy world (the warm-up is shortened, not
     refused)."""
     root = tmp_path_factory.mktemp("quickstart")
-    run, world = root / "run", root / "world"
+    run, world = root / "run", root / "world" / "world0"
     proc = cli(
         "dbtr-train",
         "experiment=toyworld",
-        f"paths.toyworld_dir={world}",
+        f"paths.toyworld_dir={world.parent}",
         "data.num_captions=400",
         "data.num_val=24",
         "data.num_test=40",

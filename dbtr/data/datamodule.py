@@ -34,7 +34,7 @@ from dbtr.data.images import (
     encode_image_features,
     read_image_jsonl,
 )
-from dbtr.data.labels import load_class_names
+from dbtr.data.labels import COCO_AREA_THRESHOLDS, load_class_names
 from dbtr.data.sampling import GlobalBatchSampler
 from dbtr.utils.errors import ConfigError, choice_error
 from dbtr.utils.seeding import run_seed
@@ -59,6 +59,8 @@ class TextToImageDataModule(L.LightningDataModule):
         ``data_report.json``).
     :param fast_decode: JPEG draft-mode decoding (see :class:`ClipImageTransform`); off = exact CLIP
         preprocessing.
+    :param size_thresholds: box areas (px^2) separating small / medium / large objects for the per-size mAPs
+        (``test/mAP_small`` ...), reported when the labels carry boxes; default COCO's 32^2 and 96^2.
     """
 
     #: what ``fit`` trains on: ``captions`` (text-only, the zero-shot protocol) or ``images`` (labelled
@@ -83,6 +85,7 @@ class TextToImageDataModule(L.LightningDataModule):
         std: Sequence[float] = CLIP_STD,
         on_bad_image: str = "error",
         fast_decode: bool = False,
+        size_thresholds: Sequence[float] = COCO_AREA_THRESHOLDS,
     ):
         super().__init__()
         if classes is None:
@@ -106,6 +109,12 @@ class TextToImageDataModule(L.LightningDataModule):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise choice_error("data.on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
         self.on_bad_image, self.fast_decode = on_bad_image, bool(fast_decode)
+        self.size_thresholds = tuple(float(t) for t in size_thresholds)
+        if len(self.size_thresholds) != 2 or not 0 < self.size_thresholds[0] < self.size_thresholds[1]:
+            raise ConfigError(
+                f"data.size_thresholds must be two areas in px^2, small/medium < medium/large, got "
+                f"{list(size_thresholds)}"
+            )
         self._scanned: set[str] = set()
         self._headers_checked: set[str] = set()
         self.captions: CaptionRecords | None = None
@@ -118,6 +127,13 @@ class TextToImageDataModule(L.LightningDataModule):
         for a, b, what in ((val_images, val_labels, "val"), (test_images, test_labels, "test")):
             if (a is None) != (b is None):
                 raise ConfigError(f"data.{what}_images and data.{what}_labels must be given together")
+
+    def object_areas(self, split: str) -> tuple[np.ndarray, tuple[float, float]] | None:
+        """``(areas (N, C), size_thresholds)`` of a split whose labels carry boxes, else None."""
+        records = self._records(split)
+        if records is None or records.areas is None:
+            return None
+        return records.areas, self.size_thresholds
 
     @property
     def num_classes(self) -> int:

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dbtr.data.labels import label_row, require_text
+from dbtr.data.labels import box_areas, label_row, require_text
 from dbtr.utils.errors import ConfigError, UserError, choice_error
 from dbtr.utils.files import DataFormatError, iter_jsonl
 
@@ -51,13 +51,19 @@ class ImageRecords:
         default_factory=list
     )  # listed but not on disk (dropped, on_missing_image=skip)
     skipped: list[str] = field(default_factory=list)  # on disk but undecodable (dropped, on_bad_image=skip)
+    # (N, C) float32 area in px^2 of each class's largest instance, NaN where absent or unknown; None when the
+    # annotations have no boxes. The per-size mAPs are computed from it.
+    areas: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.file_names)
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> ImageRecords:
         rows = np.asarray(rows, dtype=np.int64)
-        return replace(self, file_names=[self.file_names[i] for i in rows], labels=self.labels[rows])
+        areas = None if self.areas is None else self.areas[rows]
+        return replace(
+            self, file_names=[self.file_names[i] for i in rows], labels=self.labels[rows], areas=areas
+        )
 
     def select_classes(self, names: Sequence[str]) -> ImageRecords:
         """Keep (and reorder) the label columns of ``names``; an unknown name is an error that lists it."""
@@ -67,7 +73,9 @@ class ImageRecords:
             raise ConfigError(
                 f"classes {unknown[:5]} (of {len(unknown)}) are not in this dataset's label space"
             )
-        return replace(self, labels=self.labels[:, [index[n] for n in names]], class_names=list(names))
+        cols = [index[n] for n in names]
+        areas = None if self.areas is None else self.areas[:, cols]
+        return replace(self, labels=self.labels[:, cols], class_names=list(names), areas=areas)
 
     def drop_missing(
         self,
@@ -107,7 +115,7 @@ def read_image_jsonl(
             f"  expected layout: {root}/<file_name> for each line of {labels_file}"
         )
     index = {n: i for i, n in enumerate(class_names)}
-    names, rows, seen = [], [], {}
+    names, rows, seen, areas = [], [], {}, []
     for lineno, rec in iter_jsonl(labels_file):
         where = f"{labels_file}:{lineno}"
         name = require_text(rec, "file_name", where)
@@ -117,9 +125,16 @@ def read_image_jsonl(
         row = label_row(rec.get("difficult"), index, where, value=0)
         rows.append(label_row(rec.get("labels"), index, where, value=1, row=row))
         names.append(name)
+        if "boxes" in rec:
+            areas.append(np.where(rows[-1] == 1, box_areas(rec["boxes"], index, where), np.nan))
+        elif areas:
+            raise DataFormatError(f"{where}: no 'boxes' although earlier lines have them (all or none)")
     if not names:
         raise DataFormatError(f"{labels_file}: no images listed")
-    records = ImageRecords(root, names, np.stack(rows), list(class_names))
+    if areas and len(areas) != len(names):
+        raise DataFormatError(f"{labels_file}: the first lines have no 'boxes', later ones do (all or none)")
+    stacked = np.stack(areas).astype(np.float32) if areas else None
+    records = ImageRecords(root, names, np.stack(rows), list(class_names), areas=stacked)
     return records.drop_missing(
         "error",
         layout=f"(listed in {labels_file})",

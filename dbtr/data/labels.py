@@ -52,6 +52,35 @@ def label_row(
     return row
 
 
+# px^2 separating small / medium / large objects: COCO's 32^2 and 96^2 (COCOeval's area ranges)
+COCO_AREA_THRESHOLDS = (32.0**2, 96.0**2)
+
+
+def box_areas(boxes: Any, class_index: dict[str, int], where: str) -> np.ndarray:
+    """(C,) float32 area of each class's largest non-difficult box, NaN for classes without one.
+
+    ``boxes``: ``[{"label": name, "box": [x0, y0, x1, y1]}, ...]`` in pixels, optionally ``"area"`` (e.g.
+    COCO's segment area, used instead of the box's) and ``"difficult": true`` (left out, as VOC does)."""
+    out = np.full(len(class_index), np.nan, dtype=np.float32)
+    if not isinstance(boxes, list):
+        raise DataFormatError(f"{where}: boxes must be a list of {{'label', 'box'}} objects, got {boxes!r}")
+    for i, b in enumerate(boxes):
+        box = b.get("box") if isinstance(b, dict) else None
+        ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+        if not ok or box[2] < box[0] or box[3] < box[1]:
+            raise DataFormatError(
+                f"{where}: boxes[{i}] must be {{'label': name, 'box': [x0, y0, x1, y1]}} with x0 <= x1 and "
+                f"y0 <= y1, got {b!r}"
+            )
+        k = label_row([b.get("label")], class_index, f"{where}: boxes[{i}]")
+        if b.get("difficult", False):
+            continue
+        area = b.get("area", (box[2] - box[0]) * (box[3] - box[1]))
+        col = int(np.flatnonzero(k == 1)[0])
+        out[col] = np.fmax(out[col], float(area))
+    return out
+
+
 def require_text(record: dict, key: str, where: str) -> str:
     value = record.get(key)
     if not isinstance(value, str):

@@ -352,6 +352,7 @@ class DbtrLitModule(L.LightningModule):
             self.class_names,
             self.class_subsets,
             float(self.ensemble_cfg.get("rate", 0.9)),
+            object_areas=self._object_areas(stage),
         )
         if merged is not None:
             self.eval_scores[stage] = merged
@@ -359,6 +360,13 @@ class DbtrLitModule(L.LightningModule):
             self.log(key, value, prog_bar=key.endswith("/mAP"), sync_dist=False)
         self.results[stage] = result
         return result
+
+    def _object_areas(self, stage: str):
+        """The test images' per-class object areas when their labels carry boxes (for the per-size mAPs)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if stage != "test" or not hasattr(datamodule, "object_areas"):
+            return None
+        return datamodule.object_areas("test")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)

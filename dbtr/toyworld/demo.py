@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -127,79 +128,124 @@ def summarise(values: list[float]) -> str:
     return format_mean_std(values, show_n=False)
 
 
+SIZES = ("mAP_small", "mAP_medium", "mAP_large")
+REPORTED = ("mAP", *SIZES, "CF1@3", "OF1@3")
+CENTERED = "model.head.center_scores=true"
+
+
+def world_overrides(world_seed: int) -> list[str]:
+    """``data.seed`` selects the world (folder ``<paths.toyworld_dir>/world<seed>``); 0 is the default."""
+    return [f"data.seed={world_seed}"] if world_seed else []
+
+
+def _finite(value) -> float | None:
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
+def _method_entry(description: str, config: str, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"description": description, "config": config}
+    for key in REPORTED:  # None where undefined (a size bucket without positives): JSON has no NaN
+        values = [_finite(r.get(f"test/{key}")) for r in per_seed]
+        entry[key] = None if None in values else float(np.mean(values))
+        entry.setdefault("per_seed", {})[key] = values
+    entry["best_epoch"] = [r["best_epoch"] for r in per_seed]
+    return entry
+
+
 def run_demo(
     out: Path,
     seeds: Sequence[int] = (1,),
     methods: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    world_seed: int = 0,
     heatmaps: bool = True,
+    centered: bool = True,
     progress=print,
 ) -> dict[str, Any]:
-    from dbtr.utils.hydra_utils import instantiate
+    """Every method (and, with ``centered``, each trained one again with ``model.head.center_scores=true``)
+    on one world; the realism signatures first. Writes ``results.json`` and ``results.md`` in ``out``."""
+    from dbtr.toyworld.signatures import load, measure, verdicts
+    from dbtr.toyworld.world import GENERATOR_VERSION
     from dbtr.utils.io import atomic_write_json, atomic_write_text
 
     methods = list(methods or [m for m, _ in METHODS])
     names = dict(METHODS)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    base = compose_config(["experiment=toyworld", *overrides])
-    datamodule = instantiate(base.data)
-    if not datamodule.is_built():
-        progress(f"building the toy world in {datamodule.root} ...")
     t0 = time.perf_counter()
-    datamodule.prepare_data()
+    datamodule, encoder, _ = load(None, None, world_seed, overrides)
+    overrides = [*world_overrides(world_seed), *overrides]
     timings["generation_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    signatures = measure(datamodule, encoder, overrides)
+    signatures["verdicts"] = verdicts(signatures)
+    timings["signatures_s"] = time.perf_counter() - t0
+    progress(
+        f"signatures: local - global {signatures['local_minus_global']:+.2f} mAP (dense "
+        f"{signatures['dense_mode']}), attention mass in box {signatures['mass_in_box']:.1f}% (uniform "
+        f"{signatures['uniform_mass']:.1f}%), peak in box {signatures['peak_in_box']:.1f}%"
+    )
 
     results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    full_model, done, total = None, 0, len(methods) * len(seeds)
+    full_model, done = None, 0
+    total = len(methods) * len(seeds)
     for method in methods:
-        per_seed = []
-        for seed in seeds:
-            run_t0 = time.perf_counter()
-            result, model = run_method(method, seed, out / "runs" / method / f"seed{seed}", overrides)
-            done += 1
-            progress(
-                f"[{done}/{total}] {method:<16} seed {seed}: test mAP {result['test/mAP']:.2f} "
-                f"({time.perf_counter() - run_t0:.1f} s; {time.perf_counter() - start:.0f} s elapsed)"
+        variants = [(method, [])]
+        per_variant: dict[str, list[dict[str, Any]]] = {}
+        while variants:
+            name, extra = variants.pop(0)
+            for seed in seeds:
+                run_t0 = time.perf_counter()
+                run_dir = out / "runs" / name / f"seed{seed}"
+                result, model = run_method(method, seed, run_dir, [*overrides, *extra])
+                done += 1
+                progress(
+                    f"[{done}/{total}] {name:<24} seed {seed}: test mAP {result['test/mAP']:.2f} "
+                    f"({time.perf_counter() - run_t0:.1f} s; {time.perf_counter() - start:.0f} s elapsed)"
+                )
+                per_variant.setdefault(name, []).append(result)
+                if method == "dbtr" and not extra and full_model is None:
+                    full_model = model
+                if centered and not extra and seed == seeds[0] and model.head.trainable:
+                    variants.append((f"{method}_centered", [CENTERED]))
+                    total += len(seeds)
+        config = f"experiment=toyworld model={method}"
+        results[method] = _method_entry(names.get(method, method), config, per_variant[method])
+        if f"{method}_centered" in per_variant:
+            results[method]["centered"] = _method_entry(
+                f"{names.get(method, method)}, centred",
+                f"{config} {CENTERED}",
+                per_variant[f"{method}_centered"],
             )
-            per_seed.append(result)
-            if method == "dbtr" and full_model is None:
-                full_model = model
-        results[method] = {
-            "description": names.get(method, method),
-            "mAP": [r["test/mAP"] for r in per_seed],
-            "CF1@3": [r["test/CF1@3"] for r in per_seed],
-            "OF1@3": [r["test/OF1@3"] for r in per_seed],
-            "best_epoch": [r["best_epoch"] for r in per_seed],
-            "config": f"experiment=toyworld model={method}",
-        }
+    if "zsclip_centered" in results:
+        for entry in results.values():
+            if "centered" in entry:
+                entry["minus_zsclip_centered"] = entry["mAP"] - results["zsclip_centered"]["mAP"]
     timings["training_and_evaluation_s"] = time.perf_counter() - t0
 
     loc = None
-    datamodule = None
     if full_model is not None:
         t0 = time.perf_counter()
-        datamodule = full_model.trainer.datamodule  # the tested run's data, test features cached
-        loc, attention, scores = localization(full_model, datamodule)
+        dm = full_model.trainer.datamodule  # the tested run's data, test features cached
+        loc, attention, scores = localization(full_model, dm)
         if heatmaps:
-            write_heatmaps(out / "heatmaps.png", attention, scores, datamodule)
+            write_heatmaps(out / "heatmaps.png", attention, scores, dm)
         timings["localization_s"] = time.perf_counter() - t0
-    if datamodule is None:
-        datamodule = instantiate(base.data)
-        datamodule.setup("fit")
-        datamodule.setup("test")
 
     summary = {
+        "generator": GENERATOR_VERSION,
+        "world_seed": world_seed,
         "seeds": list(seeds),
-        "chance_mAP": chance_map(datamodule.test_records.labels),
+        "chance_mAP": signatures["chance_mAP"],
         "methods": results,
+        "signatures": signatures,
         "localization": loc,
         "timings": timings,
         "overrides": list(overrides),
-        "num_test_images": len(datamodule.test_records.file_names),
+        "num_test_images": signatures["num_test_images"],
         "num_val_images": len(datamodule.val_records.file_names),
-        "num_captions": len(datamodule.captions.texts),
+        "num_captions": datamodule.spec["num_captions"],
     }
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", markdown_table(summary))
@@ -214,28 +260,65 @@ def chance_map(labels: np.ndarray, draws: int = 20, seed: int = 0) -> float:
     return float(np.mean([mean_average_precision(rng.random(labels.shape), labels) for _ in range(draws)]))
 
 
+def _cell(entry: dict[str, Any], key: str) -> str:
+    values = entry["per_seed"][key]
+    return "n/a" if None in values else summarise(values)
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per method: mAP, per-size mAPs, F1s, and for trained methods the two honest comparisons."""
+    rows = []
+    for r in summary["methods"].values():
+        diff = r.get("minus_zsclip_centered")
+        centred = r.get("centered")
+        rows.append(
+            [r["description"], *(_cell(r, k) for k in REPORTED)]
+            + ["" if diff is None else f"{diff:+.2f}"]
+            + ["" if centred is None else f"{centred['mAP']:.2f} ({centred['mAP'] - r['mAP']:+.2f})"]
+        )
+    return rows
+
+
+TABLE_HEADER = (
+    "method", "mAP", "small", "medium", "large", "CF1@3", "OF1@3", "vs ZS centred", "centred itself",
+)  # fmt: skip
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
     seeds = summary["seeds"]
+    sig = summary["signatures"]
     lines = [
-        f"Toy world: {summary['num_test_images']} test images, {len(summary['methods'])} methods, "
-        f"head-training seeds {seeds}; chance mAP {summary['chance_mAP']:.2f}.",
+        f"Toy world (generator v{summary['generator']}, world seed {summary['world_seed']}): "
+        f"{summary['num_test_images']} test images, head-training seeds {seeds}; chance mAP "
+        f"{summary['chance_mAP']:.2f}. Per-size columns: test mAP over objects whose largest instance is "
+        "small (< 5 % of the canvas), medium or large (>= 20 %). 'vs ZS centred': mAP minus zero-shot CLIP "
+        "centred per image (the strongest training-free baseline here); 'centred itself': the same method "
+        "run with model.head.center_scores=true.",
         "",
-        "| method | mAP | CF1@3 | OF1@3 | config |",
-        "|---|---|---|---|---|",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "---|" * len(TABLE_HEADER),
     ]
-    for _name, r in summary["methods"].items():
-        lines.append(
-            f"| {r['description']} | {summarise(r['mAP'])} | {summarise(r['CF1@3'])} "
-            f"| {summarise(r['OF1@3'])} "
-            f"| `{r['config']}` |"
-        )
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    by = sig["zsclip_by_size"]
+    lines += [
+        "",
+        f"Realism signatures (training-free, shipped CLIP): local aggregation minus global zero-shot "
+        f"{sig['local_minus_global']:+.2f} test mAP (dense mode {sig['dense_mode']}, chosen on val); "
+        f"zero-shot local attention on the true classes: {sig['mass_in_box']:.1f}% of its mass inside the "
+        f"boxes (uniform map {sig['uniform_mass']:.1f}%), peak inside a box {sig['peak_in_box']:.1f}% of "
+        "the time; "
+        f"global zero-shot mAP small / medium / large {by['mAP_small']:.1f} / {by['mAP_medium']:.1f} / "
+        f"{by['mAP_large']:.1f}. Verdicts: "
+        + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in sig["verdicts"].items())
+        + ".",
+    ]
     loc = summary.get("localization")
     if loc:
         lines += [
             "",
-            f"Local-branch attention of the full method on the true classes ({loc['pairs']} image-class "
-            f"pairs): {loc['mass_in_box']:.1f}% of the mass inside the object boxes (uniform map: "
-            f"{loc['mass_in_box_uniform']:.1f}%); the peak falls inside a box "
+            f"Local-branch attention of the trained full method on the true classes ({loc['pairs']} "
+            f"image-class pairs): {loc['mass_in_box']:.1f}% of the mass inside the object boxes (uniform "
+            f"map: {loc['mass_in_box_uniform']:.1f}%); the peak falls inside a box "
             f"{loc['pointing_accuracy']:.1f}% of the time.",
         ]
     t = summary["timings"]
@@ -269,19 +352,35 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, help="output folder (default <paths.toyworld_dir>/demo)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1])
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default <paths.toyworld_dir>/demo, or demo_world<S> with --world-seed S)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="head-training seeds")
+    p.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="another world from the same distribution (scenes and captions; the shipped CLIP stays)",
+    )
     p.add_argument("--methods", nargs="+", default=None, choices=[m for m, _ in METHODS])
     p.add_argument("--no-heatmaps", action="store_true")
+    p.add_argument(
+        "--no-centered", action="store_true", help="skip the trained methods' center_scores=true runs"
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.optimizer.lr=1e-3")
     a = p.parse_args(argv)
     quiet_lightning()
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    out = a.out or Path(compose_config(["experiment=toyworld", *a.overrides]).paths.toyworld_dir) / "demo"
+    base = Path(compose_config(["experiment=toyworld", *a.overrides]).paths.toyworld_dir)
+    out = a.out or base / ("demo" if a.world_seed == 0 else f"demo_world{a.world_seed}")
     start = time.perf_counter()
     print(
-        f"toy world: {len(a.methods or METHODS)} methods x {len(a.seeds)} seed(s), runs in {out}/runs",
+        f"toy world (world seed {a.world_seed}): {len(a.methods or METHODS)} methods x {len(a.seeds)} "
+        f"seed(s), runs in {out}/runs",
         flush=True,
     )
     summary = run_demo(
@@ -289,22 +388,24 @@ def main(argv: list[str] | None = None) -> None:
         a.seeds,
         a.methods,
         a.overrides,
+        world_seed=a.world_seed,
         heatmaps=not a.no_heatmaps,
+        centered=not a.no_centered,
         progress=lambda msg: print(msg, flush=True),
     )
     table = Table(
         title=f"toy world, test split ({summary['num_test_images']} images), "
         f"chance mAP {summary['chance_mAP']:.1f}"
     )
-    for col in ("method", "mAP", "CF1@3", "OF1@3"):
+    for col in TABLE_HEADER:
         table.add_column(col, justify="left" if col == "method" else "right")
-    for r in summary["methods"].values():
-        table.add_row(r["description"], summarise(r["mAP"]), summarise(r["CF1@3"]), summarise(r["OF1@3"]))
+    for row in table_rows(summary):
+        table.add_row(*row)
     console = Console()
     console.print(table)
     console.print(markdown_table(summary).split("\n\n", 2)[-1].strip())
     console.print(
-        f"total {time.perf_counter() - start:.1f} s; results in {out}/results.md"
+        f"total {time.perf_counter() - start:.1f} s; results in {out}/results.json and results.md"
         + (f", heatmaps in {out}/heatmaps.png" if (out / "heatmaps.png").exists() else "")
     )
 

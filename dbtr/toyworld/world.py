@@ -1,12 +1,22 @@
-"""The toy world: procedurally generated scenes of fruit-like objects, their boxes, and captions about them.
+"""The toy world (v2): procedurally generated scenes with one dominant object and small ones beside it, their
+boxes, and captions that, like real ones, name the salient objects and often leave the small ones out.
 
-Classes are defined mainly by colour, with shape as the second cue: four colours carry two classes each that
-differ only in shape (tomato/strawberry, banana/lemon, tangerine/carrot, lime/leaf), four colours one class
-each, and colours are confusable (red/orange/brown, pink/purple, yellow/orange). A CPU-trained tiny CLIP
-learns colour in minutes but shape slowly, so zero-shot recognition is well above chance and well below 100.
-Distractor objects (grey stones, white clouds) appear in images and sometimes in captions but are no class.
+Classes: 6 colours x 6 shapes, 12 classes, each colour worn by two classes and each shape drawn by two, so
+neither colour alone nor shape alone identifies a class (and red/orange/pink/brown, yellow/orange are close);
+a surface texture (plain or dotted) tells apart the two classes of a colour and the two of a shape, and is
+visible inside one patch, as the parts of real objects are.
 
-Everything is deterministic given a seed (numpy Generator), and fast: rendering is PIL on 64 x 64 canvases.
+Scenes (64 x 64 canvas, coordinates in canvas pixels): with probability ``DOMINANT_P`` one large object, then
+small and medium ones around or on top of it (drawn later, so they occlude it, as a cup occludes a table).
+Object size buckets, by box area as a fraction of the canvas (stated in ``SIZE_BUCKETS``):
+small < 5 % (side 9-13 px, at least about one 8 px patch), medium 5-20 %, large >= 20 % (side 32-46 px).
+
+Captions mention an object class with a probability that falls with the size of its largest instance
+(``MENTION_P``): text-only labels miss small objects the way COCO-caption labels do.
+
+Everything is deterministic given a seed (numpy Generator). ``render`` draws any square ``view`` of a scene at
+any output size, so the CLIP's pre-training can use close-up crops rendered natively (web data holds
+close-ups), not blurred up-scalings.
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+CANVAS = 64
+GENERATOR_VERSION = 2  # stamped into every world folder; bump when scenes or captions change
+
 
 @dataclass(frozen=True)
 class ToyClass:
@@ -26,28 +39,40 @@ class ToyClass:
     shape: str
     synonyms: tuple[str, ...]  # first = prompt name
     plurals: tuple[str, ...]
+    texture: str = "plain"  # plain | dots: a surface pattern visible inside one patch
 
 
+_RGB = {
+    "red": (205, 35, 30),
+    "pink": (235, 120, 170),
+    "brown": (140, 85, 40),
+    "yellow": (235, 210, 45),
+    "green": (60, 170, 50),
+    "orange": (240, 130, 25),
+}
+
+
+def _cls(name, colour, shape, texture, synonyms=None, plurals=None) -> ToyClass:
+    syn, plu = tuple(synonyms or (name,)), tuple(plurals or (name + "s",))
+    return ToyClass(name, colour, _RGB[colour], shape, syn, plu, texture)
+
+
+# A cycle through the shapes: each colour has two shapes and each shape two colours. Textures alternate along
+# the cycle, so two classes that share a colour or a shape always differ in texture: like the parts of real
+# objects (fur, seeds, wheels), a single patch carries class evidence, not only the whole silhouette does.
 CLASSES: tuple[ToyClass, ...] = (
-    ToyClass("tomato", "red", (205, 35, 30), "circle", ("tomato",), ("tomatoes",)),
-    ToyClass("strawberry", "red", (205, 35, 30), "heart", ("strawberry",), ("strawberries",)),
-    ToyClass("banana", "yellow", (235, 210, 45), "moon", ("banana",), ("bananas",)),
-    ToyClass("lemon", "yellow", (235, 210, 45), "circle", ("lemon",), ("lemons",)),
-    ToyClass(
-        "tangerine",
-        "orange",
-        (240, 130, 25),
-        "circle",
-        ("tangerine", "mandarin"),
-        ("tangerines", "mandarins"),
-    ),
-    ToyClass("carrot", "orange", (240, 130, 25), "triangle", ("carrot",), ("carrots",)),
-    ToyClass("lime", "green", (60, 170, 50), "circle", ("lime",), ("limes",)),
-    ToyClass("leaf", "green", (60, 170, 50), "diamond", ("leaf",), ("leaves",)),
-    ToyClass("grape", "purple", (125, 45, 150), "cluster", ("grape",), ("grapes",)),
-    ToyClass("blueberry", "blue", (40, 70, 200), "cluster", ("blueberry",), ("blueberries",)),
-    ToyClass("donut", "pink", (235, 120, 170), "ring", ("donut", "doughnut"), ("donuts", "doughnuts")),
-    ToyClass("cookie", "brown", (140, 85, 40), "circle", ("cookie", "biscuit"), ("cookies", "biscuits")),
+    _cls("tomato", "red", "circle", "plain", plurals=("tomatoes",)),
+    _cls("strawberry", "red", "heart", "dots", plurals=("strawberries",)),
+    _cls("candy", "pink", "heart", "plain", ("candy", "sweet"), ("candies", "sweets")),
+    _cls("donut", "pink", "ring", "dots", ("donut", "doughnut"), ("donuts", "doughnuts")),
+    _cls("bagel", "brown", "ring", "plain"),
+    _cls("croissant", "brown", "moon", "dots"),
+    _cls("banana", "yellow", "moon", "plain"),
+    _cls("popcorn", "yellow", "cluster", "dots", ("popcorn",), ("popcorn",)),
+    _cls("grape", "green", "cluster", "plain"),
+    _cls("tree", "green", "triangle", "dots", ("tree", "fir"), ("trees", "firs")),
+    _cls("carrot", "orange", "triangle", "plain"),
+    _cls("tangerine", "orange", "circle", "dots", ("tangerine", "mandarin"), ("tangerines", "mandarins")),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
 DISTRACTORS = (
@@ -56,13 +81,34 @@ DISTRACTORS = (
 )
 BACKGROUNDS = ("dark", "light", "striped", "grassy", "sandy", "plain")
 
+# Size buckets by box area / canvas area: (name, lower bound inclusive); also used by the per-size metrics.
+SIZE_BUCKETS = (("small", 0.0), ("medium", 0.05), ("large", 0.20))
+SIDES = {"small": (9, 13), "medium": (15, 26), "large": (32, 46)}  # box side in canvas pixels (inclusive)
+DOMINANT_P = 0.65  # a scene has one large object
+MENTION_P = {"large": 0.95, "medium": 0.7, "small": 0.35}  # caption names a class, by its largest instance
+
+
+def size_bucket(area_fraction: float) -> str:
+    name = SIZE_BUCKETS[0][0]
+    for bucket, lower in SIZE_BUCKETS:
+        if area_fraction >= lower:
+            name = bucket
+    return name
+
 
 @dataclass
 class ToyObject:
     kind: str  # a class name or a distractor name
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, inclusive-exclusive)
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (canvas pixels, inclusive-exclusive)
     rgb: tuple[int, int, int]
     shape: str
+    rotation: float = 0.0
+    texture: str = "plain"
+
+    @property
+    def area_fraction(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return (x1 - x0) * (y1 - y0) / CANVAS**2
 
 
 @dataclass
@@ -73,34 +119,40 @@ class Scene:
     labels: list[str] = field(default_factory=list)  # class names present, in class order
 
 
-def sample_scene(
-    rng: np.random.Generator, size: int = 64, max_classes: int = 3, distractor_p: float = 0.3
-) -> Scene:
-    """1..max_classes distinct classes, 1-2 instances each, plus an optional distractor, with limited
-    overlap."""
-    k = int(rng.integers(1, max_classes + 1))
-    chosen = sorted(rng.choice(len(CLASSES), size=k, replace=False).tolist())
-    kinds: list[tuple[str, tuple[int, int, int], str]] = []
-    for ci in chosen:
-        c = CLASSES[ci]
-        for _ in range(1 + int(rng.random() < 0.25)):
-            kinds.append((c.name, c.rgb, c.shape))
+def sample_scene(rng: np.random.Generator, distractor_p: float = 0.3) -> Scene:
+    """One scene: a dominant large object (p = ``DOMINANT_P``) with 1-3 small and 0-1 medium objects, or 1-2
+    medium objects with 0-2 small ones; distinct classes, a small class sometimes twice, an optional
+    distractor."""
+    if rng.random() < DOMINANT_P:
+        sizes = ["large"] + ["medium"] * int(rng.random() < 0.4) + ["small"] * int(rng.integers(1, 4))
+    else:
+        sizes = ["medium"] * int(rng.integers(1, 3)) + ["small"] * int(rng.integers(0, 3))
+    classes = rng.choice(len(CLASSES), size=len(sizes), replace=False).tolist()
+    plan = [(CLASSES[c], s) for c, s in zip(classes, sizes)]
+    if any(s == "small" for s in sizes) and rng.random() < 0.25:  # small things come in groups
+        plan.append(next(p for p in plan if p[1] == "small"))
     if rng.random() < distractor_p:
         d = DISTRACTORS[int(rng.integers(len(DISTRACTORS)))]
-        kinds.append((d[0], d[2], d[3]))
+        plan.append(
+            (ToyClass(d[0], d[1], d[2], d[3], (d[0],), (d[4],)), "small" if rng.random() < 0.5 else "medium")
+        )
     objects: list[ToyObject] = []
-    for kind, rgb, shape in kinds:
-        for _attempt in range(30):
-            r = int(rng.integers(size // 9, size // 5 + 1))
-            cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
-            box = (cx - r, cy - r, cx + r, cy + r)
-            if all(_overlap(box, o.box) < 0.25 for o in objects):
+    for cls, bucket in plan:  # large first: later objects are drawn on top of it
+        lo, hi = SIDES[bucket]
+        for _attempt in range(40):
+            side = int(rng.integers(lo, hi + 1))
+            x0, y0 = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
+            box = (x0, y0, x0 + side, y0 + side)
+            # small and medium objects may lie on the large one, not on each other
+            if all(_overlap(box, o.box) < 0.2 for o in objects if o.area_fraction < SIZE_BUCKETS[2][1]):
                 break
         jitter = rng.integers(-18, 19, size=3)
-        colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(rgb, jitter))
-        objects.append(ToyObject(kind, box, colour, shape))
+        colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(cls.rgb, jitter))
+        rotation = float(rng.uniform(-0.4, 0.4))
+        objects.append(ToyObject(cls.name, box, colour, cls.shape, rotation, cls.texture))
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    labels = [CLASS_NAMES[i] for i in chosen]
+    present = {o.kind for o in objects}
+    labels = [n for n in CLASS_NAMES if n in present]
     return Scene(objects, background, int(rng.integers(2**31)), labels)
 
 
@@ -111,84 +163,124 @@ def _overlap(a, b) -> float:
     return ix * iy / max(1, smaller)
 
 
-def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, kind: str, size: int, scale: float) -> np.ndarray:
     base = {"dark": 55, "light": 190, "striped": 120, "grassy": 110, "sandy": 170, "plain": 140}[kind]
     tint = {"grassy": (-20, 25, -25), "sandy": (25, 10, -30)}.get(kind, tuple(rng.integers(-15, 16, size=3)))
     img = np.full((size, size, 3), base, dtype=np.float32) + np.array(tint, dtype=np.float32)
     blobs = rng.normal(0, 14, size=(4, 4, 3)).astype(np.float32)
-    img += np.kron(blobs, np.ones((size // 4, size // 4, 1), dtype=np.float32))
+    img += np.kron(blobs, np.ones((math.ceil(size / 4), math.ceil(size / 4), 1), dtype=np.float32))[
+        :size, :size
+    ]
     if kind == "striped":
-        period = int(rng.integers(6, 12))
+        period = float(rng.integers(6, 12)) * scale
         angle = rng.random() * math.pi
         yy, xx = np.mgrid[0:size, 0:size]
-        img += (25 * np.sign(np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)))[
-            ..., None
-        ]
+        wave = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
+        img += (25 * np.sign(wave))[..., None]
     img += rng.normal(0, 6, size=img.shape)
     return img
 
 
-def _draw(
-    draw: ImageDraw.ImageDraw, obj: ToyObject, rng: np.random.Generator, bg: tuple[int, int, int]
-) -> None:
-    x0, y0, x1, y1 = obj.box
+def _draw_mask(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, ...], rot: float) -> None:
+    """Draw ``shape`` into an 'L' mask (255 = object, 0 = hole) within ``box`` (output pixels)."""
+    x0, y0, x1, y1 = box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-    fill = obj.rgb
-    rot = rng.uniform(-0.4, 0.4)
 
     def poly(points):
         c, s = math.cos(rot), math.sin(rot)
         draw.polygon(
-            [(cx + r * (px * c - py * s), cy + r * (px * s + py * c)) for px, py in points], fill=fill
+            [(cx + r * (px * c - py * s), cy + r * (px * s + py * c)) for px, py in points], fill=255
         )
 
-    if obj.shape == "circle":
-        draw.ellipse(obj.box, fill=fill)
-    elif obj.shape == "ring":
-        draw.ellipse(obj.box, fill=fill)
-        q = r * 0.45
-        draw.ellipse((cx - q, cy - q, cx + q, cy + q), fill=bg)
-    elif obj.shape == "moon":
-        draw.ellipse(obj.box, fill=fill)
-        dx = r * 0.55
-        draw.ellipse((x0 + dx, y0 - r * 0.25, x1 + dx, y1 - r * 0.25), fill=bg)
-    elif obj.shape == "heart":
+    def disc(ox, oy, q, fill=255):
+        draw.ellipse(
+            (cx + ox * r - q * r, cy + oy * r - q * r, cx + ox * r + q * r, cy + oy * r + q * r), fill=fill
+        )
+
+    if shape == "circle":
+        disc(0, 0, 1.0)
+    elif shape == "ring":
+        disc(0, 0, 1.0)
+        disc(0, 0, 0.45, fill=0)
+    elif shape == "moon":
+        disc(0, 0, 1.0)
+        disc(0.55 * math.cos(rot), -0.25, 1.0, fill=0)
+    elif shape == "heart":
         t = np.linspace(0, 2 * math.pi, 40)
         hx, hy = (
             16 * np.sin(t) ** 3,
             -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)),
         )
         poly(list(zip(hx / 17.0, hy / 17.0)))
-    elif obj.shape == "triangle":
-        poly([(0, -1.0), (0.55, 0.95), (-0.55, 0.95)])
-    elif obj.shape == "diamond":
-        poly([(0, -1.0), (0.6, 0), (0, 1.0), (-0.6, 0)])
-    elif obj.shape == "cluster":
-        q = r * 0.42
+    elif shape == "triangle":
+        poly([(0, -1.0), (0.8, 0.95), (-0.8, 0.95)])
+    elif shape == "cluster":
         for ox, oy in ((-0.45, -0.35), (0.45, -0.35), (0, 0.1), (-0.45, 0.55), (0.45, 0.55), (0, -0.75)):
-            draw.ellipse((cx + ox * r - q, cy + oy * r - q, cx + ox * r + q, cy + oy * r + q), fill=fill)
-    elif obj.shape == "cloud":
-        for ox, oy, s in ((-0.4, 0.1, 0.55), (0.35, 0.1, 0.6), (0, -0.25, 0.6)):
-            q = r * s
-            draw.ellipse((cx + ox * r - q, cy + oy * r - q, cx + ox * r + q, cy + oy * r + q), fill=fill)
+            disc(ox, oy, 0.42)
+    elif shape == "cloud":
+        for ox, oy, q in ((-0.4, 0.1, 0.55), (0.35, 0.1, 0.6), (0, -0.25, 0.6)):
+            disc(ox, oy, q)
     else:  # pragma: no cover - guarded by the class table
-        raise ValueError(f"unknown shape {obj.shape!r}")
+        raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, size: int = 64) -> Image.Image:
+DOT_PERIOD, DOT_RADIUS = 4.0, 0.9  # canvas pixels: seeds / sprinkles, visible within one 8 px patch
+
+
+def _dot_mask(size: int, box: tuple[float, ...], scale: float, rng: np.random.Generator) -> Image.Image:
+    """A grid of small discs over ``box`` (output pixels), offset at random, scaled with the view."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    step, r = DOT_PERIOD * scale, DOT_RADIUS * scale
+    ox, oy = rng.uniform(0, step, size=2)
+    for y in np.arange(box[1] + oy, box[3], step):
+        for x in np.arange(box[0] + ox + (step / 2 if int((y - box[1]) / step) % 2 else 0), box[2], step):
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    return mask
+
+
+def render(scene: Scene, size: int = CANVAS, view: tuple[float, float, float] | None = None) -> Image.Image:
+    """The scene as an RGB image of ``size`` px; ``view = (x0, y0, side)`` renders that square of the canvas
+    (a close-up), drawn at full resolution."""
+    x0v, y0v, side = view or (0.0, 0.0, float(CANVAS))
+    scale = size / side
     rng = np.random.default_rng(scene.seed)
-    bg_arr = _background(rng, scene.background, size)
-    image = Image.fromarray(np.clip(bg_arr, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
+    image = Image.fromarray(np.clip(_background(rng, scene.background, size, scale), 0, 255).astype(np.uint8))
     for obj in scene.objects:
-        x0, y0, x1, y1 = obj.box
-        local = bg_arr[max(0, y0) : y1, max(0, x0) : x1].reshape(-1, 3).mean(0)
-        _draw(draw, obj, rng, tuple(int(v) for v in local))
-    return image.filter(ImageFilter.GaussianBlur(0.4))
+        box = tuple((v - o) * scale for v, o in zip(obj.box, (x0v, y0v, x0v, y0v)))
+        if box[2] <= 0 or box[3] <= 0 or box[0] >= size or box[1] >= size:
+            continue
+        mask = Image.new("L", (size, size), 0)
+        _draw_mask(ImageDraw.Draw(mask), obj.shape, box, obj.rotation)
+        shade = rng.integers(-12, 13)  # a little per-object lighting
+        fill = tuple(int(np.clip(v + shade, 0, 255)) for v in obj.rgb)
+        image.paste(fill, (0, 0), mask)
+        if obj.texture == "dots":
+            dots = _dot_mask(size, box, scale, rng)
+            dots.paste(0, (0, 0), Image.eval(mask, lambda v: 255 - v))  # only on the object
+            image.paste(tuple(int(v * 0.5) for v in fill), (0, 0), dots)
+    return image.filter(ImageFilter.GaussianBlur(0.4 * scale**0.5))
 
 
-def render_array(scene: Scene, size: int = 64) -> np.ndarray:
-    return np.asarray(render(scene, size), dtype=np.uint8)
+def render_array(scene: Scene, size: int = CANVAS, view=None) -> np.ndarray:
+    return np.asarray(render(scene, size, view), dtype=np.uint8)
+
+
+def visible_objects(
+    scene: Scene, view: tuple[float, float, float], min_inside: float = 0.6
+) -> list[tuple[ToyObject, float]]:
+    """Objects with at least ``min_inside`` of their box inside the square ``view``, with their area
+    fraction of the view."""
+    x0v, y0v, side = view
+    out = []
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.box
+        ix = max(0.0, min(x1, x0v + side) - max(x0, x0v))
+        iy = max(0.0, min(y1, y0v + side) - max(y0, y0v))
+        area = (x1 - x0) * (y1 - y0)
+        if ix * iy >= min_inside * area:
+            out.append((o, ix * iy / side**2))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -206,7 +298,6 @@ _OPENERS = (
     "a close-up of {}.",
     "{} on a {bg} background.",
     "a photo of {} on a {bg} background.",
-    "here we have {}, nothing else.",
     "a drawing of {}.",
     "a scene with {}.",
 )
@@ -228,35 +319,64 @@ def caption_for(
     rng: np.random.Generator,
     scene: Scene,
     colour_p: float = 0.5,
-    drop_p: float = 0.1,
     distractor_p: float = 0.5,
+    view: tuple[float, float, float] | None = None,
 ) -> tuple[str, list[str]]:
-    """A varied English caption of ``scene``; returns (text, class names the caption mentions)."""
-    by_kind: dict[str, int] = {}
-    for obj in scene.objects:
-        by_kind[obj.kind] = by_kind.get(obj.kind, 0) + 1
+    """A varied English caption of ``scene`` (or of the close-up ``view``); returns (text, class names the
+    caption mentions). A class is named with ``MENTION_P`` of its largest visible instance's size bucket,
+    the largest object always; phrases mostly run from large to small, as people describe scenes."""
+    seen = visible_objects(scene, view or (0.0, 0.0, float(CANVAS)))
+    groups: dict[str, list[float]] = {}
+    for obj, frac in seen:
+        groups.setdefault(obj.kind, []).append(frac)
     table = {c.name: c for c in CLASSES}
-    phrases, mentioned = [], []
-    for kind, count in by_kind.items():
+    ranked = sorted(groups, key=lambda k: -max(groups[k]))
+    items = []  # (size, phrase, class name or None)
+    for rank, kind in enumerate(ranked):
+        count, frac = len(groups[kind]), max(groups[kind])
         if kind in table:
-            if len(by_kind) > 1 and rng.random() < drop_p:
-                continue  # captions leave objects out
+            if rank > 0 and rng.random() >= MENTION_P[size_bucket(frac)]:
+                continue  # captions leave (mostly small) objects out
             c = table[kind]
             colour = c.colour if rng.random() < colour_p else None
-            phrases.append(_phrase(rng, kind, count, colour, c.synonyms, c.plurals))
-            mentioned.append(kind)
-        elif rng.random() < distractor_p:
+            items.append((frac, _phrase(rng, kind, count, colour, c.synonyms, c.plurals), kind))
+        elif rng.random() < distractor_p * MENTION_P[size_bucket(frac)]:
             d = next(d for d in DISTRACTORS if d[0] == kind)
-            phrases.append(_phrase(rng, kind, count, d[1] if rng.random() < 0.5 else None, (d[0],), (d[4],)))
-    if not mentioned:  # every class group dropped: a caption always names at least one class
-        first = next(k for k in by_kind if k in table)
+            items.append(
+                (
+                    frac,
+                    _phrase(rng, kind, count, d[1] if rng.random() < 0.5 else None, (d[0],), (d[4],)),
+                    None,
+                )
+            )
+    if not any(k for _, _, k in items):  # the largest object was a distractor: name the largest class too
+        first = next(k for k in ranked if k in table)
         c = table[first]
-        phrases.append(_phrase(rng, first, by_kind[first], None, c.synonyms, c.plurals))
-        mentioned.append(first)
-    order = rng.permutation(len(phrases))
-    body = phrases[order[0]]
-    for i in order[1:]:
-        body += _JOINERS[int(rng.integers(len(_JOINERS)))] + phrases[i]
+        items.append(
+            (max(groups[first]), _phrase(rng, first, len(groups[first]), None, c.synonyms, c.plurals), first)
+        )
+    if rng.random() < 0.7:
+        items.sort(key=lambda t: -t[0])
+    else:
+        items = [items[i] for i in rng.permutation(len(items))]
+    body = items[0][1]
+    for _, phrase, _ in items[1:]:
+        body += _JOINERS[int(rng.integers(len(_JOINERS)))] + phrase
     opener = _OPENERS[int(rng.integers(len(_OPENERS)))]
     text = opener.replace("{bg}", scene.background).format(body)
+    mentioned = {k for _, _, k in items if k}
     return text, [n for n in CLASS_NAMES if n in mentioned]
+
+
+def closeup_view(
+    rng: np.random.Generator, scene: Scene, zoom: tuple[float, float] = (1.2, 2.0)
+) -> tuple[float, float, float]:
+    """A square close-up around one class object (small and medium ones preferred), ``zoom`` x its box."""
+    names = set(CLASS_NAMES)
+    objects = [o for o in scene.objects if o.kind in names]
+    weights = np.array([1.0 if o.area_fraction < SIZE_BUCKETS[2][1] else 0.4 for o in objects])
+    obj = objects[int(rng.choice(len(objects), p=weights / weights.sum()))]
+    x0, y0, x1, y1 = obj.box
+    side = (x1 - x0) * float(rng.uniform(*zoom))
+    cx, cy = (x0 + x1) / 2 + rng.uniform(-0.15, 0.15) * side, (y0 + y1) / 2 + rng.uniform(-0.15, 0.15) * side
+    return (cx - side / 2, cy - side / 2, side)

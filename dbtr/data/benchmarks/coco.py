@@ -59,6 +59,8 @@ def read_coco2014(
         image_row[image_id] = len(file_names)
         file_names.append(f"{split}/{_field(img, 'file_name', str, where)}")
     labels = np.full((len(file_names), len(class_names)), -1, np.int8)
+    # COCO's own size measure: the instance's segment ``area`` (what COCOeval's 32^2 / 96^2 ranges use)
+    areas = np.full(labels.shape, np.nan, np.float32)
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}]"
         image_id, cat_id = _field(ann, "image_id", int, where), _field(ann, "category_id", int, where)
@@ -66,6 +68,10 @@ def read_coco2014(
             raise DataFormatError(f"{where}: image_id {image_id} is not in the file's images list")
         if cat_id not in cat_col:
             raise DataFormatError(f"{where}: category_id {cat_id} is not one of the file's categories")
-        labels[image_row[image_id], cat_col[cat_id]] = 1
+        r, k = image_row[image_id], cat_col[cat_id]
+        labels[r, k] = 1
+        area = ann.get("area")
+        if isinstance(area, (int, float)) and not isinstance(area, bool) and not ann.get("iscrowd", 0):
+            areas[r, k] = np.fmax(areas[r, k], float(area))
     keep = np.arange(len(file_names)) if include_unlabeled else np.flatnonzero((labels == 1).any(1))
-    return ImageRecords(root, [file_names[i] for i in keep], labels[keep], class_names)
+    return ImageRecords(root, [file_names[i] for i in keep], labels[keep], class_names, areas=areas[keep])

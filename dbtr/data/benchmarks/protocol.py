@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,9 +132,7 @@ def apply_partial_labels(
             )
             os.replace(tmp, path)
     labels = np.where(known, records.labels, 0).astype(np.int8)
-    out = ImageRecords(
-        records.root, records.file_names, labels, records.class_names, records.missing, records.skipped
-    )
+    out = replace(records, labels=labels)  # areas kept: the per-size mAPs count only the known positives
     return out, path
 
 

@@ -56,8 +56,12 @@ def find_voc_root(root: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no VOC2007 dataset under {root}\n{LAYOUT}")
 
 
-def parse_voc_xml(path: Path, class_index: dict[str, int], row: np.ndarray) -> np.ndarray:
-    """Fill ``row`` (all -1) from one annotation file; unknown class names and bad XML name the file."""
+def parse_voc_xml(
+    path: Path, class_index: dict[str, int], row: np.ndarray, areas: np.ndarray | None = None
+) -> np.ndarray:
+    """Fill ``row`` (all -1) from one annotation file, and ``areas`` (all NaN) with each class's largest
+    non-difficult box area (px^2, the devkit's inclusive pixel boxes); unknown class names and bad XML name
+    the file."""
     try:
         tree = ET.parse(path)
     except ET.ParseError as err:
@@ -70,9 +74,19 @@ def parse_voc_xml(path: Path, class_index: dict[str, int], row: np.ndarray) -> n
         k = class_index[name]
         if not difficult:
             row[k] = 1
+            if areas is not None:
+                areas[k] = np.fmax(areas[k], _box_area(obj, path, i))
         elif row[k] == -1:
             row[k] = 0
     return row
+
+
+def _box_area(obj: ET.Element, path: Path, i: int) -> float:
+    try:
+        x0, y0, x1, y1 = (float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
+    except (TypeError, ValueError):
+        raise DataFormatError(f"{path}: object {i} has no numeric bndbox xmin/ymin/xmax/ymax") from None
+    return (x1 - x0 + 1) * (y1 - y0 + 1)
 
 
 def read_voc2007(root: str | os.PathLike, split: str = "test") -> ImageRecords:
@@ -85,7 +99,7 @@ def read_voc2007(root: str | os.PathLike, split: str = "test") -> ImageRecords:
             f"{list_file} not found (is the {split!r} part of VOC2007 unpacked here?)\n{LAYOUT}"
         )
     index = {n: i for i, n in enumerate(VOC_CLASSES)}
-    ids, rows, seen = [], [], {}
+    ids, rows, areas, seen = [], [], [], {}
     for lineno, line in enumerate(read_text(list_file).splitlines(), start=1):
         image_id = line.strip()
         if not image_id:
@@ -96,8 +110,11 @@ def read_voc2007(root: str | os.PathLike, split: str = "test") -> ImageRecords:
         xml = root / "Annotations" / f"{image_id}.xml"
         if not xml.is_file():
             raise FileNotFoundError(f"{list_file}:{lineno}: annotation {xml} not found\n{LAYOUT}")
-        rows.append(parse_voc_xml(xml, index, np.full(len(VOC_CLASSES), -1, np.int8)))
+        areas.append(np.full(len(VOC_CLASSES), np.nan, np.float32))
+        rows.append(parse_voc_xml(xml, index, np.full(len(VOC_CLASSES), -1, np.int8), areas[-1]))
         ids.append(image_id)
     if not ids:
         raise DataFormatError(f"{list_file}: no image ids")
-    return ImageRecords(root, [f"JPEGImages/{i}.jpg" for i in ids], np.stack(rows), list(VOC_CLASSES))
+    return ImageRecords(
+        root, [f"JPEGImages/{i}.jpg" for i in ids], np.stack(rows), list(VOC_CLASSES), areas=np.stack(areas)
+    )
