@@ -27,7 +27,8 @@ def test_by_size_matches_hand_computed_values():
     # class 0 small: .9 (pos) over negatives .8 .3 .1 -> AP 1; medium: .2 below .8 .3 -> 1/3; large: .5 below
     # .8 -> 1/2. Class 1 small: .3 below .9 .4 -> 1/3; no medium; large: .7 below .9 -> 1/2.
     got = map_by_size(SCORES, LABELS, AREAS, thresholds=(100, 1000))
-    assert got == pytest.approx({"mAP_small": 100 * (1 + 1 / 3) / 2, "mAP_medium": 100 / 3, "mAP_large": 50.0})
+    want = {"mAP_small": 100 * (1 + 1 / 3) / 2, "mAP_medium": 100 / 3, "mAP_large": 50.0}
+    assert got == pytest.approx(want)
 
 
 def test_difficult_entries_follow_the_evaluation_convention():
@@ -77,7 +78,8 @@ def test_jsonl_boxes_give_each_class_its_largest_instance(tmp_path):
         {"file_name": "a.png", "labels": ["cat", "dog"], "boxes": [
             {"label": "cat", "box": [0, 0, 4, 4]}, {"label": "cat", "box": [0, 0, 10, 3]},
             {"label": "dog", "box": [0, 0, 5, 5], "difficult": True}]},
-        {"file_name": "b.png", "labels": ["dog"], "boxes": [{"label": "dog", "box": [1, 1, 3, 2], "area": 7.5}]},
+        {"file_name": "b.png", "labels": ["dog"],
+         "boxes": [{"label": "dog", "box": [1, 1, 3, 2], "area": 7.5}]},
     ]  # fmt: skip
     (tmp_path / "l.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     rec = read_image_jsonl(tmp_path / "img", tmp_path / "l.jsonl", ["cat", "dog"])

@@ -19,7 +19,7 @@ REDUCED = ["data.num_captions=4000", "data.num_val=200", "data.num_test=500", "t
 METHODS = ["zsclip", "zsclip_centered", "zsclip_local", "taskres_global", "dual_noattn", "dbtr"]
 # Reduced run, shipped toyclip (generator v2), 2-core CPU: values per head-training seed 1/2/3.
 MEASURED: dict[str, tuple[float, ...]] = {}
-# Claims of README "What this shows" as (better, worse): each gap is asserted >= half its smallest measured value.
+# README "What this shows" claims as (better, worse); each gap is asserted >= half its smallest value.
 CLAIMS: tuple[tuple[str, str], ...] = ()
 
 
