@@ -105,7 +105,7 @@ def pretrain(
     out: Path,
     seed: int = 0,
     num_images: int = 100000,
-    steps: int = 2400,
+    steps: int = 1200,
     batch_size: int = 256,
     lr: float = 1e-3,
     warmup: int = 50,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=100000)
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--closeup-p", type=float, default=0.6, help="share of close-up crops of one object")

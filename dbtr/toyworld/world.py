@@ -2,9 +2,7 @@
 boxes, and captions that, like real ones, name the salient objects and often leave the small ones out.
 
 Classes: 6 colours x 6 shapes, 12 classes, each colour worn by two classes and each shape drawn by two, so
-neither colour alone nor shape alone identifies a class (and red/orange/pink/brown, yellow/orange are close);
-a surface texture (plain or dotted) tells apart the two classes of a colour and the two of a shape, and is
-visible inside one patch, as the parts of real objects are.
+neither colour alone nor shape alone identifies a class (and red/orange/pink/brown, yellow/orange are close).
 
 Scenes (64 x 64 canvas, coordinates in canvas pixels): with probability ``DOMINANT_P`` one large object, then
 small and medium ones around or on top of it (drawn later, so they occlude it, as a cup occludes a table).
@@ -39,7 +37,6 @@ class ToyClass:
     shape: str
     synonyms: tuple[str, ...]  # first = prompt name
     plurals: tuple[str, ...]
-    texture: str = "plain"  # plain | dots: a surface pattern visible inside one patch
 
 
 _RGB = {
@@ -52,34 +49,32 @@ _RGB = {
 }
 
 
-def _cls(name, colour, shape, texture, synonyms=None, plurals=None) -> ToyClass:
+def _cls(name, colour, shape, synonyms=None, plurals=None) -> ToyClass:
     syn, plu = tuple(synonyms or (name,)), tuple(plurals or (name + "s",))
-    return ToyClass(name, colour, _RGB[colour], shape, syn, plu, texture)
+    return ToyClass(name, colour, _RGB[colour], shape, syn, plu)
 
 
-# A cycle through the shapes: each colour has two shapes and each shape two colours. Textures alternate along
-# the cycle, so two classes that share a colour or a shape always differ in texture: like the parts of real
-# objects (fur, seeds, wheels), a single patch carries class evidence, not only the whole silhouette does.
+# A cycle through the shapes: each colour has two shapes and each shape two colours.
 CLASSES: tuple[ToyClass, ...] = (
-    _cls("tomato", "red", "circle", "plain", plurals=("tomatoes",)),
-    _cls("strawberry", "red", "heart", "dots", plurals=("strawberries",)),
-    _cls("candy", "pink", "heart", "plain", ("candy", "sweet"), ("candies", "sweets")),
-    _cls("donut", "pink", "ring", "dots", ("donut", "doughnut"), ("donuts", "doughnuts")),
-    _cls("bagel", "brown", "ring", "plain"),
-    _cls("croissant", "brown", "moon", "dots"),
-    _cls("banana", "yellow", "moon", "plain"),
-    _cls("popcorn", "yellow", "cluster", "dots", ("popcorn",), ("popcorn",)),
-    _cls("grape", "green", "cluster", "plain"),
-    _cls("tree", "green", "triangle", "dots", ("tree", "fir"), ("trees", "firs")),
-    _cls("carrot", "orange", "triangle", "plain"),
-    _cls("tangerine", "orange", "circle", "dots", ("tangerine", "mandarin"), ("tangerines", "mandarins")),
+    _cls("tomato", "red", "circle", plurals=("tomatoes",)),
+    _cls("strawberry", "red", "heart", plurals=("strawberries",)),
+    _cls("candy", "pink", "heart", ("candy", "sweet"), ("candies", "sweets")),
+    _cls("donut", "pink", "ring", ("donut", "doughnut"), ("donuts", "doughnuts")),
+    _cls("bagel", "brown", "ring"),
+    _cls("croissant", "brown", "moon"),
+    _cls("banana", "yellow", "moon"),
+    _cls("popcorn", "yellow", "cluster", ("popcorn",), ("popcorn",)),
+    _cls("grape", "green", "cluster"),
+    _cls("tree", "green", "triangle", ("tree", "fir"), ("trees", "firs")),
+    _cls("carrot", "orange", "triangle"),
+    _cls("tangerine", "orange", "circle", ("tangerine", "mandarin"), ("tangerines", "mandarins")),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
 DISTRACTORS = (
     ("stone", "grey", (128, 128, 128), "circle", "stones"),
     ("cloud", "white", (240, 240, 240), "cloud", "clouds"),
 )
-BACKGROUNDS = ("dark", "light", "striped", "grassy", "sandy", "plain")
+BACKGROUNDS = ("dark", "light", "striped", "grassy", "sandy")
 
 # Size buckets by box area / canvas area: (name, lower bound inclusive); also used by the per-size metrics.
 SIZE_BUCKETS = (("small", 0.0), ("medium", 0.05), ("large", 0.20))
@@ -103,7 +98,6 @@ class ToyObject:
     rgb: tuple[int, int, int]
     shape: str
     rotation: float = 0.0
-    texture: str = "plain"
 
     @property
     def area_fraction(self) -> float:
@@ -149,7 +143,7 @@ def sample_scene(rng: np.random.Generator, distractor_p: float = 0.3) -> Scene:
         jitter = rng.integers(-18, 19, size=3)
         colour = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(cls.rgb, jitter))
         rotation = float(rng.uniform(-0.4, 0.4))
-        objects.append(ToyObject(cls.name, box, colour, cls.shape, rotation, cls.texture))
+        objects.append(ToyObject(cls.name, box, colour, cls.shape, rotation))
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     present = {o.kind for o in objects}
     labels = [n for n in CLASS_NAMES if n in present]
@@ -224,21 +218,6 @@ def _draw_mask(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, ...], ro
         raise ValueError(f"unknown shape {shape!r}")
 
 
-DOT_PERIOD, DOT_RADIUS = 4.0, 0.9  # canvas pixels: seeds / sprinkles, visible within one 8 px patch
-
-
-def _dot_mask(size: int, box: tuple[float, ...], scale: float, rng: np.random.Generator) -> Image.Image:
-    """A grid of small discs over ``box`` (output pixels), offset at random, scaled with the view."""
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    step, r = DOT_PERIOD * scale, DOT_RADIUS * scale
-    ox, oy = rng.uniform(0, step, size=2)
-    for y in np.arange(box[1] + oy, box[3], step):
-        for x in np.arange(box[0] + ox + (step / 2 if int((y - box[1]) / step) % 2 else 0), box[2], step):
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
-    return mask
-
-
 def render(scene: Scene, size: int = CANVAS, view: tuple[float, float, float] | None = None) -> Image.Image:
     """The scene as an RGB image of ``size`` px; ``view = (x0, y0, side)`` renders that square of the canvas
     (a close-up), drawn at full resolution."""
@@ -253,12 +232,7 @@ def render(scene: Scene, size: int = CANVAS, view: tuple[float, float, float] | 
         mask = Image.new("L", (size, size), 0)
         _draw_mask(ImageDraw.Draw(mask), obj.shape, box, obj.rotation)
         shade = rng.integers(-12, 13)  # a little per-object lighting
-        fill = tuple(int(np.clip(v + shade, 0, 255)) for v in obj.rgb)
-        image.paste(fill, (0, 0), mask)
-        if obj.texture == "dots":
-            dots = _dot_mask(size, box, scale, rng)
-            dots.paste(0, (0, 0), Image.eval(mask, lambda v: 255 - v))  # only on the object
-            image.paste(tuple(int(v * 0.5) for v in fill), (0, 0), dots)
+        image.paste(tuple(int(np.clip(v + shade, 0, 255)) for v in obj.rgb), (0, 0), mask)
     return image.filter(ImageFilter.GaussianBlur(0.4 * scale**0.5))
 
 
