@@ -351,10 +351,12 @@ def bpe():
 
 
 def test_tokenizer_reproduces_published_ids(bpe):
-    out = bpe(["a photo of a cat"])
+    out = bpe(["a photo of a cat"], padding="max_length", truncation=True, return_tensors="pt")
     assert out["input_ids"][0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert out["input_ids"].shape == (1, 77) and out["input_ids"][0, 7:].eq(0).all()
     assert out["attention_mask"][0].sum() == 7
+    assert bpe("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]  # HF style
+    assert bpe.tokenize(["a photo of a cat"]).equal(out["input_ids"])
 
 
 def test_tokenizer_equals_openai_simple_tokenizer(bpe):
@@ -371,7 +373,7 @@ def test_tokenizer_equals_openai_simple_tokenizer(bpe):
 
 
 def test_tokenizer_truncates_with_eot_last(bpe):
-    ids = bpe(["cat " * 100], context_length=77)["input_ids"][0]
+    ids = bpe.tokenize(["cat " * 100], context_length=77)[0]
     assert ids[0] == 49406 and ids[-1] == 49407 and ids.argmax() == 76 and (ids[1:-1] == ids[1]).all()
 
 
@@ -391,3 +393,106 @@ def test_wrong_vocabulary_files_are_refused(tmp_path):
         f.write("\n".join([lines[0], *reversed(lines[1:48895]), *lines[48895:]]))
     with pytest.raises(TokenizerFileError, match="is not OpenAI CLIP's BPE vocabulary"):
         OpenAIBPETokenizer(shuffled)
+
+
+# ------------------------------------------------------------------------- behind ClipEncoder's interface
+# The tiny ResNet with OpenAI's real vocabulary and context, so OpenAI's tokenizer drives it.
+TINY_TEXT = {**TINY, "context_length": 77, "vocab_size": 49408}
+
+
+@pytest.fixture(scope="module")
+def rn_file(ref, tmp_path_factory):
+    """A tiny ResNet CLIP saved as an open_clip-style .safetensors with the BPE vocabulary beside it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    reference = ref.CLIP(**TINY_TEXT).eval()
+    _randomise(reference, seed=5)
+    folder = tmp_path_factory.mktemp("rn")
+    save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()}, str(folder / "RN-tiny.safetensors")
+    )
+    shutil.copy(openai_reference.bpe_vocab_path(), folder / "bpe_simple_vocab_16e6.txt.gz")
+    return folder / "RN-tiny.safetensors", reference
+
+
+@torch.no_grad()
+def test_clip_encoder_loads_a_resnet_file_with_the_same_interface(rn_file):
+    from dbtr.models.clip import ClipEncoder
+    from dbtr.models.clip_resnet import ResNetClipEncoder
+
+    path, reference = rn_file
+    enc = ClipEncoder.from_pretrained(str(path), dense="maskclip")
+    assert isinstance(enc, ResNetClipEncoder) and isinstance(enc, ClipEncoder)
+    assert (enc.embed_dim, enc.image_size, enc.dense_stride, enc.text_width) == (32, 64, 32, 64)
+    texts = ["a photo of a cat.", "a dog on a sofa next to a person"]
+    tok = enc.tokenize(texts)
+    assert tok["input_ids"].equal(enc.tokenizer.tokenize(texts))
+    out = enc.encode_text(**tok)
+    torch.testing.assert_close(
+        out.text_embeds, F.normalize(reference.encode_text(tok["input_ids"]), dim=-1), atol=1e-5, rtol=1e-5
+    )
+    assert out.token_embeds.shape == (2, 77, 32) and out.attention_mask.sum(-1).tolist() == [8, 11]
+    # prompt learning's path: from input embeddings, differentiable, equal to the global text feature
+    embeds = enc.embed_tokens(tok["input_ids"]).requires_grad_(True)
+    with torch.enable_grad():
+        again = enc.encode_text_embeddings(embeds, enc.eot_index(tok["input_ids"]))
+        again.sum().backward()
+    torch.testing.assert_close(again, out.text_embeds, atol=1e-5, rtol=1e-5)
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    pixels = _images()
+    img = enc.encode_image(pixels)
+    torch.testing.assert_close(
+        img.image_embeds, F.normalize(reference.encode_image(pixels), dim=-1), atol=1e-5, rtol=1e-5
+    )
+    assert img.patch_embeds.shape == (2, 4, 32)
+    assert enc.fingerprint() == ClipEncoder.from_pretrained(str(path), dense="maskclip").fingerprint()
+    with pytest.raises(ValueError, match="maskclip"):
+        enc.encode_image(pixels, dense="clearclip")
+
+
+def test_resnet_options_and_refusals(rn_file, tmp_path):
+    from dbtr.models.clip import ClipEncoder
+    from dbtr.utils.errors import ConfigError
+
+    path, reference = rn_file
+    no_pos = ClipEncoder.from_pretrained(str(path), dense="maskclip", resnet={"positional": False})
+    with torch.no_grad():
+        zeroed = copy.deepcopy(reference)
+        zeroed.visual.attnpool.positional_embedding.zero_()
+        torch.testing.assert_close(
+            no_pos.encode_image(_images()).image_embeds,
+            F.normalize(zeroed.encode_image(_images()), dim=-1),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    with pytest.raises(ConfigError, match="not available for a ResNet CLIP"):
+        ClipEncoder.from_pretrained(str(path), dense="clearclip")
+    with pytest.raises(OpenAIClipError, match="is not RN50"):
+        ClipEncoder.from_pretrained(str(path), dense="maskclip", resnet={"arch": "RN50"})
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(path.read_bytes())
+    with pytest.raises(TokenizerFileError, match="bpe_simple_vocab_16e6.txt.gz next to it"):
+        ClipEncoder.from_pretrained(str(alone), dense="maskclip")
+
+
+@pytest.mark.slow
+def test_train_and_eval_end_to_end_with_a_resnet_clip(rn_file, demo_dir, tmp_path):
+    """``clip=rn50 clip.name_or_path=<file>`` through the console scripts: dbtr-train, then dbtr-eval of its
+    checkpoint reproduces the test mAP on the same ResNet."""
+    import json
+
+    from cli_helpers import run_cli
+
+    path, _ = rn_file
+    clip = ["clip=rn50", f"clip.name_or_path={path}", "clip.resnet.arch=null"]
+    run = tmp_path / "train"
+    common = ["experiment=tiny_full", f"paths.tiny_dir={demo_dir}"]
+    run_cli("dbtr-train", *common, *clip, f"hydra.run.dir={run}", "trainer.max_epochs=1", cwd=tmp_path)
+    trained = json.loads((run / "metrics.json").read_text())
+    assert trained["config"]["clip"]["resnet"]["positional"] is True
+    ckpt = f"ckpt_path={trained['checkpoint']}"
+    run_cli("dbtr-eval", *common, *clip, ckpt, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    got = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert got["test"]["test/mAP"] == pytest.approx(trained["test"]["test/mAP"], abs=1e-9)

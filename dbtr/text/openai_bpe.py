@@ -149,17 +149,62 @@ class OpenAIBPETokenizer:
         text = "".join(self.decoder[int(i)] for i in ids)
         return bytearray(inverse[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
-    def __call__(self, texts: Sequence[str], context_length: int | None = None) -> dict[str, Tensor]:
-        """``input_ids`` (B, L) as OpenAI's ``clip.tokenize(..., truncate=True)``, and ``attention_mask``
-        (1 up to and including EOT)."""
+    # The parts of the HF tokenizer interface dbtr uses (CaptionCollate, PromptLearner, ClipEncoder).
+    @property
+    def bos_token_id(self) -> int:
+        return self.sot_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eot_id
+
+    pad_token_id = 0  # OpenAI pads with 0, so EOT stays the largest id of a row
+    unk_token_id = None
+
+    def __repr__(self) -> str:  # part of the caption cache key: names the vocabulary by content
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(" ".join(m) for m in self.ranks).encode()).hexdigest()[:16]
+        return f"OpenAIBPETokenizer(merges={digest}, context_length={self.context_length})"
+
+    def ids(self, text: str, max_length: int | None = None) -> list[int]:
+        """``[SOT] + encode(text) + [EOT]``, cut to ``max_length`` with EOT kept last (OpenAI's truncate)."""
+        tokens = [self.sot_id, *self.encode(text), self.eot_id]
+        if max_length is not None and len(tokens) > max_length:
+            tokens = [*tokens[: max_length - 1], self.eot_id]
+        return tokens
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: bool | str = False,
+        max_length: int | None = None,
+        truncation: bool = False,
+        return_tensors: str | None = None,
+    ) -> dict:
+        """HF-style: ``input_ids`` / ``attention_mask`` for one text (flat lists) or a batch.
+        ``padding="max_length"`` pads with 0 to ``max_length`` (default: the context length), as OpenAI's
+        ``clip.tokenize``; ``padding=True`` to the longest row; ``return_tensors="pt"`` gives tensors."""
+        single = isinstance(texts, str)
+        length = max_length or self.context_length
+        rows = [self.ids(t, length if truncation else None) for t in ([texts] if single else texts)]
+        if padding == "max_length" or padding is True or return_tensors == "pt":
+            width = length if padding == "max_length" else max((len(r) for r in rows), default=0)
+            masks = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+            rows = [r + [self.pad_token_id] * (width - len(r)) for r in rows]
+        else:
+            masks = [[1] * len(r) for r in rows]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks)}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if single:
+            return {"input_ids": rows[0], "attention_mask": masks[0]}
+        return {"input_ids": rows, "attention_mask": masks}
+
+    def tokenize(self, texts: Sequence[str], context_length: int | None = None) -> Tensor:
+        """(B, L) ids exactly as OpenAI's ``clip.tokenize(texts, context_length, truncate=True)``."""
         length = context_length or self.context_length
-        ids = torch.zeros(len(texts), length, dtype=torch.long)
-        mask = torch.zeros(len(texts), length, dtype=torch.long)
-        for row, text in enumerate(texts):
-            tokens = [self.sot_id, *self.encode(text), self.eot_id]
-            if len(tokens) > length:
-                tokens = tokens[:length]
-                tokens[-1] = self.eot_id
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return self(
+            list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )["input_ids"]
