@@ -122,12 +122,25 @@ def _ours(reference) -> OpenAIClip:
     return build_openai_clip(copy.deepcopy(reference.state_dict()), "tiny")
 
 
+class _Stop(Exception):
+    pass
+
+
 def _layer4(reference, pixels):
-    """The reference trunk's output, captured at the input of its attention pool."""
+    """The reference trunk's output, captured at the input of its attention pool (which is then skipped)."""
     seen = {}
-    handle = reference.visual.attnpool.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
-    reference.encode_image(pixels)
-    handle.remove()
+
+    def grab(module, args):
+        seen["x"] = args[0]
+        raise _Stop
+
+    handle = reference.visual.attnpool.register_forward_pre_hook(grab)
+    try:
+        reference.encode_image(pixels)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
     return seen["x"]
 
 
@@ -211,6 +224,21 @@ def test_eot_rules_agree_on_openai_tokenization_and_first_eos_handles_eot_paddin
     torch.testing.assert_close(
         ours.encode_text(padded_with_eot, eot="first_eos"), tiny.encode_text(ids), atol=1e-5, rtol=1e-5
     )
+
+
+@torch.no_grad()
+def test_other_input_sizes_resize_the_pool_positions_and_keep_the_value_path(tiny):
+    """A 96 px input gives a 3x3 map: the 2x2 positional table is resized (bicubic), the dense features are
+    still the value path of each position, and the global feature is a real pooled vector."""
+    ours = _ours(tiny)
+    pixels = _images(2, 96)
+    image, dense = ours.encode_image(pixels)
+    pool = tiny.visual.attnpool
+    values = pool.c_proj(pool.v_proj(_layer4(tiny, _images(2, 96)).flatten(2).transpose(1, 2)))
+    assert dense.shape == (2, 9, TINY["embed_dim"]) and image.shape == (2, TINY["embed_dim"])
+    torch.testing.assert_close(dense, values, atol=1e-5, rtol=1e-5)
+    table = ours.visual.attnpool._positions(3, 3)
+    assert table.shape == (10, 256) and table[0].equal(ours.visual.attnpool.positional_embedding[0])
 
 
 def test_published_layouts_are_inferred_from_openai_state_dicts(ref):
@@ -496,3 +524,28 @@ def test_train_and_eval_end_to_end_with_a_resnet_clip(rn_file, demo_dir, tmp_pat
     run_cli("dbtr-eval", *common, *clip, ckpt, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
     got = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert got["test"]["test/mAP"] == pytest.approx(trained["test"]["test/mAP"], abs=1e-9)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_full_size_rn50_equals_openai(ref):
+    """The published RN50 layout at full size (random weights): 32-head attention pool, 7x7 grid, 512-wide
+    text tower; global, dense and text features equal OpenAI's."""
+    reference = ref.CLIP(
+        **PUBLISHED["RN50"],
+        vision_patch_size=None,
+        context_length=77,
+        vocab_size=49408,
+        transformer_layers=12,
+    ).eval()
+    _randomise(reference, seed=7)
+    ours = build_openai_clip(reference.state_dict(), "RN50", expected="RN50")
+    assert ours.visual.attnpool.num_heads == 32 and ours.config.name == "RN50"
+    pixels, ids = _images(1, 224), _token_ids(2, 77, 49408)
+    image, dense = ours.encode_image(pixels)
+    torch.testing.assert_close(image, reference.encode_image(pixels), atol=1e-5, rtol=1e-5)
+    pool = reference.visual.attnpool
+    values = pool.c_proj(pool.v_proj(_layer4(reference, pixels).flatten(2).transpose(1, 2)))
+    torch.testing.assert_close(dense, values, atol=1e-5, rtol=1e-5)
+    assert dense.shape == (1, 49, 1024)
+    torch.testing.assert_close(ours.encode_text(ids), reference.encode_text(ids), atol=1e-5, rtol=1e-5)

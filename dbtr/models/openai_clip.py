@@ -30,13 +30,13 @@ Safety decision for OpenAI's ``.pt`` files: they are TorchScript archives (a zip
 source, ``data.pkl`` = the pickled module tree, ``data/<n>`` = raw tensor storages). ``torch.jit.load``
 compiles ``code/`` and, while unpickling, calls any ``__setstate__`` that code defines, i.e. it runs code from
 the file at load time (which is why ``torch.load(weights_only=True)`` refuses TorchScript archives since torch
-2.6, CVE-2025-32434). We never call it. :func:`read_torchscript_state_dict` opens the zip and unpickles
-``data.pkl`` with a restricted unpickler: module classes (``__torch__.*``) become inert records whose
-attribute dict is stored (no ``__setstate__`` of the file is looked up; ``code/`` is never read), tensors are
-rebuilt from the raw storage bytes by our own function, and every other global (anything callable besides
-``collections.OrderedDict``) is refused. Nothing from the file is executed, so reading is as safe as
-``torch.load(weights_only=True)``. An archive that needs anything else is refused with the one-line
-conversion to run once on a trusted file::
+2.6: pytorch/pytorch#143326, the fix of CVE-2025-32434). We never call it. :func:`read_torchscript_state_dict`
+opens the zip and unpickles ``data.pkl`` with a restricted unpickler: module classes (``__torch__.*``) become
+inert records whose attribute dict is stored (no ``__setstate__`` of the file is looked up; ``code/`` is
+never read), tensors are rebuilt from the raw storage bytes by our own function, and every other global
+(anything callable besides ``collections.OrderedDict``) is refused. Nothing from the file is executed, so
+reading is as safe as ``torch.load(weights_only=True)``. An archive that needs anything else is refused with
+the one-line conversion to run once on a trusted file (docs/openai_resnets.md says more)::
 
   python -c "import torch; torch.save(torch.jit.load('RN50.pt', map_location='cpu').state_dict(), 'RN50.bin')"
 """
