@@ -333,6 +333,11 @@ def _save(sd, tmp_path, name="bad.bin"):
         ),
         (lambda sd: sd.update({"visual.extra.weight": torch.zeros(1)}), "visual.extra.weight", "unknown key"),
         (
+            lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("transformer.")],
+            "transformer.resblocks.0.attn.in_proj_weight",
+            "lacks",
+        ),
+        (
             lambda sd: sd.update({"visual.attnpool.positional_embedding": torch.zeros(7, 256)}),
             "visual.attnpool.positional_embedding",
             "square",
@@ -549,3 +554,19 @@ def test_full_size_rn50_equals_openai(ref):
     torch.testing.assert_close(dense, values, atol=1e-5, rtol=1e-5)
     assert dense.shape == (1, 49, 1024)
     torch.testing.assert_close(ours.encode_text(ids), reference.encode_text(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_taidpt_prompts_learn_on_a_resnet_clip(rn_file):
+    """TaI-DPT's learned contexts through the ResNet's text tower: built with OpenAI's tokenizer, one row per
+    class, and gradients reach the contexts."""
+    from dbtr.models.clip import ClipEncoder
+    from dbtr.models.prompts import PromptLearner
+
+    path, _ = rn_file
+    enc = ClipEncoder.from_pretrained(str(path), dense="maskclip")
+    learner = PromptLearner(enc, ["cat", "dining table"], n_ctx=4, ctx_init="a photo of a")
+    global_, local = learner(enc)
+    assert global_.shape == local.shape == (2, enc.embed_dim)
+    (global_.sum() + local.sum()).backward()
+    grads = [p.grad for p in learner.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -535,6 +535,8 @@ def config_from_state_dict(sd: Mapping[str, Tensor], source: str = "the state di
         raise OpenAIClipError(f"{source}: {pos_key!r} has {rows} rows, not a square grid plus one")
     text_width = int(_need(sd, "ln_final.weight", source, 1).shape[0])
     text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    if not text_layers:  # else a file without its text blocks would build a 0-layer text tower
+        _need(sd, "transformer.resblocks.0.attn.in_proj_weight", source, 2)
     if text_width % 64:
         raise OpenAIClipError(
             f"{source}: 'ln_final.weight' gives text width {text_width}, not a multiple of 64"
