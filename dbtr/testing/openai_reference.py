@@ -2,9 +2,9 @@
 
 The package (an sdist, MIT licence, (c) OpenAI) is fetched once with ``pip download`` in hash-checking mode
 (the archive's sha256 is pinned, and pip checks it before it unpacks or builds anything), cached under
-``<repo>/.cache/openai-clip/`` (git-ignored; ``DBTR_OPENAI_CLIP_CACHE`` overrides), and only two members are
-read out of it: ``clip/model.py`` (imported by file path; it needs only torch and numpy) and
-``clip/bpe_simple_vocab_16e6.txt.gz``. Nothing of it is committed to this repository.
+``<repo>/.cache/openai-clip/`` (git-ignored; see :func:`cache_dir`), and only three files are read out of
+it: ``clip/model.py`` (imported by file path; it needs only torch and numpy), ``clip/simple_tokenizer.py``
+and ``clip/bpe_simple_vocab_16e6.txt.gz``. Nothing of it is committed to this repository.
 
 When the package cannot be fetched (no registry access), :class:`ReferenceUnavailable` says so and how to
 provide the file by hand; tests let it fail rather than skip, so a CI job without the reference cannot pass
@@ -37,8 +37,14 @@ class ReferenceUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
+    """``DBTR_OPENAI_CLIP_CACHE``, else ``.cache/openai-clip`` in the checkout (an installed, non-editable
+    dbtr: ``~/.cache/dbtr/openai-clip``)."""
     env = os.environ.get("DBTR_OPENAI_CLIP_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "openai-clip"
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    base = root / ".cache" if (root / "pyproject.toml").is_file() else Path.home() / ".cache" / "dbtr"
+    return base / "openai-clip"
 
 
 def _sha256(path: Path) -> str:
