@@ -41,8 +41,9 @@ def _hash_tensor(h, tensor) -> None:
 def text_tower_identity(encoder) -> str:
     """What the caption features depend on: text config, tokenizer, and weights of the text path."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(encoder.model.config.text_config.to_json_string(use_diff=False).encode())
-    h.update(str(encoder.model.config.projection_dim).encode())
+    strings, tensors = encoder.tower_identity("text")
+    for text in strings:
+        h.update(text.encode())
     backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
@@ -51,14 +52,7 @@ def text_tower_identity(encoder) -> str:
         h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         h.update(repr(encoder.tokenizer).encode())
-    tm = encoder.model.text_model
-    for tensor in (
-        tm.embeddings.token_embedding.weight,
-        tm.final_layer_norm.weight,
-        encoder.model.text_projection.weight,
-        tm.encoder.layers[0].self_attn.q_proj.weight,
-        tm.encoder.layers[-1].mlp.fc2.weight,
-    ):
+    for tensor in tensors:
         _hash_tensor(h, tensor)
     return h.hexdigest()
 
@@ -236,17 +230,10 @@ IMAGE_ARRAYS = ("image_embeds", "patch_embeds", "ok")
 def image_tower_identity(encoder) -> str:
     """What image features depend on: the vision config and weights, the projection and the dense mode."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(encoder.model.config.vision_config.to_json_string(use_diff=False).encode())
-    h.update(f"proj={encoder.model.config.projection_dim}|dense={encoder.dense}".encode())
-    vm = encoder.model.vision_model
-    for tensor in (
-        vm.embeddings.patch_embedding.weight,
-        vm.embeddings.position_embedding.weight,
-        vm.encoder.layers[0].self_attn.q_proj.weight,
-        vm.encoder.layers[-1].mlp.fc2.weight,
-        vm.post_layernorm.weight,
-        encoder.model.visual_projection.weight,
-    ):
+    strings, tensors = encoder.tower_identity("image")
+    for text in strings:
+        h.update(text.encode())
+    for tensor in tensors:
         _hash_tensor(h, tensor)
     return h.hexdigest()
 
@@ -308,7 +295,7 @@ def cached_image_features(encoder, loader, root: str | os.PathLike, progress: st
 
     def fill(tmp: Path) -> dict:
         dim = encoder.embed_dim
-        side = transform.size // int(encoder.model.config.vision_config.patch_size)
+        side = transform.size // encoder.dense_stride
         n = len(records)
         out = (
             open_memmap(tmp / "image_embeds.npy", "w+", np.float16, (n, dim)),

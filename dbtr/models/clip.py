@@ -270,9 +270,20 @@ class ClipEncoder(nn.Module):
         max_length: int | None = None,
         torch_dtype: torch.dtype | None = torch.float32,
         attn_implementation: str | None = None,
+        resnet: dict | None = None,
     ) -> ClipEncoder:
         """Load from a folder or hub id. float32 by default: weights saved in fp16 (like the shipped toy CLIP)
-        would otherwise stay fp16, which is slow and lossy on CPUs."""
+        would otherwise stay fp16, which is slow and lossy on CPUs.
+
+        A weights *file* (OpenAI's ``RN50.pt``, an open_clip ``.bin`` / ``.safetensors``) loads an OpenAI CLIP
+        ResNet instead (:class:`dbtr.models.clip_resnet.ResNetClipEncoder`, same interface); ``resnet`` holds
+        its options (``bpe_path``, ``positional``, ``arch``)."""
+        from dbtr.models.clip_resnet import ResNetClipEncoder, is_weights_file
+
+        if is_weights_file(name_or_path):
+            return ResNetClipEncoder.from_file(
+                name_or_path, dense=dense, max_length=max_length, torch_dtype=torch_dtype, **(resnet or {})
+            )
         model, tokenizer = load_clip(
             name_or_path, torch_dtype=torch_dtype, attn_implementation=attn_implementation
         )
@@ -300,8 +311,44 @@ class ClipEncoder(nn.Module):
         return int(self.model.config.vision_config.image_size)
 
     @property
+    def text_width(self) -> int:
+        """Width of the text tower's token embeddings (what learned prompt contexts are made of)."""
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def dense_stride(self) -> int:
+        """Input pixels per dense feature along a side (the patch size; 32 for a ResNet)."""
+        return int(self.model.config.vision_config.patch_size)
+
+    @property
     def device(self) -> torch.device:
         return self.model.visual_projection.weight.device
+
+    def tower_identity(self, tower: str) -> tuple[list[str], list[Tensor]]:
+        """The config strings and weight tensors the cached features of ``tower`` (``text`` / ``image``)
+        depend on; dbtr.data.feature_cache hashes them into its cache keys."""
+        cfg, m = self.model.config, self.model
+        if tower == "text":
+            tm = m.text_model
+            strings = [cfg.text_config.to_json_string(use_diff=False), str(cfg.projection_dim)]
+            return strings, [
+                tm.embeddings.token_embedding.weight,
+                tm.final_layer_norm.weight,
+                m.text_projection.weight,
+                tm.encoder.layers[0].self_attn.q_proj.weight,
+                tm.encoder.layers[-1].mlp.fc2.weight,
+            ]
+        vm = m.vision_model
+        vision = cfg.vision_config.to_json_string(use_diff=False)
+        strings = [vision, f"proj={cfg.projection_dim}|dense={self.dense}"]
+        return strings, [
+            vm.embeddings.patch_embedding.weight,
+            vm.embeddings.position_embedding.weight,
+            vm.encoder.layers[0].self_attn.q_proj.weight,
+            vm.encoder.layers[-1].mlp.fc2.weight,
+            vm.post_layernorm.weight,
+            m.visual_projection.weight,
+        ]
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:

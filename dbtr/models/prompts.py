@@ -43,7 +43,7 @@ class PromptLearner(nn.Module):
         if n_ctx < 1:
             raise ConfigError(f"model.prompts.n_ctx must be >= 1, got {n_ctx}")
         tok = encoder.tokenizer
-        width = int(encoder.model.config.text_config.hidden_size)
+        width = encoder.text_width
         rows = []
         for name in class_names:
             ids = tok(f"{prompt_name(name)}.")["input_ids"]  # [SOS] name . [EOS]

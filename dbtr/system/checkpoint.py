@@ -216,7 +216,7 @@ def check_state_dict(
             raise CheckpointMismatchError(
                 f"checkpoint prompt context {key!r} has shape {tuple(value.shape)} but this model expects "
                 f"{tuple(expected[key].shape)} (model.prompts.n_ctx / class_specific, text width "
-                f"{encoder.model.config.text_config.hidden_size}): use the training prompts and CLIP model."
+                f"{encoder.text_width}): use the training prompts and CLIP model."
             )
         c, d = tuple(value.shape) if value.ndim == 2 else (None, None)
         raise CheckpointMismatchError(

@@ -137,6 +137,7 @@ class DbtrLitModule(L.LightningModule):
                 max_length=clip.get("max_length"),
                 torch_dtype=_DTYPES[clip.get("dtype", "float32")],
                 attn_implementation=clip.get("attn_implementation"),
+                resnet=clip.get("resnet"),
             )
         self.encoder = encoder
         self.class_names = list(class_names)
