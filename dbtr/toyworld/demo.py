@@ -205,6 +205,7 @@ def run_demo(
                     f"({time.perf_counter() - run_t0:.1f} s; {time.perf_counter() - start:.0f} s elapsed)"
                 )
                 per_variant.setdefault(name, []).append(result)
+                trained = bool(model.head.trainable)
                 if method == "dbtr" and not extra and full_model is None:
                     full_model = model
                 if centered and not extra and seed == seeds[0] and model.head.trainable:
@@ -212,6 +213,7 @@ def run_demo(
                     total += len(seeds)
         config = f"experiment=toyworld model={method}"
         results[method] = _method_entry(names.get(method, method), config, per_variant[method])
+        results[method]["trained"] = trained
         if f"{method}_centered" in per_variant:
             results[method]["centered"] = _method_entry(
                 f"{names.get(method, method)}, centred",
@@ -220,7 +222,7 @@ def run_demo(
             )
     if "zsclip_centered" in results:
         for entry in results.values():
-            if "centered" in entry:
+            if entry["trained"]:
                 entry["minus_zsclip_centered"] = entry["mAP"] - results["zsclip_centered"]["mAP"]
     timings["training_and_evaluation_s"] = time.perf_counter() - t0
 
