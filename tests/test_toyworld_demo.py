@@ -105,6 +105,6 @@ def test_demo_writes_the_stable_summary_and_tabulates_with_dbtr_results(reduced_
     assert not skipped and sorted(r.method for r in runs) == sorted(METHODS)
     rows = {row["method"]: row for row in build_table(runs, ["test/mAP"]).rows}
     for method in METHODS:
-        assert rows[method]["cells"][(0, "test/mAP")][0] == summary["methods"][method]["mAP"]
+        assert rows[method]["cells"][(0, "test/mAP")][0] == summary["methods"][method]["per_seed"]["mAP"]
     assert rows["dbtr"]["made_by"] == "experiment=toyworld model=dbtr " + " ".join(REDUCED)
     assert (out / "demo" / "heatmaps.png").stat().st_size > 1000
