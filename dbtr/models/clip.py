@@ -298,9 +298,13 @@ class ClipEncoder(nn.Module):
         import hashlib
 
         h = hashlib.sha256()
-        for w in (self.model.text_projection.weight, self.model.visual_projection.weight):
+        for w in self.projection_weights():
             h.update(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def projection_weights(self) -> tuple[Tensor, Tensor]:
+        """The text and image projections into the joint space (what ``fingerprint`` hashes)."""
+        return self.model.text_projection.weight, self.model.visual_projection.weight
 
     @property
     def embed_dim(self) -> int:

@@ -98,13 +98,8 @@ class ResNetClipEncoder(ClipEncoder):
         return cls(model, tokenizer, dense=dense, max_length=max_length, positional=positional)
 
     # ------------------------------------------------------------ identity and sizes
-    def fingerprint(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for w in (self.model.text_projection, self.model.visual.attnpool.c_proj.weight):
-            h.update(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+    def projection_weights(self) -> tuple[Tensor, Tensor]:
+        return self.model.text_projection, self.model.visual.attnpool.c_proj.weight
 
     @property
     def embed_dim(self) -> int:
