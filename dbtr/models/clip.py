@@ -3,9 +3,11 @@
 Everything the heads consume comes out of this one module, projected into the joint space and
 L2-normalised. Dense image features follow docs/method.md §2.2: the last vision block is recomputed
 for the patch tokens (``naive`` = standard block, ``maskclip`` = identity attention, ``clearclip`` =
-q-q attention; the last two drop the residual and the MLP), while the global embedding is the
-untouched CLS path. Running the first L-1 blocks once and splitting only the last block keeps the
-cost of global + dense features at about one ordinary image forward.
+q-q attention, ``sclip`` = q-q plus k-k attention with the residual and the MLP kept, ``naclip`` = k-k
+attention plus a Gaussian neighbourhood prior; maskclip, clearclip and naclip drop the residual and the
+MLP), while the global embedding is the untouched CLS path. Running the first L-1 blocks once and
+splitting only the last block keeps the cost of global + dense features at about one ordinary image
+forward.
 """
 
 from __future__ import annotations
@@ -26,8 +28,19 @@ from dbtr.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-DenseMode = Literal["naive", "maskclip", "clearclip"]
-DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip")
+DenseMode = Literal["naive", "maskclip", "clearclip", "sclip", "naclip"]
+DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip", "sclip", "naclip")
+# NACLIP's default std of its neighbourhood prior, in patches (sinahmr/NACLIP naclip.py, gaussian_std=5.).
+NACLIP_STD = 5.0
+
+
+def _check_dense(dense: str) -> None:
+    if dense not in DENSE_MODES:
+        raise ConfigError(
+            f"clip.dense={dense} is not a dense mode of a ViT CLIP; choose one of: {', '.join(DENSE_MODES)} "
+            f"(standard last block / identity attention / q-q attention / q-q + k-k attention / k-k "
+            f"attention with a neighbourhood prior, docs/method.md §2.2)"
+        )
 
 
 class ClipWeightsNotFound(UserError, FileNotFoundError):
@@ -250,8 +263,7 @@ class ClipEncoder(nn.Module):
 
     def __init__(self, model, tokenizer, dense: DenseMode = "clearclip", max_length: int | None = None):
         super().__init__()
-        if dense not in DENSE_MODES:
-            raise ConfigError(f"clip.dense must be one of {DENSE_MODES}, got {dense!r}")
+        _check_dense(dense)
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.dense = dense
@@ -344,7 +356,8 @@ class ClipEncoder(nn.Module):
             ]
         vm = m.vision_model
         vision = cfg.vision_config.to_json_string(use_diff=False)
-        strings = [vision, f"proj={cfg.projection_dim}|dense={self.dense}"]
+        dense = f"naclip(std={NACLIP_STD})" if self.dense == "naclip" else self.dense
+        strings = [vision, f"proj={cfg.projection_dim}|dense={dense}"]
         return strings, [
             vm.embeddings.patch_embedding.weight,
             vm.embeddings.position_embedding.weight,
@@ -434,16 +447,17 @@ class ClipEncoder(nn.Module):
     ) -> ImageEmbeddings:
         """Global CLS embedding (exactly ``get_image_features``) and dense patch embeddings, in one pass."""
         dense = dense or self.dense
-        if dense not in DENSE_MODES:
-            raise ValueError(f"dense must be one of {DENSE_MODES}, got {dense!r}")
+        _check_dense(dense)
         vm = self.model.vision_model
         pixel_values = pixel_values.to(device=self.device, dtype=self.model.visual_projection.weight.dtype)
         interpolate = tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size)
         x = vm.pre_layrnorm(vm.embeddings(pixel_values, interpolate_pos_encoding=interpolate))
+        # the patch grid (rows, columns) of the stride-p patch convolution, row-major in x[:, 1:]
+        grid = (pixel_values.shape[-2] // self.dense_stride, pixel_values.shape[-1] // self.dense_stride)
         layers = vm.encoder.layers
         for layer in layers[:-1]:
             x = _layer_output(layer(x, None))
-        cls_token, patches = _last_block(layers[-1], x, dense)
+        cls_token, patches = _last_block(layers[-1], x, dense, grid)
         image = self.model.visual_projection(vm.post_layernorm(cls_token))
         patch = self.model.visual_projection(vm.post_layernorm(patches))
         if normalize:
@@ -465,8 +479,23 @@ def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _last_block(layer: nn.Module, x: Tensor, dense: str) -> tuple[Tensor, Tensor]:
-    """Return (CLS output of the standard block (B, W), patch outputs under ``dense`` (B, N, W))."""
+def neighbourhood_prior(grid: tuple[int, int], std: float = NACLIP_STD) -> Tensor:
+    """NACLIP's additive attention prior over [CLS, patches] (N+1, N+1) for a row-major ``grid`` of patches.
+
+    Between patches it is the unnormalised Gaussian exp(-|p_i - p_j|^2 / (2 std^2)) of their grid distance
+    (1 on the diagonal, as NACLIP's window); the CLS row and column are 0, so CLS is attended to (and
+    attends) on key similarity alone.
+    """
+    rows, cols = grid
+    r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)
+    c = torch.arange(cols, dtype=torch.float64).repeat(rows)
+    dist2 = (r[:, None] - r[None]) ** 2 + (c[:, None] - c[None]) ** 2
+    return F.pad(torch.exp(-dist2 / (2 * std**2)), (1, 0, 1, 0))
+
+
+def _last_block(layer: nn.Module, x: Tensor, dense: str, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Return (CLS output of the standard block (B, W), patch outputs under ``dense`` (B, N, W)); ``grid`` is
+    the (rows, columns) layout of the N patches (for NACLIP's prior)."""
     attn = layer.self_attn
     y = layer.layer_norm1(x)
     q, k, v = (_heads(proj(y), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -482,8 +511,24 @@ def _last_block(layer: nn.Module, x: Tensor, dense: str) -> tuple[Tensor, Tensor
     elif dense == "maskclip":
         # Identity attention: each patch keeps its own value; no residual, no MLP (MaskCLIP).
         patches = attn.out_proj(_merge_heads(v))[:, 1:]
-    else:
+    elif dense == "clearclip":
         # q-q attention, no residual, no MLP (ClearCLIP).
         qq = F.scaled_dot_product_attention(q, q, v, scale=attn.scale)
         patches = attn.out_proj(_merge_heads(qq))[:, 1:]
+    elif dense == "sclip":
+        # Correlative self-attention softmax(q qT s) + softmax(k kT s), not renormalised (rows sum to 2), in
+        # the standard block with its residual and MLP (SCLIP; NACLIP's "csa" on its "vanilla" block).
+        csa = F.scaled_dot_product_attention(q, q, v, scale=attn.scale)
+        csa = csa + F.scaled_dot_product_attention(k, k, v, scale=attn.scale)
+        h = x + attn.out_proj(_merge_heads(csa))
+        patches = (h + layer.mlp(layer.layer_norm2(h)))[:, 1:]
+    elif dense == "naclip":
+        # softmax(k kT s + omega) v, no residual, no MLP (NACLIP's "naclip" attention on its "reduced" block).
+        if grid[0] * grid[1] != x.shape[1] - 1:
+            raise ValueError(f"a {grid[0]}x{grid[1]} patch grid does not hold the {x.shape[1] - 1} patches")
+        omega = neighbourhood_prior(grid).to(device=k.device, dtype=k.dtype)
+        kk = F.scaled_dot_product_attention(k, k, v, attn_mask=omega, scale=attn.scale)
+        patches = attn.out_proj(_merge_heads(kk))[:, 1:]
+    else:
+        raise ValueError(f"unknown dense mode {dense!r}")  # _check_dense guards the public entry points
     return cls_out, patches
