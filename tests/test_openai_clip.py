@@ -500,8 +500,12 @@ def test_resnet_options_and_refusals(rn_file, tmp_path):
             atol=1e-5,
             rtol=1e-5,
         )
-    with pytest.raises(ConfigError, match="not available for a ResNet CLIP"):
-        ClipEncoder.from_pretrained(str(path), dense="clearclip")
+    for vit_only in ("naive", "clearclip", "sclip", "naclip"):
+        with pytest.raises(ConfigError, match=f"clip.dense={vit_only} is not available for a ResNet CLIP"):
+            ClipEncoder.from_pretrained(str(path), dense=vit_only)
+    for other in ("sclip", "naclip"):
+        with pytest.raises(ValueError, match="maskclip"):
+            no_pos.encode_image(_images(), dense=other)
     with pytest.raises(OpenAIClipError, match="is not RN50"):
         ClipEncoder.from_pretrained(str(path), dense="maskclip", resnet={"arch": "RN50"})
     alone = tmp_path / "alone.safetensors"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dbtr.models.clip import ClipEncoder, ImageEmbeddings, TextEmbeddings
+from dbtr.models.clip import DENSE_MODES, ClipEncoder, ImageEmbeddings, TextEmbeddings
 from dbtr.models.openai_clip import OpenAIClip, load_openai_clip
 from dbtr.text.openai_bpe import OpenAIBPETokenizer, TokenizerFileError
 from dbtr.utils.errors import ConfigError
@@ -65,7 +65,9 @@ class ResNetClipEncoder(ClipEncoder):
         if dense not in RESNET_DENSE_MODES:
             raise ConfigError(
                 f"clip.dense={dense} is not available for a ResNet CLIP; choose one of: "
-                f"{', '.join(RESNET_DENSE_MODES)} (the attention pool's value path)"
+                f"{', '.join(RESNET_DENSE_MODES)} (the attention pool's value path); "
+                f"{', '.join(m for m in DENSE_MODES if m not in RESNET_DENSE_MODES)} recompute a ViT's last "
+                f"attention block and need a ViT CLIP"
             )
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
