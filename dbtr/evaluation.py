@@ -14,7 +14,7 @@ from torch import Tensor
 
 from dbtr.metrics import evaluate_scores, f1_at_k, map_by_size, minmax
 
-EVALUATION_DEFAULTS = {"difficult": "negative", "top_k": [3], "f1_at": [], "val_subset": None}
+EVALUATION_DEFAULTS = {"difficult": "negative", "top_k": [3], "f1_at": [], "val_subset": None, "sparc": None}
 BRANCHES = ("merged", "global", "local")
 
 

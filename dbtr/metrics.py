@@ -25,6 +25,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "DIFFICULT_OPTIONS",
+    "RowCollector",
     "ScoreCollector",
     "average_precision_per_class",
     "evaluate_scores",
@@ -397,6 +398,38 @@ class ScoreCollector(Metric):
             unique, first = _first_occurrence(indices)
             scores, labels = scores[first], labels[first]
         return scores, labels
+
+
+class RowCollector(Metric):
+    """Per-sample rows of any width (image embeddings, for SPARC) over an epoch and across DDP ranks, returned
+    in the order a :class:`ScoreCollector` fed the same batches returns its scores."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
+
+    def update(self, rows: Tensor, indices: Tensor | None = None) -> None:
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be (B, K), got {tuple(rows.shape)}")
+        self.rows.append(rows.detach().float())
+        if indices is not None:
+            self.indices.append(torch.as_tensor(indices, device=rows.device).long().view(-1))
+
+    def compute(self) -> Tensor:
+        """(N, K) float32 on the CPU, repeats dropped and in dataset order when indices were given."""
+        if isinstance(self.rows, list) and len(self.rows) == 0:
+            return torch.empty(0, 0, dtype=torch.float32)
+        rows = dim_zero_cat(self.rows).float().cpu()
+        if not (isinstance(self.indices, list) and len(self.indices) == 0):
+            indices = dim_zero_cat(self.indices).cpu()
+            if len(indices) != len(rows):
+                raise RuntimeError("indices were given for some batches only")
+            rows = rows[_first_occurrence(indices)[1]]
+        return rows
 
 
 def _first_occurrence(indices: Tensor) -> tuple[Tensor, Tensor]:

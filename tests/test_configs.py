@@ -97,7 +97,7 @@ def test_experiment_resolves_and_names_its_runs(experiment, entry):
 def test_model_config_builds_head(model):
     cfg = _compose("train.yaml", [f"model={model}"])
     head = DualBranchHead(6, 32, **OmegaConf.to_container(cfg.model.head))
-    training_free = model.startswith(("zsclip", "calip"))
+    training_free = model.startswith(("zsclip", "calip", "sparc"))
     learns_prompts = (
         cfg.model.get("prompts") is not None
     )  # the contexts are built with CLIP (tests/test_prompts.py)

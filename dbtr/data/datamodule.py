@@ -280,18 +280,8 @@ class TextToImageDataModule(L.LightningDataModule):
                 )
             self.batch_size //= world
             self._per_device = True
-        if stage in (None, "fit") and self.captions is None:
-            if self.corpus is not None:
-                from dbtr.data.corpus import load_corpus
-
-                texts, labels, self.corpus_report = load_corpus(self.corpus, self.class_names)
-                self.captions = CaptionRecords(texts, labels, self.corpus_report.dropped)
-            elif self.train_captions is None:
-                raise ConfigError(
-                    "training needs data.train_captions (a JSON-lines caption file) or data.corpus"
-                )
-            else:
-                self.captions = read_caption_jsonl(self.train_captions, self.class_names)
+        if stage in (None, "fit"):
+            self.load_captions()
         if stage in (None, "fit", "validate") and self.val_records is None and self.has_val:
             self.val_records = self.read_images("val")
         if stage in (None, "fit") and self.trainer is not None:
@@ -305,6 +295,26 @@ class TextToImageDataModule(L.LightningDataModule):
             self.test_records = self.read_images("test")
             if self.test_records is None:
                 raise ConfigError("testing needs data.test_images and data.test_labels")
+
+    @property
+    def has_captions(self) -> bool:
+        return self.corpus is not None or self.train_captions is not None
+
+    def load_captions(self) -> CaptionRecords:
+        """The training captions with their labels (read once)."""
+        if self.captions is None:
+            if self.corpus is not None:
+                from dbtr.data.corpus import load_corpus
+
+                texts, labels, self.corpus_report = load_corpus(self.corpus, self.class_names)
+                self.captions = CaptionRecords(texts, labels, self.corpus_report.dropped)
+            elif self.train_captions is None:
+                raise ConfigError(
+                    "training needs data.train_captions (a JSON-lines caption file) or data.corpus"
+                )
+            else:
+                self.captions = read_caption_jsonl(self.train_captions, self.class_names)
+        return self.captions
 
     def _transform(self) -> ClipImageTransform:
         if self.image_size is None:

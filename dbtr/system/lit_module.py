@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dbtr.evaluation import BRANCHES, EVALUATION_DEFAULTS, headline, summarise
 from dbtr.losses import get_loss, split_labels
-from dbtr.metrics import ScoreCollector
+from dbtr.metrics import RowCollector, ScoreCollector
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.models.prompts import PromptLearner
@@ -36,6 +36,7 @@ from dbtr.text.names import validate_class_names
 from dbtr.utils.errors import ConfigError
 from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings
+from dbtr.zeroshot.sparc import SparcScorer, sparc_settings
 
 log = logging.getLogger(__name__)
 # Under DDP the evaluation scores are all-gathered before the metrics are computed (ScoreCollector, padding
@@ -91,7 +92,9 @@ class DbtrLitModule(L.LightningModule):
     :param evaluation: ``{"difficult": negative|ignore, "top_k": [3], "f1_at": [], "val_subset": null}``
         metric conventions: ``f1_at`` adds the zero-shot literature's F1@k (:func:`dbtr.metrics.f1_at_k`);
         ``val_subset`` computes validation metrics (hence model selection) on one class subset only, e.g.
-        ``seen``.
+        ``seen``; ``sparc`` (``enabled: true``) rescores every evaluation split with SPARC
+        (:mod:`dbtr.zeroshot.sparc`, docs/sparc.md): ``mAP`` is then SPARC's, ``mAP_base`` the model's own
+        and ``mAP_debiased`` SPARC's standardisation alone.
     :param class_subsets: named subsets of ``class_names`` (``{"seen": [...], "unseen": [...]}``); the test
         then also reports ``test/<subset>/mAP`` and F1@k on each (ZSL = unseen; GZSL = all classes).
     :param residual_classes: the classes that learn a residual (a subset name or a list); the others keep T0
@@ -177,6 +180,10 @@ class DbtrLitModule(L.LightningModule):
         self.collectors = torch.nn.ModuleDict(
             {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in (*BRANCHES, "text")}
         )
+        settings = sparc_settings(self.eval_cfg.get("sparc"))
+        self.sparc = None if settings is None else SparcScorer(settings, self.class_names)
+        if self.sparc is not None:  # SPARC needs the evaluated images' global embeddings
+            self.collectors.update({f"{stage}_embeds": RowCollector() for stage in ("val", "test")})
         self.run_info: dict[
             str, Any
         ] = {}  # what made this run (choices, overrides, seed): saved in checkpoints
@@ -217,6 +224,15 @@ class DbtrLitModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.ensure_class_embeddings()
         self.load_companions(stage)
+        if self.sparc is not None:
+            self.sparc.check_sources(self._caption_labels())  # fail now, not after training
+
+    def _caption_labels(self):
+        """A function returning the datamodule's training-caption labels (SPARC's co-occurrence), or None."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not getattr(dm, "has_captions", False):
+            return None
+        return lambda: dm.load_captions().labels
 
     def branch_bases(self) -> tuple[Tensor, Tensor] | None:
         """The learned prompts' (T_g, T_l), or None (T0). Recomputed with gradients while grad is enabled (a
@@ -334,6 +350,9 @@ class DbtrLitModule(L.LightningModule):
             self.collectors[f"{stage}_text"].update(
                 text.head(g, loc, mask, modality=modality, bases=text.branch_bases()).logits, labels, idx
             )
+        if self.sparc is not None:
+            self.sparc.prepare(self.encoder, self._caption_labels())  # once: on the evaluation device
+            self.collectors[f"{stage}_embeds"].update(g, idx)
         self.collectors[f"{stage}_merged"].update(out.logits, labels, idx)
         self.collectors[f"{stage}_global"].update(out.logits_global, labels, idx)
         if out.logits_local is not None:
@@ -346,6 +365,8 @@ class DbtrLitModule(L.LightningModule):
             if collector.update_count:
                 collected[branch] = collector.compute()
                 collector.reset()
+        if self.sparc is not None and "merged" in collected:
+            collected = self._with_sparc(collected, stage)
         result, merged = summarise(
             collected,
             stage,
@@ -361,6 +382,17 @@ class DbtrLitModule(L.LightningModule):
             self.log(key, value, prog_bar=key.endswith("/mAP"), sync_dist=False)
         self.results[stage] = result
         return result
+
+    def _with_sparc(self, collected: dict[str, tuple[Tensor, Tensor]], stage: str) -> dict:
+        """SPARC's scores become ``merged``; the model's own are kept as ``base``, the standardised ones as
+        ``debiased``."""
+        embeds = self.collectors[f"{stage}_embeds"]
+        images = embeds.compute()
+        embeds.reset()
+        base, labels = collected.pop("merged")
+        scores, debiased = self.sparc(base, images)
+        own = {"merged": (scores, labels), "base": (base, labels), "debiased": (debiased, labels)}
+        return {**own, **collected}
 
     def _object_areas(self, stage: str):
         """The test images' per-class object areas when their labels carry boxes (for the per-size mAPs)."""

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-BRANCH_SUFFIXES = (("merged", ""), ("global", "_global"), ("local", "_local"))
+# base / debiased: with SPARC (docs/sparc.md), the model's scores before it and its standardisation alone
+BRANCH_SUFFIXES = (
+    ("merged", ""),
+    ("global", "_global"),
+    ("local", "_local"),
+    ("base", "_base"),
+    ("debiased", "_debiased"),
+)
 
 
 def metrics_table(metrics: dict[str, Any], stage: str = "test", title: str | None = None):
-    """A rich Table: rows = merged/global/local branch, columns = mAP and F1 numbers present in
-    ``metrics``."""
+    """A rich Table: rows = the branches present (merged, global, local, base, debiased), columns = mAP and
+    F1 numbers present in ``metrics``."""
     from rich.table import Table
 
     columns = [c for c in ("mAP", "CF1@3", "OF1@3", "CF1@5", "OF1@5") if f"{stage}/{c}" in metrics]
