@@ -226,6 +226,27 @@ def test_refusals_name_what_to_change(enc, data_dir, tmp_path):
         ClipEncoder.from_pretrained(str(naflex))
 
 
+def test_a_missing_sentencepiece_is_one_clear_error(data_dir, tmp_path):
+    """Without sentencepiece (its import blocked in a fresh interpreter) the SigLIP tokenizer cannot load: one
+    message naming the extra to install, no traceback wall."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['sentencepiece'] = None\n"
+        "from dbtr.models.clip import ClipEncoder\n"
+        "from dbtr.utils.errors import UserError\n"
+        "try:\n"
+        f"    ClipEncoder.from_pretrained({str(data_dir / 'siglip')!r})\n"
+        "except UserError as err:\n"
+        "    print('ERROR', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    line = [x for x in out.stdout.splitlines() if x.startswith("ERROR")]
+    assert len(line) == 1, out.stdout + out.stderr[-2000:]
+    assert "SentencePiece" in line[0] and "pip install 'dbtr[siglip]'" in line[0]
+
+
 def test_datamodule_takes_siglips_normalisation_unless_given(enc, data_dir):
     from dbtr.data.datamodule import TextToImageDataModule
     from dbtr.data.images import CLIP_MEAN

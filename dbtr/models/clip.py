@@ -294,8 +294,9 @@ def _load_tokenizer(name_or_path: str, source: str, model_type: str):
     try:
         return loader.from_pretrained(source)
     except ImportError as err:  # SiglipTokenizer needs sentencepiece and protobuf
+        why = " ".join(str(err).split()).split(". ")[0]
         raise InvalidClipFolder(
-            f"the tokenizer of {name_or_path} needs a package that is not installed ({err}); install "
+            f"the tokenizer of {name_or_path} needs a package that is not installed ({why}); install "
             f"dbtr's SigLIP extra: pip install 'dbtr[siglip]' (sentencepiece, protobuf)"
         ) from None
     except (OSError, ValueError) as err:

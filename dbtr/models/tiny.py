@@ -174,6 +174,7 @@ def tiny_siglip_config(vocab_size: int, **overrides):
         max_position_embeddings=64,
         pad_token_id=1,
         eos_token_id=1,
+        bos_token_id=None,  # SigLIP's tokenizer has none
         projection_size=48,
     )
     vision = dict(
