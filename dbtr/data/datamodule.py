@@ -52,6 +52,8 @@ class TextToImageDataModule(L.LightningDataModule):
     :param val_images / val_labels: held-out labelled images for model selection (never the test set).
     :param test_images / test_labels: the evaluation set, used only by the final test and ``dbtr-eval``.
     :param image_size: input resolution; ``None`` = the CLIP model's own (set by ``attach_encoder``).
+    :param mean / std: image normalisation; ``None`` (both) = the CLIP model's own, set by ``attach_encoder``
+        (CLIP's; SigLIP's 0.5, 0.5).
     :param batch_size: captions per training step, over all devices; ``eval_batch_size``: images per step and
         device.
     :param on_bad_image: ``error`` stops at an undecodable image (naming it); ``skip`` drops it from
@@ -81,8 +83,8 @@ class TextToImageDataModule(L.LightningDataModule):
         batch_size: int = 512,
         eval_batch_size: int = 64,
         num_workers: int = 0,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         on_bad_image: str = "error",
         fast_decode: bool = False,
         size_thresholds: Sequence[float] = COCO_AREA_THRESHOLDS,
@@ -105,7 +107,11 @@ class TextToImageDataModule(L.LightningDataModule):
         self.test_images, self.test_labels = test_images, test_labels
         self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
         self.global_batch_size = batch_size
-        self.num_workers, self.mean, self.std = num_workers, tuple(mean), tuple(std)
+        # None = the image tower's own normalisation (CLIP's; SigLIP's 0.5), taken by attach_encoder
+        self._own_normalisation = mean is None and std is None
+        self.num_workers = num_workers
+        self.mean = tuple(CLIP_MEAN if mean is None else mean)
+        self.std = tuple(CLIP_STD if std is None else std)
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise choice_error("data.on_bad_image", on_bad_image, BAD_IMAGE_POLICIES)
         self.on_bad_image, self.fast_decode = on_bad_image, bool(fast_decode)
@@ -177,10 +183,13 @@ class TextToImageDataModule(L.LightningDataModule):
         }
 
     def attach_encoder(self, encoder) -> None:
-        """Take the tokenizer and, unless set, the input resolution from the CLIP encoder."""
+        """Take the tokenizer and, unless set, the input size and normalisation from the CLIP encoder."""
         self.collate = CaptionCollate(encoder.tokenizer, encoder.max_length)
         if self.image_size is None:
             self.image_size = encoder.image_size
+        # a backbone trained with another normalisation than CLIP's says so (SigLIP: image_mean / image_std)
+        if self._own_normalisation and getattr(encoder, "image_mean", None) is not None:
+            self.mean, self.std = tuple(encoder.image_mean), tuple(encoder.image_std)
 
     def set_caption_features(self, features: CaptionFeatures) -> None:
         self.caption_features = features

@@ -66,26 +66,57 @@ class ImageEmbeddings:
 
 
 def _missing_weights_message(name_or_path: str, err: Exception) -> str:
+    if "siglip" in name_or_path.lower():
+        model_class, tokenizer_class, example, folder = (
+            "SiglipModel",
+            "AutoTokenizer",
+            "google/siglip-base-patch16-224",
+            "weights/siglip-b16",
+        )
+    else:
+        model_class, tokenizer_class, example, folder = (
+            "CLIPModel",
+            "CLIPTokenizer",
+            "openai/clip-vit-base-patch16",
+            "weights/clip-b16",
+        )
     return (
         f"Could not load CLIP weights from {name_or_path!r}.\n"
         f"  Looked for: a local folder with config.json + model.safetensors (or pytorch_model.bin) and "
         f"tokenizer files, or the hub id {name_or_path!r} in the HF cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}).\n"
         f"  To fix: download once on a machine with internet, e.g.\n"
-        f'      python -c "from transformers import CLIPModel, CLIPTokenizer as T; '
-        f"CLIPModel.from_pretrained('openai/clip-vit-base-patch16').save_pretrained('weights/clip-b16'); "
-        f"T.from_pretrained('openai/clip-vit-base-patch16').save_pretrained('weights/clip-b16')\"\n"
-        f"  then copy the folder here and pass clip.name_or_path=weights/clip-b16 "
+        f'      python -c "from transformers import {model_class}, {tokenizer_class} as T; '
+        f"{model_class}.from_pretrained('{example}').save_pretrained('{folder}'); "
+        f"T.from_pretrained('{example}').save_pretrained('{folder}')\"\n"
+        f"  then copy the folder here and pass clip.name_or_path={folder} "
         f"(or set HF_HOME to a populated cache).\n"
         f"  Underlying error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     )
 
 
-# Backbones ClipEncoder can drive: config.json's model_type must be one of these (another folder, e.g. a BERT,
-# would otherwise load as a randomly initialised full-size CLIP).
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("clip",)
 # What CLIPTokenizer reads: the fast tokenizer file, or the BPE vocabulary and its merges.
 TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# What SigLIP's tokenizers read: SiglipTokenizer's sentencepiece model, or a fast one (SigLIP 2's Gemma).
+SIGLIP_TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (("spiece.model",), ("tokenizer.json",))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A dual encoder ClipEncoder drives, by its config.json ``model_type``."""
+
+    model_class: str  # the transformers class that loads it
+    tokenizer_files: tuple[tuple[str, ...], ...]  # one of these groups must be in a local folder
+    byte_level: bool  # a byte-level BPE tokenizer (a token per byte: at least MIN_TOKENIZER_VOCAB)
+
+
+# config.json's model_type must be one of these (another folder, e.g. a BERT, would otherwise load as a
+# randomly initialised full-size CLIP). SigLIP 2's fixed-resolution checkpoints are model_type "siglip" too.
+BACKBONES: dict[str, Backbone] = {
+    "clip": Backbone("CLIPModel", TOKENIZER_FILES, byte_level=True),
+    "siglip": Backbone("SiglipModel", SIGLIP_TOKENIZER_FILES, byte_level=False),
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(BACKBONES)
 # A byte-level BPE has a token per byte; fewer means a placeholder (HF builds a 2-token one out of nothing).
 MIN_TOKENIZER_VOCAB = 256
 _PROBE_SENTENCE = "a photo of a dog."
@@ -102,7 +133,7 @@ def _folder_listing(path: Path) -> str:
     return ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
 
 
-def _check_model_type(name_or_path: str, source: str, path: Path | None) -> None:
+def _check_model_type(name_or_path: str, source: str, path: Path | None) -> str:
     from transformers import PretrainedConfig
 
     if path is not None and not (path / "config.json").is_file():  # HF reads an absent one as an empty config
@@ -117,31 +148,44 @@ def _check_model_type(name_or_path: str, source: str, path: Path | None) -> None
     except (OSError, ValueError) as err:
         raise ClipWeightsNotFound(_missing_weights_message(name_or_path, err)) from None
     model_type = config.get("model_type")
+    if model_type == "siglip2":
+        raise InvalidClipFolder(
+            f"{name_or_path} is a SigLIP 2 NaFlex model (model_type='siglip2', Siglip2Model): its images "
+            f"are patchified at their own aspect ratio, which dbtr's square preprocessing and fixed patch "
+            f"grid do not provide; use a fixed-resolution SigLIP 2 checkpoint (model_type='siglip', e.g. "
+            f"google/siglip2-base-patch16-224) or a SigLIP one (clip=siglip_b16)"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InvalidClipFolder(
             f"{name_or_path} is not a CLIP model: its config.json has model_type={model_type!r}, and dbtr "
             f"needs one of {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}; pass clip.name_or_path=<a folder "
             f"saved by CLIPModel.save_pretrained> (or a CLIP hub id such as openai/clip-vit-base-patch16)"
         )
+    return model_type
 
 
-def _check_tokenizer_files(name_or_path: str, path: Path) -> None:
-    if any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+def _check_tokenizer_files(name_or_path: str, path: Path, model_type: str = "clip") -> None:
+    groups = BACKBONES[model_type].tokenizer_files
+    if any(all((path / f).is_file() for f in group) for group in groups):
         return
-    needed = " or ".join(" + ".join(group) for group in TOKENIZER_FILES)
+    needed = " or ".join(" + ".join(group) for group in groups)
+    example = (
+        "AutoTokenizer.from_pretrained('google/siglip-base-patch16-224')"
+        if model_type == "siglip"
+        else "CLIPTokenizer.from_pretrained('openai/clip-vit-base-patch16')"
+    )
     raise InvalidClipFolder(
         f"{name_or_path} has no tokenizer files: it needs {needed} (it holds {_folder_listing(path)}); save "
-        f"the matching tokenizer into it, e.g. CLIPTokenizer.from_pretrained('openai/clip-vit-base-patch16')"
-        f".save_pretrained('{name_or_path}')"
+        f"the matching tokenizer into it, e.g. {example}.save_pretrained('{name_or_path}')"
     )
 
 
-def _check_tokenizer(name_or_path: str, tokenizer, vocab_size: int) -> None:
+def _check_tokenizer(name_or_path: str, tokenizer, vocab_size: int, byte_level: bool = True) -> None:
     """A tokenizer that loaded but cannot be this model's: too small, larger than the embedding table (ids out
     of range), far smaller than it (another model's), or one that maps plain English to the unknown token."""
     size = len(tokenizer)
     problem = None
-    if size < MIN_TOKENIZER_VOCAB:
+    if byte_level and size < MIN_TOKENIZER_VOCAB:
         problem = f"its vocabulary has {size} tokens (a CLIP tokenizer has at least {MIN_TOKENIZER_VOCAB})"
     elif not vocab_size // 2 <= size <= vocab_size:
         problem = f"its vocabulary has {size} tokens but the text model embeds {vocab_size}"
@@ -185,18 +229,22 @@ def _check_loading_info(name_or_path: str, info: dict) -> None:
             )
 
 
-def _load_weights(name_or_path: str, source: str, path: Path | None, kwargs: dict):
-    """``CLIPModel.from_pretrained`` that refuses absent, damaged or incomplete weights."""
+def _load_weights(
+    name_or_path: str, source: str, path: Path | None, kwargs: dict, model_class: str = "CLIPModel"
+):
+    """``<model_class>.from_pretrained`` that refuses absent, damaged or incomplete weights."""
     import pickle
 
+    import transformers
     from safetensors import SafetensorError
-    from transformers import CLIPModel
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its missing/unexpected-keys table: we raise one message instead
     try:
-        model, info = CLIPModel.from_pretrained(source, output_loading_info=True, **kwargs)
+        model, info = getattr(transformers, model_class).from_pretrained(
+            source, output_loading_info=True, **kwargs
+        )
     except torch.OutOfMemoryError:
         raise
     except OSError as err:  # HF raises OSError / EnvironmentError subclasses when files are absent
@@ -217,11 +265,9 @@ def _load_weights(name_or_path: str, source: str, path: Path | None, kwargs: dic
 def load_clip(
     name_or_path: str, torch_dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ):
-    """Load ``(CLIPModel, CLIPTokenizer)`` from a local folder or a hub id, with one clear error when missing,
-    when the folder is not a CLIP, and when its weights or tokenizer are incomplete (never a half-random
-    model)."""
-    from transformers import CLIPTokenizer
-
+    """Load ``(CLIPModel, CLIPTokenizer)`` (or ``(SiglipModel, its tokenizer)``) from a local folder or a hub
+    id, with one clear error when missing, when the folder is not a CLIP, and when its weights or tokenizer
+    are incomplete (never a half-random model)."""
     path = Path(name_or_path).expanduser()
     # A string that is not an existing folder is a hub id only if it has the "org/name" shape;
     # anything else (./x, /abs/x, a bare typo) is a local path that does not exist.
@@ -235,21 +281,39 @@ def load_clip(
             _missing_weights_message(name_or_path, FileNotFoundError(f"no folder at {path.resolve()}"))
         )
     source = name_or_path if is_hub_id else str(path)
-    _check_model_type(name_or_path, source, None if is_hub_id else path)
+    model_type = _check_model_type(name_or_path, source, None if is_hub_id else path)
+    backbone = BACKBONES[model_type]
     if not is_hub_id:
-        _check_tokenizer_files(name_or_path, path)
+        _check_tokenizer_files(name_or_path, path, model_type)
     kwargs = {}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = _load_weights(name_or_path, source, None if is_hub_id else path, kwargs)
+    model = _load_weights(name_or_path, source, None if is_hub_id else path, kwargs, backbone.model_class)
+    tokenizer = _load_tokenizer(name_or_path, source, model_type)
+    _check_tokenizer(
+        name_or_path, tokenizer, int(model.config.text_config.vocab_size), byte_level=backbone.byte_level
+    )
+    return model, tokenizer
+
+
+def _load_tokenizer(name_or_path: str, source: str, model_type: str):
+    """CLIP: ``CLIPTokenizer``. SigLIP: the class its tokenizer_config.json names (``SiglipTokenizer``, a
+    sentencepiece model; SigLIP 2's Gemma tokenizer)."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    loader = CLIPTokenizer if model_type == "clip" else AutoTokenizer
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source)
+        return loader.from_pretrained(source)
+    except ImportError as err:  # SiglipTokenizer needs sentencepiece and protobuf
+        why = " ".join(str(err).split()).split(". ")[0]
+        raise InvalidClipFolder(
+            f"the tokenizer of {name_or_path} needs a package that is not installed ({why}); install "
+            f"dbtr's SigLIP extra: pip install 'dbtr[siglip]' (sentencepiece, protobuf)"
+        ) from None
     except (OSError, ValueError) as err:
         raise ClipWeightsNotFound(_missing_weights_message(name_or_path, err)) from None
-    _check_tokenizer(name_or_path, tokenizer, int(model.config.text_config.vocab_size))
-    return model, tokenizer
 
 
 class ClipEncoder(nn.Module):
@@ -278,28 +342,35 @@ class ClipEncoder(nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str,
-        dense: DenseMode = "clearclip",
+        dense: DenseMode | None = None,
         max_length: int | None = None,
         torch_dtype: torch.dtype | None = torch.float32,
         attn_implementation: str | None = None,
         resnet: dict | None = None,
     ) -> ClipEncoder:
         """Load from a folder or hub id. float32 by default: weights saved in fp16 (like the shipped toy CLIP)
-        would otherwise stay fp16, which is slow and lossy on CPUs.
+        would otherwise stay fp16, which is slow and lossy on CPUs. ``dense=None``: the backbone's default
+        (``clearclip`` for a ViT CLIP, ``maskclip`` for a ResNet or SigLIP, their only mode).
 
         A weights *file* (OpenAI's ``RN50.pt``, an open_clip ``.bin`` / ``.safetensors``) loads an OpenAI CLIP
         ResNet instead (:class:`dbtr.models.clip_resnet.ResNetClipEncoder`, same interface); ``resnet`` holds
-        its options (``bpe_path``, ``positional``, ``arch``)."""
+        its options (``bpe_path``, ``positional``, ``arch``). A SigLIP folder or hub id (config.json
+        ``model_type="siglip"``) loads :class:`dbtr.models.clip_siglip.SiglipClipEncoder`."""
         from dbtr.models.clip_resnet import ResNetClipEncoder, is_weights_file
 
+        modes = {} if dense is None else {"dense": dense}
         if is_weights_file(name_or_path):
             return ResNetClipEncoder.from_file(
-                name_or_path, dense=dense, max_length=max_length, torch_dtype=torch_dtype, **(resnet or {})
+                name_or_path, max_length=max_length, torch_dtype=torch_dtype, **modes, **(resnet or {})
             )
         model, tokenizer = load_clip(
             name_or_path, torch_dtype=torch_dtype, attn_implementation=attn_implementation
         )
-        return cls(model, tokenizer, dense=dense, max_length=max_length)
+        if model.config.model_type == "siglip":
+            from dbtr.models.clip_siglip import SiglipClipEncoder
+
+            return SiglipClipEncoder(model, tokenizer, max_length=max_length, **modes)
+        return cls(model, tokenizer, max_length=max_length, **modes)
 
     def train(self, mode: bool = True) -> ClipEncoder:  # CLIP stays in eval mode whatever the system does
         super().train(False)
@@ -406,6 +477,13 @@ class ClipEncoder(nn.Module):
         if normalize:
             tokens, eot = F.normalize(tokens, dim=-1), F.normalize(eot, dim=-1)
         return TextEmbeddings(eot, tokens, attention_mask.bool())
+
+    def pad_ids(self, rows: Sequence[Sequence[int]]) -> Tensor:
+        """Token rows (special tokens included) as one (B, L) batch for ``encode_text_embeddings``. CLIP's
+        text tower is causal, so rows are padded with EOS to the longest only: nothing after a row's EOT can
+        change its EOT feature."""
+        length = max(len(r) for r in rows)
+        return torch.tensor([list(r) + [self.eos_token_id] * (length - len(r)) for r in rows])
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """Input token embeddings (B, L, W) of the text tower, before positions are added."""

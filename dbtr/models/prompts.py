@@ -1,6 +1,7 @@
 """TaI-DPT's double-grained prompts (docs/method.md §4): two learned CoOp contexts, through the frozen CLIP.
 
     prompt_c = [SOS] ctx_1 .. ctx_n {class name} . [EOS]        n = 16 learned token embeddings
+    (a tokenizer without a start token, SigLIP's: ctx_1 .. ctx_n {class name} [EOS], padded as it pads)
     T_g = norm(TextEnc(ctx_global ⊕ name_c)),  T_l = norm(TextEnc(ctx_local ⊕ name_c))       (C, D) each
 
 The contexts are the only parameters; CLIP stays frozen and gradients reach the contexts through it. The
@@ -45,10 +46,12 @@ class PromptLearner(nn.Module):
         tok = encoder.tokenizer
         width = encoder.text_width
         rows = []
+        self.lead = _leading_specials(tok, tok("a")["input_ids"])  # 1: [SOS] comes first; 0: none
         for name in class_names:
             ids = tok(f"{prompt_name(name)}.")["input_ids"]  # [SOS] name . [EOS]
-            # the context slots hold SOS ids as placeholders (never read; any id but EOS, which marks the EOT)
-            row = ids[:1] * (1 + n_ctx) + ids[1:]
+            # the context slots hold the first id as placeholders (never read; SOS, or SigLIP's first name
+            # token: any id but EOS, which marks CLIP's EOT)
+            row = ids[: self.lead] + ids[:1] * n_ctx + ids[self.lead :]
             if len(row) > encoder.max_length:
                 raise ConfigError(
                     f"the prompt of class {name!r} has {len(row)} tokens with n_ctx={n_ctx} context tokens, "
@@ -56,10 +59,8 @@ class PromptLearner(nn.Module):
                     "shorten the class name"
                 )
             rows.append(row)
-        # Causal text tower: nothing after the longest prompt's EOT matters, so sequences stop there.
-        length = max(len(r) for r in rows)
-        eos = encoder.eos_token_id
-        ids = torch.tensor([r + [eos] * (length - len(r)) for r in rows])
+        # CLIP's causal tower: EOS to the longest prompt; SigLIP's: pads to its full length (encoder.pad_ids)
+        ids = encoder.pad_ids(rows)
         self.register_buffer("token_ids", ids, persistent=False)
         self.register_buffer("eot_index", encoder.eot_index(ids), persistent=False)
         self.n_ctx, self.class_specific = int(n_ctx), bool(class_specific)
@@ -70,7 +71,8 @@ class PromptLearner(nn.Module):
     def _init(self, encoder, shape: tuple[int, ...], ctx_init: str | None, std: float) -> Tensor:
         if not ctx_init:
             return torch.randn(shape) * std
-        ids = encoder.tokenizer(ctx_init)["input_ids"][1:-1]  # without SOS / EOS
+        ids = encoder.tokenizer(ctx_init)["input_ids"]
+        ids = ids[self.lead : -1 if ids and ids[-1] == encoder.eos_token_id else None]  # without SOS / EOS
         if len(ids) != self.n_ctx:
             raise ConfigError(
                 f"model.prompts.ctx_init {ctx_init!r} has {len(ids)} tokens but "
@@ -87,7 +89,8 @@ class PromptLearner(nn.Module):
         ctx = ctx.to(device=tokens.device, dtype=tokens.dtype)
         if ctx.dim() == 2:
             ctx = ctx.expand(tokens.shape[0], -1, -1)
-        return torch.cat([tokens[:, :1], ctx, tokens[:, 1 + self.n_ctx :]], dim=1)
+        lead = self.lead
+        return torch.cat([tokens[:, :lead], ctx, tokens[:, lead + self.n_ctx :]], dim=1)
 
     def forward(self, encoder) -> tuple[Tensor, Tensor]:
         """``(T_g, T_l)``, each (C, D), L2-normalised float32; one text-tower pass for both prompt sets."""
@@ -103,3 +106,9 @@ class PromptLearner(nn.Module):
     def version(self) -> tuple:
         """Changes whenever a context is modified in place (optimizer step, load_state_dict) or moved."""
         return tuple((p._version, p.data_ptr(), p.device) for p in (self.ctx_global, self.ctx_local))
+
+
+def _leading_specials(tokenizer, ids: Sequence[int]) -> int:
+    """How many start tokens the tokenizer puts before the text: 1 for CLIP's SOS, 0 for SigLIP's (none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos is not None and len(ids) > 0 and ids[0] == bos)

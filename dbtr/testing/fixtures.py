@@ -55,10 +55,11 @@ def make_tiny_dataset(
     num_test: int = 64,
     image_size: int = 32,
     clip: bool = True,
+    siglip: bool = False,
 ) -> Path:
     """Write ``classes.txt``, ``captions.jsonl``, ``images/``, ``val.jsonl``, ``test.jsonl`` and ``clip/``
-    under ``root``."""
-    from dbtr.models.tiny import save_random_clip
+    under ``root`` (and with ``siglip`` a random SigLIP in ``siglip/``, for ``clip=tiny_siglip``)."""
+    from dbtr.models.tiny import save_random_clip, save_random_siglip
 
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -85,9 +86,11 @@ def make_tiny_dataset(
     atomic_write_text(root / "captions.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
     for split, rows in splits.items():
         atomic_write_text(root / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    corpus = [c["text"] for c in captions] + [t.format(c) for c in classes for t in IMAGENET_TEMPLATES]
     if clip:
-        corpus = [c["text"] for c in captions] + [t.format(c) for c in classes for t in IMAGENET_TEMPLATES]
         save_random_clip(root / "clip", corpus, seed=seed, vocab_size=600, vision_image_size=image_size)
+    if siglip:
+        save_random_siglip(root / "siglip", corpus, seed=seed, vocab_size=600, vision_image_size=image_size)
     return root
 
 
@@ -95,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--siglip", action="store_true", help="also a random SigLIP (clip=tiny_siglip)")
     args = parser.parse_args(argv)
-    path = make_tiny_dataset(args.out, seed=args.seed)
-    print(f"tiny dataset and random-weight CLIP written to {path}")
+    path = make_tiny_dataset(args.out, seed=args.seed, siglip=args.siglip)
+    print(f"tiny dataset and random-weight CLIP{' and SigLIP' if args.siglip else ''} written to {path}")
 
 
 if __name__ == "__main__":
