@@ -5,7 +5,9 @@ L2-normalised. Dense image features follow docs/method.md §2.2: the last vision
 for the patch tokens (``naive`` = standard block, ``maskclip`` = identity attention, ``clearclip`` =
 q-q attention; the last two drop the residual and the MLP), while the global embedding is the
 untouched CLS path. Running the first L-1 blocks once and splitting only the last block keeps the
-cost of global + dense features at about one ordinary image forward.
+cost of global + dense features at about one ordinary image forward. ``tagclip`` (TagCLIP, docs/tagclip.md)
+is the standard block with self-only attention, and also returns DMAR's patch affinity from the attention
+maps of every block.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ from dbtr.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-DenseMode = Literal["naive", "maskclip", "clearclip"]
-DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip")
+DenseMode = Literal["naive", "maskclip", "clearclip", "tagclip"]
+DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip", "tagclip")
+# dense modes whose ImageEmbeddings carry a patch affinity (TagCLIP's DMAR)
+AFFINITY_DENSE_MODES: tuple[str, ...] = ("tagclip",)
+# TagCLIP's additive mask on the last block's attention off the diagonal (its clip/clip_model.py): finite, so
+# a token still attends a little to the others when its own score is far below theirs
+SELF_ONLY_MASK = -100.0
 
 
 class ClipWeightsNotFound(UserError, FileNotFoundError):
@@ -46,10 +53,12 @@ class TextEmbeddings:
 
 @dataclass
 class ImageEmbeddings:
-    """Projected image features: ``image_embeds`` (B, D) and ``patch_embeds`` (B, N, D)."""
+    """Projected image features: ``image_embeds`` (B, D) and ``patch_embeds`` (B, N, D); ``patch_affinity``
+    (B, N, N) for the dense modes of ``AFFINITY_DENSE_MODES``, else None."""
 
     image_embeds: Tensor
     patch_embeds: Tensor
+    patch_affinity: Tensor | None = None
 
 
 def _missing_weights_message(name_or_path: str, err: Exception) -> str:
@@ -315,6 +324,16 @@ class ClipEncoder(nn.Module):
         return int(self.model.config.vision_config.image_size)
 
     @property
+    def learned_logit_scale(self) -> float:
+        """CLIP's own similarity scale exp(logit_scale) (100 for OpenAI's released models)."""
+        return float(self.model.logit_scale.exp())
+
+    @property
+    def has_patch_affinity(self) -> bool:
+        """Whether ``encode_image`` returns a patch affinity (TagCLIP's DMAR, ``dense=tagclip``)."""
+        return self.dense in AFFINITY_DENSE_MODES
+
+    @property
     def text_width(self) -> int:
         """Width of the text tower's token embeddings (what learned prompt contexts are made of)."""
         return int(self.model.config.text_config.hidden_size)
@@ -441,14 +460,21 @@ class ClipEncoder(nn.Module):
         interpolate = tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size)
         x = vm.pre_layrnorm(vm.embeddings(pixel_values, interpolate_pos_encoding=interpolate))
         layers = vm.encoder.layers
+        maps = [] if dense in AFFINITY_DENSE_MODES else None  # every block's attention, for DMAR
         for layer in layers[:-1]:
+            if maps is not None:
+                maps.append(_attention_map(layer, x))
             x = _layer_output(layer(x, None))
         cls_token, patches = _last_block(layers[-1], x, dense)
         image = self.model.visual_projection(vm.post_layernorm(cls_token))
         patch = self.model.visual_projection(vm.post_layernorm(patches))
         if normalize:
             image, patch = F.normalize(image, dim=-1), F.normalize(patch, dim=-1)
-        return ImageEmbeddings(image, patch)
+        if maps is None:
+            return ImageEmbeddings(image, patch)
+        from dbtr.models.tagclip import dmar_affinity
+
+        return ImageEmbeddings(image, patch, dmar_affinity([*maps, _attention_map(layers[-1], x)]))
 
 
 def _layer_output(out) -> Tensor:
@@ -474,6 +500,8 @@ def _last_block(layer: nn.Module, x: Tensor, dense: str) -> tuple[Tensor, Tensor
     cls_attn = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) * attn.scale, dim=-1)
     cls_h = x[:, 0] + attn.out_proj(_merge_heads(cls_attn @ v))[:, 0]
     cls_out = cls_h + layer.mlp(layer.layer_norm2(cls_h))
+    if dense == "tagclip":
+        return cls_out, _self_only_patches(layer, x, q, k, v)
     if dense == "naive":
         # The untouched block on every token (CALIP's ViT features).
         full = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
@@ -487,3 +515,22 @@ def _last_block(layer: nn.Module, x: Tensor, dense: str) -> tuple[Tensor, Tensor
         qq = F.scaled_dot_product_attention(q, q, v, scale=attn.scale)
         patches = attn.out_proj(_merge_heads(qq))[:, 1:]
     return cls_out, patches
+
+
+def _self_only_patches(layer: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """TagCLIP's last block on the patch tokens (B, N, W): the standard block, residual and MLP kept, with
+    ``(1 - I) * SELF_ONLY_MASK`` added to the attention scores over all N+1 tokens (CLS included)."""
+    attn = layer.self_attn
+    n = x.shape[1]
+    mask = (1.0 - torch.eye(n, device=x.device, dtype=q.dtype)) * SELF_ONLY_MASK
+    out = F.scaled_dot_product_attention(q[:, :, 1:], k, v, attn_mask=mask[1:], scale=attn.scale)
+    h = x[:, 1:] + attn.out_proj(_merge_heads(out))
+    return h + layer.mlp(layer.layer_norm2(h))
+
+
+def _attention_map(layer: nn.Module, x: Tensor) -> Tensor:
+    """The standard attention of ``layer`` on its input ``x``, averaged over heads: (B, N+1, N+1)."""
+    attn = layer.self_attn
+    y = layer.layer_norm1(x)
+    q, k = (_heads(proj(y), attn.num_heads) for proj in (attn.q_proj, attn.k_proj))
+    return torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1).mean(1)
