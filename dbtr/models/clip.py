@@ -5,9 +5,7 @@ L2-normalised. Dense image features follow docs/method.md §2.2: the last vision
 for the patch tokens (``naive`` = standard block, ``maskclip`` = identity attention, ``clearclip`` =
 q-q attention; the last two drop the residual and the MLP), while the global embedding is the
 untouched CLS path. Running the first L-1 blocks once and splitting only the last block keeps the
-cost of global + dense features at about one ordinary image forward. ``tagclip`` (TagCLIP, docs/tagclip.md)
-is the standard block with self-only attention, and also returns DMAR's patch affinity from the attention
-maps of every block.
+cost of global + dense features at about one ordinary image forward.
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ log = logging.getLogger(__name__)
 
 DenseMode = Literal["naive", "maskclip", "clearclip", "tagclip"]
 DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip", "tagclip")
-# dense modes whose ImageEmbeddings carry a patch affinity (TagCLIP's DMAR)
+# dense modes whose ImageEmbeddings also carry a patch affinity: ``tagclip`` (TagCLIP, docs/tagclip.md) is the
+# standard last block with self-only attention, plus DMAR's affinity from the attention maps of every block
 AFFINITY_DENSE_MODES: tuple[str, ...] = ("tagclip",)
 # TagCLIP's additive mask on the last block's attention off the diagonal (its clip/clip_model.py): finite, so
 # a token still attends a little to the others when its own score is far below theirs
