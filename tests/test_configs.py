@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dbtr.models.heads import DualBranchHead
+from dbtr.models.tagclip import TagClipHead
 from dbtr.utils.hydra_utils import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)
@@ -96,8 +97,12 @@ def test_experiment_resolves_and_names_its_runs(experiment, entry):
 @pytest.mark.parametrize("model", MODELS)
 def test_model_config_builds_head(model):
     cfg = _compose("train.yaml", [f"model={model}"])
-    head = DualBranchHead(6, 32, **OmegaConf.to_container(cfg.model.head))
-    training_free = model.startswith(("zsclip", "calip", "sparc"))
+    kwargs = OmegaConf.to_container(cfg.model.head)
+    if cfg.model.get("head_type") == "tagclip":  # its logit_scale null is CLIP's own, set by the lit module
+        head = TagClipHead([f"class{i}" for i in range(6)], 32, **{**kwargs, "logit_scale": 100.0})
+    else:
+        head = DualBranchHead(6, 32, **kwargs)
+    training_free = model.startswith(("zsclip", "calip", "tagclip", "sparc"))
     learns_prompts = (
         cfg.model.get("prompts") is not None
     )  # the contexts are built with CLIP (tests/test_prompts.py)

@@ -5,6 +5,7 @@ Captions, per (text tower, tokenizer, corpus, max length), in ``<root>/captions-
 Images, per (image tower, dense mode, preprocessing, image list with file sizes and modification times), in
 ``<root>/images-<key>/``:
     image_embeds.npy (N, D) fp16 | patch_embeds.npy (N, P, D) fp16 | ok.npy (N,) bool (False: undecodable)
+    | patch_affinity.npy (N, P, P) fp16, only for an encoder with a patch affinity (``clip.dense=tagclip``)
 Each folder has a meta.json (format version, the full key, shapes, a BLAKE2 checksum per array) and is
 published in one rename once complete; when two jobs build the same entry at once the first rename wins.
 Arrays are memory-mapped on read. An entry whose meta.json is malformed, or whose arrays do not match it (a
@@ -265,11 +266,26 @@ _IMAGES = _Kind(
 )
 
 
+# the same entries plus TagCLIP's patch affinity (its encoder's dense mode is part of the key)
+_IMAGES_WITH_AFFINITY = _Kind(
+    "image",
+    (*IMAGE_ARRAYS, "patch_affinity"),
+    _IMAGES.sizes,
+    lambda m: {
+        **_IMAGES.shapes(m),
+        "patch_affinity": (m["num_images"], m["num_patches"], m["num_patches"]),
+    },
+)
+
+
 def _image_features(arrays: dict):
     from dbtr.data.images import ImageFeatures
 
     ok = np.asarray(arrays["ok"], dtype=bool)
-    return ImageFeatures(arrays["image_embeds"], arrays["patch_embeds"], np.flatnonzero(ok)), ok
+    features = ImageFeatures(
+        arrays["image_embeds"], arrays["patch_embeds"], np.flatnonzero(ok), arrays.get("patch_affinity")
+    )
+    return features, ok
 
 
 def load_image_features(folder: Path, key: str, verify: bool = True):
@@ -292,6 +308,7 @@ def cached_image_features(encoder, loader, root: str | os.PathLike, progress: st
 
     records, transform = loader.dataset.records, loader.dataset.transform
     key = image_cache_key(encoder, records, transform)
+    affinity = getattr(encoder, "has_patch_affinity", False)
 
     def fill(tmp: Path) -> dict:
         dim = encoder.embed_dim
@@ -301,6 +318,9 @@ def cached_image_features(encoder, loader, root: str | os.PathLike, progress: st
             open_memmap(tmp / "image_embeds.npy", "w+", np.float16, (n, dim)),
             open_memmap(tmp / "patch_embeds.npy", "w+", np.float16, (n, side * side, dim)),
         )
+        if affinity:
+            p = side * side
+            out = (*out, open_memmap(tmp / "patch_affinity.npy", "w+", np.float16, (n, p, p)))
         _, ok = encode_image_features(encoder, loader, out=out, progress=progress)
         for arr in out:
             arr.flush()
@@ -315,5 +335,6 @@ def cached_image_features(encoder, loader, root: str | os.PathLike, progress: st
             "dense": encoder.dense,
         }
 
-    arrays, status = _load_or_build(Path(root) / f"images-{key[:24]}", key, _IMAGES, fill)
+    kind = _IMAGES_WITH_AFFINITY if affinity else _IMAGES
+    arrays, status = _load_or_build(Path(root) / f"images-{key[:24]}", key, kind, fill)
     return (*_image_features(arrays), status)

@@ -327,6 +327,7 @@ class ImageFeatures:
     image_embeds: Any  # (M, D)
     patch_embeds: Any  # (M, P, D)
     rows: np.ndarray | None = None
+    patch_affinity: Any = None  # (M, P, P) when the encoder computes one (TagCLIP's DMAR), else None
 
 
 @torch.no_grad()
@@ -336,14 +337,14 @@ def encode_image_features(
     """Run the frozen image tower once over ``loader`` (an ImageDataset in order).
 
     Returns the features and the boolean ``ok`` per image (False: undecodable, skipped). With ``out`` (two
-    preallocated (N, D) / (N, P, D) arrays, e.g. memory maps) rows are written in place as they come, so a
-    large split never has to fit in memory.
+    preallocated (N, D) / (N, P, D) arrays, e.g. memory maps, and a third (N, P, P) one for an encoder with a
+    patch affinity) rows are written in place as they come, so a large split never has to fit in memory.
     """
     from dbtr.utils.progress import track
 
     n = len(loader.dataset)
     ok = np.zeros(n, dtype=bool)
-    glob, dense = [], []
+    glob, dense, affinity = [], [], []
     batches = loader if progress is None else track(loader, f"encoding {n} {progress}", total=len(loader))
     if True:
         for batch in batches:
@@ -352,17 +353,22 @@ def encode_image_features(
             ok[idx] = good
             if good.any():
                 emb = encoder.encode_image(batch["pixel_values"][torch.from_numpy(good)].to(encoder.device))
+                arrays = [emb.image_embeds, emb.patch_embeds]
+                if emb.patch_affinity is not None:
+                    arrays.append(emb.patch_affinity)
                 if out is None:
-                    glob.append(emb.image_embeds.to("cpu", torch.float32))
-                    dense.append(emb.patch_embeds.to("cpu", torch.float32))
+                    for kept, array in zip((glob, dense, affinity), arrays):
+                        kept.append(array.to("cpu", torch.float32))
                 else:
-                    out[0][idx[good]] = emb.image_embeds.to("cpu", torch.float32).numpy().astype(out[0].dtype)
-                    out[1][idx[good]] = emb.patch_embeds.to("cpu", torch.float32).numpy().astype(out[1].dtype)
+                    for target, array in zip(out, arrays):
+                        target[idx[good]] = array.to("cpu", torch.float32).numpy().astype(target.dtype)
     if out is not None:
-        return ImageFeatures(out[0], out[1], np.flatnonzero(ok)), ok
+        return ImageFeatures(out[0], out[1], np.flatnonzero(ok), out[2] if len(out) > 2 else None), ok
     if not glob:
         raise ImageDecodeError(f"none of the {n} images could be decoded")
-    return ImageFeatures(torch.cat(glob), torch.cat(dense), None), ok
+    return ImageFeatures(
+        torch.cat(glob), torch.cat(dense), None, torch.cat(affinity) if affinity else None
+    ), ok
 
 
 def _as_float_tensor(x) -> Tensor:
@@ -381,12 +387,15 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r = int(self.rows[i])
-        return {
+        item = {
             "image_embeds": _as_float_tensor(self.features.image_embeds[r]),
             "patch_embeds": _as_float_tensor(self.features.patch_embeds[r]),
             "labels": torch.from_numpy(self.records.labels[i].astype(np.int64)),
             "index": i,
         }
+        if self.features.patch_affinity is not None:
+            item["patch_affinity"] = _as_float_tensor(self.features.patch_affinity[r])
+        return item
 
 
 def describe(records: ImageRecords) -> dict:

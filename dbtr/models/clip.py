@@ -28,10 +28,16 @@ from dbtr.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-DenseMode = Literal["naive", "maskclip", "clearclip", "sclip", "naclip"]
-DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip", "sclip", "naclip")
+DenseMode = Literal["naive", "maskclip", "clearclip", "sclip", "naclip", "tagclip"]
+DENSE_MODES: tuple[str, ...] = ("naive", "maskclip", "clearclip", "sclip", "naclip", "tagclip")
 # NACLIP's default std of its neighbourhood prior, in patches (sinahmr/NACLIP naclip.py, gaussian_std=5.).
 NACLIP_STD = 5.0
+# dense modes whose ImageEmbeddings also carry a patch affinity: ``tagclip`` (TagCLIP, docs/tagclip.md) is the
+# standard last block with self-only attention, plus DMAR's affinity from the attention maps of every block
+AFFINITY_DENSE_MODES: tuple[str, ...] = ("tagclip",)
+# TagCLIP's additive mask on the last block's attention off the diagonal (its clip/clip_model.py): finite, so
+# a token still attends a little to the others when its own score is far below theirs
+SELF_ONLY_MASK = -100.0
 
 
 def _check_dense(dense: str) -> None:
@@ -39,7 +45,8 @@ def _check_dense(dense: str) -> None:
         raise ConfigError(
             f"clip.dense={dense} is not a dense mode of a ViT CLIP; choose one of: {', '.join(DENSE_MODES)} "
             f"(standard last block / identity attention / q-q attention / q-q + k-k attention / k-k "
-            f"attention with a neighbourhood prior, docs/method.md §2.2)"
+            f"attention with a neighbourhood prior / self-only attention with residual and MLP (TagCLIP), "
+            f"docs/method.md §2.2)"
         )
 
 
@@ -59,10 +66,12 @@ class TextEmbeddings:
 
 @dataclass
 class ImageEmbeddings:
-    """Projected image features: ``image_embeds`` (B, D) and ``patch_embeds`` (B, N, D)."""
+    """Projected image features: ``image_embeds`` (B, D) and ``patch_embeds`` (B, N, D); ``patch_affinity``
+    (B, N, N) for the dense modes of ``AFFINITY_DENSE_MODES``, else None."""
 
     image_embeds: Tensor
     patch_embeds: Tensor
+    patch_affinity: Tensor | None = None
 
 
 def _missing_weights_message(name_or_path: str, err: Exception) -> str:
@@ -398,6 +407,16 @@ class ClipEncoder(nn.Module):
         return int(self.model.config.vision_config.image_size)
 
     @property
+    def learned_logit_scale(self) -> float:
+        """CLIP's own similarity scale exp(logit_scale) (100 for OpenAI's released models)."""
+        return float(self.model.logit_scale.exp())
+
+    @property
+    def has_patch_affinity(self) -> bool:
+        """Whether ``encode_image`` returns a patch affinity (TagCLIP's DMAR, ``dense=tagclip``)."""
+        return self.dense in AFFINITY_DENSE_MODES
+
+    @property
     def text_width(self) -> int:
         """Width of the text tower's token embeddings (what learned prompt contexts are made of)."""
         return int(self.model.config.text_config.hidden_size)
@@ -533,14 +552,21 @@ class ClipEncoder(nn.Module):
         # the patch grid (rows, columns) of the stride-p patch convolution, row-major in x[:, 1:]
         grid = (pixel_values.shape[-2] // self.dense_stride, pixel_values.shape[-1] // self.dense_stride)
         layers = vm.encoder.layers
+        maps = [] if dense in AFFINITY_DENSE_MODES else None  # every block's attention, for DMAR
         for layer in layers[:-1]:
+            if maps is not None:
+                maps.append(_attention_map(layer, x))
             x = _layer_output(layer(x, None))
         cls_token, patches = _last_block(layers[-1], x, dense, grid)
         image = self.model.visual_projection(vm.post_layernorm(cls_token))
         patch = self.model.visual_projection(vm.post_layernorm(patches))
         if normalize:
             image, patch = F.normalize(image, dim=-1), F.normalize(patch, dim=-1)
-        return ImageEmbeddings(image, patch)
+        if maps is None:
+            return ImageEmbeddings(image, patch)
+        from dbtr.models.tagclip import dmar_affinity
+
+        return ImageEmbeddings(image, patch, dmar_affinity([*maps, _attention_map(layers[-1], x)]))
 
 
 def _layer_output(out) -> Tensor:
@@ -581,6 +607,8 @@ def _last_block(layer: nn.Module, x: Tensor, dense: str, grid: tuple[int, int]) 
     cls_attn = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) * attn.scale, dim=-1)
     cls_h = x[:, 0] + attn.out_proj(_merge_heads(cls_attn @ v))[:, 0]
     cls_out = cls_h + layer.mlp(layer.layer_norm2(cls_h))
+    if dense == "tagclip":
+        return cls_out, _self_only_patches(layer, x, q, k, v)
     if dense == "naive":
         # The untouched block on every token (CALIP's ViT features).
         full = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
@@ -610,3 +638,22 @@ def _last_block(layer: nn.Module, x: Tensor, dense: str, grid: tuple[int, int]) 
     else:
         raise ValueError(f"unknown dense mode {dense!r}")  # _check_dense guards the public entry points
     return cls_out, patches
+
+
+def _self_only_patches(layer: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """TagCLIP's last block on the patch tokens (B, N, W): the standard block, residual and MLP kept, with
+    ``(1 - I) * SELF_ONLY_MASK`` added to the attention scores over all N+1 tokens (CLS included)."""
+    attn = layer.self_attn
+    n = x.shape[1]
+    mask = (1.0 - torch.eye(n, device=x.device, dtype=q.dtype)) * SELF_ONLY_MASK
+    out = F.scaled_dot_product_attention(q[:, :, 1:], k, v, attn_mask=mask[1:], scale=attn.scale)
+    h = x[:, 1:] + attn.out_proj(_merge_heads(out))
+    return h + layer.mlp(layer.layer_norm2(h))
+
+
+def _attention_map(layer: nn.Module, x: Tensor) -> Tensor:
+    """The standard attention of ``layer`` on its input ``x``, averaged over heads: (B, N+1, N+1)."""
+    attn = layer.self_attn
+    y = layer.layer_norm1(x)
+    q, k = (_heads(proj(y), attn.num_heads) for proj in (attn.q_proj, attn.k_proj))
+    return torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1).mean(1)

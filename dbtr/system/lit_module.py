@@ -24,6 +24,7 @@ from dbtr.metrics import RowCollector, ScoreCollector
 from dbtr.models.clip import ClipEncoder
 from dbtr.models.heads import DualBranchHead, HeadOutput
 from dbtr.models.prompts import PromptLearner
+from dbtr.models.tagclip import TagClipHead
 from dbtr.system.checkpoint import (
     CheckpointMismatchError,
     check_state_dict,
@@ -48,6 +49,8 @@ warnings.filterwarnings(
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model.head_type: the dual-branch head (every model of the paper's table) or TagCLIP's training-free head
+HEAD_TYPES = ("dual", "tagclip")
 __all__ = ["CheckpointMismatchError", "DbtrLitModule", "attention_grid", "residual_columns"]
 
 
@@ -107,6 +110,10 @@ class DbtrLitModule(L.LightningModule):
         (TaI-DPT): learned prompts then give the branches' class embeddings instead of T0; None = no prompt
         learning.
     :param encoder: an already built :class:`ClipEncoder` (tests, notebooks); not saved in the checkpoint.
+    :param head_type: ``dual`` (:class:`DualBranchHead`) or ``tagclip`` (:class:`TagClipHead`, training-free;
+        ``head`` then holds its arguments and ``logit_scale: null`` means CLIP's learned one).
+    :param dense: the dense mode this model needs (``tagclip``): it replaces ``clip.dense``; None = use
+        ``clip.dense``.
     """
 
     def __init__(
@@ -126,6 +133,8 @@ class DbtrLitModule(L.LightningModule):
         ensemble: dict[str, Any] | None = None,
         encoder: ClipEncoder | None = None,
         prompts: dict[str, Any] | None = None,
+        head_type: str = "dual",
+        dense: str | None = None,
     ):
         super().__init__()
         class_names = validate_class_names(class_names, source="model class_names")
@@ -133,10 +142,14 @@ class DbtrLitModule(L.LightningModule):
         clip = dict(clip)
         if clip.get("dtype", "float32") not in _DTYPES:
             raise ConfigError(f"clip.dtype must be one of {sorted(_DTYPES)}, got {clip.get('dtype')!r}")
+        if head_type not in HEAD_TYPES:
+            raise ConfigError(f"model.head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+        if dense is not None:
+            _check_model_dense(dense, clip, encoder)
         if encoder is None:
             encoder = ClipEncoder.from_pretrained(
                 clip["name_or_path"],
-                dense=clip.get("dense", "clearclip"),
+                dense=dense or clip.get("dense", "clearclip"),
                 max_length=clip.get("max_length"),
                 torch_dtype=_DTYPES[clip.get("dtype", "float32")],
                 attn_implementation=clip.get("attn_implementation"),
@@ -144,10 +157,20 @@ class DbtrLitModule(L.LightningModule):
             )
         self.encoder = encoder
         self.class_names = list(class_names)
-        prompt_learner = None if prompts is None else PromptLearner(encoder, class_names, **prompts)
-        self.head = DualBranchHead(
-            len(class_names), encoder.embed_dim, prompts=prompt_learner, **(head or {})
-        )
+        if head_type == "tagclip":
+            if prompts is not None:
+                raise ConfigError(
+                    "model.prompts (learned prompts) cannot be used with the training-free TagCLIP head"
+                )
+            kwargs = dict(head or {})
+            if kwargs.get("logit_scale") is None:
+                kwargs["logit_scale"] = encoder.learned_logit_scale
+            self.head = TagClipHead(class_names, encoder.embed_dim, **kwargs)
+        else:
+            prompt_learner = None if prompts is None else PromptLearner(encoder, class_names, **prompts)
+            self.head = DualBranchHead(
+                len(class_names), encoder.embed_dim, prompts=prompt_learner, **(head or {})
+            )
         self._bases_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self.loss_fn = get_loss(loss)
         self.loss_kwargs = dict(loss_kwargs or {})
@@ -218,7 +241,9 @@ class DbtrLitModule(L.LightningModule):
     def ensure_class_embeddings(self) -> None:
         """Build T0 from the frozen text encoder once per class list (cheap to redo, so never saved)."""
         if not bool(self.head.class_embeds_ready):
-            t0 = build_class_embeddings(self.encoder, self.class_names, self.templates)
+            # TagCLIP's head also softmaxes against its background words (embedded after the classes)
+            names = [*self.class_names, *getattr(self.head, "background_names", ())]
+            t0 = build_class_embeddings(self.encoder, names, self.templates)
             self.head.set_class_embeddings(t0.to(self.head.class_embeds.device))
 
     def setup(self, stage: str) -> None:
@@ -278,25 +303,36 @@ class DbtrLitModule(L.LightningModule):
         return result
 
     # --------------------------------------------------------------- inference
-    def features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None, str]:
-        """(global, local, mask, modality) from cached features, token ids or pixels."""
+    def features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None, str, Tensor | None]:
+        """(global, local, mask, modality, patch affinity or None) from cached features, token ids or
+        pixels."""
         if "image_embeds" in batch:
-            return batch["image_embeds"], batch["patch_embeds"], None, "image"
+            return batch["image_embeds"], batch["patch_embeds"], None, "image", batch.get("patch_affinity")
         if "pixel_values" in batch:
             out = self.encoder.encode_image(batch["pixel_values"])
-            return out.image_embeds, out.patch_embeds, None, "image"
+            return out.image_embeds, out.patch_embeds, None, "image", out.patch_affinity
         if "text_embeds" in batch:
-            return batch["text_embeds"], batch["token_embeds"], batch["attention_mask"], "text"
+            return batch["text_embeds"], batch["token_embeds"], batch["attention_mask"], "text", None
         out = self.encoder.encode_text(batch["input_ids"], batch["attention_mask"])
-        return out.text_embeds, out.token_embeds, out.attention_mask, "text"
+        return out.text_embeds, out.token_embeds, out.attention_mask, "text", None
+
+    def _head_extras(self, affinity: Tensor | None) -> dict[str, Tensor | None]:
+        """The patch affinity for a head that reads it (TagCLIP's), nothing for the others."""
+        return {"affinity": affinity} if getattr(self.head, "consumes_affinity", False) else {}
+
+    def score(self, batch: dict[str, Tensor]) -> HeadOutput:
+        """The head's output on a batch (features from the batch or computed by the frozen CLIP)."""
+        g, loc, mask, modality, affinity = self.features(batch)
+        return self.head(
+            g, loc, mask, modality=modality, bases=self.branch_bases(), **self._head_extras(affinity)
+        )
 
     def forward(self, batch: dict[str, Tensor] | Tensor) -> HeadOutput:
         """Score a batch: a dict with ``pixel_values`` (or caption features / ids), or a pixel tensor."""
         if isinstance(batch, Tensor):
             batch = {"pixel_values": batch}
         self.ensure_class_embeddings()
-        g, loc, mask, modality = self.features(batch)
-        return self.head(g, loc, mask, modality=modality, bases=self.branch_bases())
+        return self.score(batch)
 
     @torch.no_grad()
     def attention_maps(self, pixel_values: Tensor) -> Tensor:
@@ -305,8 +341,11 @@ class DbtrLitModule(L.LightningModule):
         The head's own spatial softmax (``DualBranchHead.local_attention``), so each map sums to 1.
         """
         self.ensure_class_embeddings()
-        patches = self.encoder.encode_image(pixel_values).patch_embeds
-        return attention_grid(self.head.local_attention(patches, bases=self.branch_bases()))
+        out = self.encoder.encode_image(pixel_values)
+        extras = self._head_extras(out.patch_affinity)
+        return attention_grid(
+            self.head.local_attention(out.patch_embeds, bases=self.branch_bases(), **extras)
+        )
 
     # ---------------------------------------------------------------- training
     def branch_losses(self, out: HeadOutput, labels: Tensor) -> dict[str, Tensor]:
@@ -324,8 +363,7 @@ class DbtrLitModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        g, loc, mask, modality = self.features(batch)
-        out = self.head(g, loc, mask, modality=modality, bases=self.branch_bases())
+        out = self.score(batch)
         losses = self.branch_losses(out, batch["labels"])
         loss = sum(losses.values())
         bs = batch["labels"].shape[0]
@@ -339,8 +377,10 @@ class DbtrLitModule(L.LightningModule):
     # -------------------------------------------------------------- evaluation
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         self.ensure_class_embeddings()
-        g, loc, mask, modality = self.features(batch)
-        out = self.head(g, loc, mask, modality=modality, bases=self.branch_bases())
+        g, loc, mask, modality, affinity = self.features(batch)
+        out = self.head(
+            g, loc, mask, modality=modality, bases=self.branch_bases(), **self._head_extras(affinity)
+        )
         labels, idx = batch["labels"], batch.get("index")
         if self.text_model is not None:
             text = self.text_model
@@ -429,3 +469,26 @@ class DbtrLitModule(L.LightningModule):
             batches = len(self.trainer.datamodule.train_dataloader()) if self.trainer.datamodule else total
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
         return build_optimizer(params, self.optimizer_cfg, self.scheduler_cfg, total, steps_per_epoch)
+
+
+def _check_model_dense(dense: str, clip: dict[str, Any], encoder: ClipEncoder | None) -> None:
+    """``model.dense`` (a model's own dense mode) must be one the CLIP can compute."""
+    from dbtr.models.clip import DENSE_MODES
+    from dbtr.models.clip_resnet import RESNET_DENSE_MODES, ResNetClipEncoder, is_weights_file
+
+    resnet = isinstance(encoder, ResNetClipEncoder) or (
+        encoder is None and is_weights_file(str(clip.get("name_or_path") or ""))
+    )
+    if resnet and dense not in RESNET_DENSE_MODES:
+        raise ConfigError(
+            f"this model needs model.dense={dense}, a ViT dense mode (the last transformer block and its "
+            f"attention maps), but clip.name_or_path={clip.get('name_or_path')} is a ResNet CLIP (its dense "
+            f"modes: {', '.join(RESNET_DENSE_MODES)}); use a ViT CLIP, e.g. clip=vit_b16"
+        )
+    if dense not in DENSE_MODES:
+        raise ConfigError(f"model.dense must be null or one of {DENSE_MODES}, got {dense!r}")
+    if encoder is not None and encoder.dense != dense:
+        raise ConfigError(
+            f"this model needs model.dense={dense}, but the encoder it was given computes "
+            f"dense={encoder.dense}; build the encoder with dense={dense!r}"
+        )

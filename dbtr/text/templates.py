@@ -90,7 +90,20 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a tattoo of the {}.",
 )
 
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"simple": SIMPLE_TEMPLATES, "imagenet": IMAGENET_TEMPLATES}
+# TagCLIP's set (clip/clip.py encode_text_with_prompt_ensemble, from CLIP-ES): the 80 and five scene ones.
+TAGCLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + (
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "simple": SIMPLE_TEMPLATES,
+    "imagenet": IMAGENET_TEMPLATES,
+    "tagclip": TAGCLIP_TEMPLATES,
+}
 
 
 def get_templates(name_or_list: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
