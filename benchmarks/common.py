@@ -193,7 +193,7 @@ def build_model(name: str, encoder, class_names):
 def train_step(model, optimizer, batch) -> None:
     """One training step as DbtrLitModule.training_step runs it (head, both ranking losses, backward,
     update)."""
-    g, loc, mask, modality = model.features(batch)
+    g, loc, mask, modality, _ = model.features(batch)  # no head here reads the patch affinity
     out = model.head(g, loc, mask, modality=modality, bases=model.branch_bases())
     loss = sum(model.branch_losses(out, batch["labels"]).values())
     optimizer.zero_grad(set_to_none=True)
