@@ -84,3 +84,21 @@ def test_epoch_set_after_iter_still_orders_that_epoch():
     batches = iter(s)
     s.set_epoch(3)
     assert [b.tolist() for b in batches] == [b.tolist() for b in want]
+
+
+@pytest.mark.parametrize("n, batch, world", [(96, 64, 1), (100, 32, 4), (97, 8, 2)])
+def test_drop_last_leaves_out_the_incomplete_batch_and_keeps_the_rest(n, batch, world):
+    """TaI-DPT's caption loader drops the last incomplete batch: the full batches are as without it."""
+    for rank in range(world):
+        keep, drop = (GlobalBatchSampler(n, batch, world, rank, seed=5, drop_last=d) for d in (False, True))
+        for s in (keep, drop):
+            s.set_epoch(1)
+        full = [b.tolist() for b in keep][: n // batch]
+        assert [b.tolist() for b in drop] == full and len(drop) == n // batch == len(keep) - 1
+        assert all(len(b) == batch // world for b in full)
+
+
+def test_drop_last_keeps_a_single_incomplete_batch():
+    """As Dassl's loader (drop_last = len(data) >= batch): fewer captions than a batch still train."""
+    s = GlobalBatchSampler(5, 8, seed=0, drop_last=True)
+    assert len(s) == 1 and sorted(next(iter(s)).tolist()) == list(range(5))

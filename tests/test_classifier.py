@@ -22,6 +22,20 @@ def test_template_ensemble_is_mean_of_normalised_then_renormalised(encoder):
         torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_prompt_names_write_a_class_as_another_text(encoder):
+    templates = ["a photo of a {}.", "{} thing"]
+    got = build_class_embeddings(
+        encoder, ["red", "diningtable"], templates, prompt_names={"red": "purple box"}
+    )
+    torch.testing.assert_close(got[0], build_class_embeddings(encoder, ["purple box"], templates)[0])
+    # classes without an entry keep their label name, VOC's devkit names written as words
+    torch.testing.assert_close(got[1], build_class_embeddings(encoder, ["dining table"], templates)[0])
+    verbatim = build_class_embeddings(
+        encoder, ["diningtable"], templates, prompt_names={"diningtable": "diningtable"}
+    )
+    assert not torch.allclose(verbatim[0], got[1], atol=1e-4)
+
+
 def test_imagenet_set_has_80_distinct_templates():
     assert len(IMAGENET_TEMPLATES) == 80 == len(set(IMAGENET_TEMPLATES))
     assert all("{}" in t for t in IMAGENET_TEMPLATES)

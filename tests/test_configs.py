@@ -34,6 +34,10 @@ BENCHMARKS = {
     "nuswide_partial": ("NusWideDataModule", 81, "images"),
     "coco2014_seen_unseen": ("Coco2014DataModule", 48 + 17, "images"),
     "nuswide_seen_unseen": ("NusWideDataModule", 925 + 81, "images"),
+    # TaI-DPT's recipe (tests/test_taidpt_recipe.py checks its values)
+    "voc2007_zs": ("VOC2007DataModule", 20, "captions"),
+    "coco2014_zs": ("Coco2014DataModule", 80, "captions"),
+    "nuswide_zs": ("NusWideDataModule", 81, "captions"),
 }
 
 
@@ -64,7 +68,7 @@ def test_benchmark_experiment_builds_its_datamodule_and_head(experiment, entry):
     dm = instantiate(cfg.data)  # the constructors read no image or annotation file
     assert type(dm).__name__ == cls and dm.num_classes == num_classes and dm.train_on == train_on
     protocol = cfg.hydra.runtime.choices.protocol
-    assert experiment.endswith(protocol)
+    assert experiment.endswith(protocol) or (experiment.endswith("_zs") and protocol == "captions")
     if protocol == "partial":
         assert 0 < dm.label_proportion < 1
     if protocol == "seen_unseen":

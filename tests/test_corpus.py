@@ -13,6 +13,8 @@ from dbtr.data.corpus import (
     build_corpus,
     class_sentences,
     coco_captions,
+    corpus_prompt_names,
+    load_caption_ids,
     narratives,
     text_lines,
 )
@@ -42,6 +44,69 @@ def test_coco_captions_layout(tmp_path):
     f.write_text(json.dumps([1, 2]))
     with pytest.raises(DataFormatError, match="'annotations' list"):
         list(coco_captions(f))
+
+
+def _coco(tmp_path, captions: dict[int, str]):
+    f = tmp_path / "captions_train2017.json"
+    anns = [{"id": i, "image_id": 7, "caption": c} for i, c in captions.items()]
+    f.write_text(json.dumps({"annotations": anns}))
+    return f
+
+
+def test_coco_captions_restricted_to_an_id_list_in_its_order(tmp_path):
+    import pickle
+
+    f = _coco(tmp_path, {37: "A dog.", 5: "A cat.", 49: "Two dogs.", 89: "A kitten."})
+    ids = tmp_path / "sampled_idx.pkl"
+    ids.write_bytes(pickle.dumps([89, 37, 49], protocol=5))  # TaI-DPT's file: a pickled list of ints
+    assert [t for _, t in coco_captions(f, ids=ids)] == ["A kitten.", "A dog.", "Two dogs."]
+    txt = tmp_path / "ids.txt"
+    txt.write_text("5\n\n89\n")
+    assert [t for _, t in coco_captions(f, ids=txt)] == ["A cat.", "A kitten."]
+    (tmp_path / "ids.json").write_text("[49]")
+    assert load_caption_ids(tmp_path / "ids.json") == [49]
+    ids.write_bytes(pickle.dumps([89, 1000, 2000]))
+    with pytest.raises(
+        DataFormatError, match=r"2 of its 3 caption ids are not annotation ids .*\[1000, 2000\]"
+    ):
+        list(coco_captions(f, ids=ids))
+
+
+def test_caption_id_lists_that_could_run_code_or_are_malformed_are_refused(tmp_path):
+    import os
+    import pickle
+
+    bad = tmp_path / "evil.pkl"
+    bad.write_bytes(pickle.dumps(os.getcwd))  # a pickle that would call a function when loaded
+    with pytest.raises(DataFormatError, match="references posix.getcwd; only a plain list of integers"):
+        load_caption_ids(bad)
+    bad.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(DataFormatError, match="expected a caption id list"):
+        load_caption_ids(bad)
+    bad.write_bytes(pickle.dumps([3, 4, 3]))
+    with pytest.raises(DataFormatError, match="1 caption ids are listed more than once"):
+        load_caption_ids(bad)
+    (tmp_path / "ids.txt").write_text("12\nx\n")
+    with pytest.raises(DataFormatError, match="every line must be one integer"):
+        load_caption_ids(tmp_path / "ids.txt")
+    with pytest.raises(FileNotFoundError, match="coco_caption_text_embed_sampled_idx.pkl"):
+        load_caption_ids(tmp_path / "absent.pkl")
+
+
+def test_prompt_names_from_the_vocabulary_or_the_labels():
+    from dbtr.data.datamodule import TextToImageDataModule
+
+    spec = {"vocabulary": "taidpt_coco2014", "sources": []}
+    assert corpus_prompt_names(spec, ["person"]) is None  # default: labels
+    names = corpus_prompt_names({**spec, "prompt_names": "vocabulary"}, ["person", "motorcycle", "airplane"])
+    assert names == {"person": "person", "motorcycle": "motor bike", "airplane": "aeroplane"}
+    dm = TextToImageDataModule(corpus={"vocabulary": "taidpt_voc2007", "prompt_names": "vocabulary"})
+    assert dm.prompt_names["diningtable"] == "diningtable" and len(dm.prompt_names) == 20
+    assert TextToImageDataModule(corpus={"vocabulary": "voc2007"}).prompt_names is None
+    with pytest.raises(
+        ValueError, match="data.corpus.prompt_names=names is not allowed; choose one of: labels"
+    ):
+        TextToImageDataModule(corpus={"vocabulary": "voc2007", "prompt_names": "names"})
 
 
 def test_narratives_and_text_lines(tmp_path):

@@ -134,6 +134,34 @@ def test_clip_transform_resizes_short_side_and_centre_crops():
     assert float(x[:, :, 2:8].min()) > 0.95
 
 
+@pytest.mark.parametrize(
+    "w, h, resized, origin",
+    [
+        # torchvision Resize(224): long side int(224 * long / short), truncated (round() would give 299, 336)
+        (500, 375, (298, 224), (37, 0)),
+        (375, 500, (224, 298), (0, 37)),
+        (500, 333, (336, 224), (56, 0)),
+        # CenterCrop: int(round(slack / 2)), half to even: slack 75 -> 38 (floor would give 37), 73 -> 36
+        (299, 224, (299, 224), (38, 0)),
+        (297, 224, (297, 224), (36, 0)),
+        (224, 224, (224, 224), (0, 0)),
+        (640, 427, (335, 224), (56, 0)),
+    ],
+)
+def test_clip_transform_geometry_is_torchvisions(w, h, resized, origin):
+    """The size and crop box of OpenAI CLIP's / TaI-DPT's test transform (torchvision Resize + CenterCrop),
+    written out per case; the pixels are then exactly a bicubic resize to that size and that crop."""
+    from dbtr.data.images import crop_origin, resized_size
+
+    assert resized_size(w, h, 224) == resized and crop_origin(*resized, 224) == origin
+    rng = np.random.default_rng(w * h)
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    want = image if resized == (w, h) else image.resize(resized, Image.BICUBIC)
+    want = want.crop((origin[0], origin[1], origin[0] + 224, origin[1] + 224))
+    got = ClipImageTransform(224).crop(image)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_caption_features_cache_and_collate(encoder, tmp_path):
     f = _write(
         tmp_path / "c.jsonl",

@@ -180,3 +180,72 @@ def test_warmup_then_cosine_schedule(demo_dir, encoder):
     assert lrs[:3] == pytest.approx([1e-4] * 3)  # constant warm-up for one epoch
     assert lrs[3] == pytest.approx(1e-2)  # cosine starts at the base rate
     assert lrs[3] > lrs[4] > lrs[5] > lrs[-1] > 0
+
+
+def _dassl_lrs(lr: float, cons_lr: float, warmup: int, max_epoch: int, epochs: int) -> list[float]:
+    """Independent reference: the lr of each epoch under Dassl's ConstantWarmupScheduler wrapped around
+    torch's CosineAnnealingLR(T_max=max_epoch), stepped once at the end of every epoch (TaI-DPT's
+    update_lr)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(max_epoch))
+    opt.param_groups[0]["lr"], wrapper_epoch, out = cons_lr, 0, []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        if wrapper_epoch >= warmup:
+            cosine.step()  # the successor takes over
+        else:
+            wrapper_epoch += 1
+            opt.param_groups[0]["lr"] = cosine.get_last_lr()[0] if wrapper_epoch >= warmup else cons_lr
+    return out
+
+
+def test_dassl_factor_matches_its_scheduler_over_twenty_epochs():
+    from dbtr.system.optim import dassl_cosine_factor
+
+    want = _dassl_lrs(1e-4, 1e-5, 1, 20, 20)
+    got = [1e-4 * dassl_cosine_factor(e, 20, 1, 0.1) for e in range(20)]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert want[0] == pytest.approx(1e-5) and want[1] == pytest.approx(1e-4)
+    assert want[-1] == pytest.approx(1e-4 * 0.5 * (1 + torch.cos(torch.tensor(0.9 * torch.pi)).item()))
+
+
+def test_per_epoch_schedule_is_dassls(demo_dir, encoder):
+    dm = _datamodule(demo_dir)  # 96 captions / batch 32 = 3 steps per epoch
+    model = DbtrLitModule(
+        clip={"name_or_path": "x"},
+        class_names=dm.class_names,
+        templates="simple",
+        encoder=encoder,
+        optimizer={"name": "sgd", "lr": 1e-2},
+        scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4, "interval": "epoch"},
+    )
+    dm.attach_encoder(encoder)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(model, datamodule=dm)
+    per_epoch = [lrs[3 * e : 3 * e + 3] for e in range(4)]
+    assert all(len(set(steps)) == 1 for steps in per_epoch)  # set once per epoch
+    assert [steps[0] for steps in per_epoch] == pytest.approx(_dassl_lrs(1e-2, 1e-4, 1, 4, 4), rel=1e-9)
+
+
+def test_bad_schedule_interval_is_refused():
+    from dbtr.system.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="model.scheduler.interval must be one of step, epoch, got 'batch'"):
+        build_optimizer(params, None, {"interval": "batch"}, 10, 5)
+    with pytest.raises(ValueError, match="warmup_epochs must be a whole number"):
+        build_optimizer(params, None, {"interval": "epoch", "warmup_epochs": 0.5}, 10, 5)

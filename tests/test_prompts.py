@@ -52,6 +52,44 @@ def test_sixteen_token_contexts_set_to_real_tokens_reproduce_encode_text(encoder
     assert not torch.allclose(t_g, t_l, atol=1e-3)
 
 
+def test_prompt_names_are_written_in_place_of_the_class_names(encoder):
+    """TaI-DPT prompts its own class names (VOC's "diningtable" as it is): prompt_names replaces the text."""
+    n = _n_tokens(encoder, PHRASE)
+    pl = PromptLearner(encoder, NAMES, n_ctx=n, ctx_init=PHRASE, prompt_names={"diningtable": "diningtable"})
+    t_g, _ = pl(encoder)
+    ref = encoder.encode_texts([f"{PHRASE} red.", f"{PHRASE} purple box.", f"{PHRASE} diningtable."])
+    torch.testing.assert_close(t_g, ref, atol=1e-6, rtol=0)
+    assert not torch.allclose(t_g[2], _ref(encoder, PHRASE)[2], atol=1e-4)  # not "dining table"
+
+
+def test_model_prompt_names_reach_t0_and_the_prompts_and_bad_ones_are_refused(encoder):
+    model = DbtrLitModule(
+        clip={"name_or_path": "unused"},
+        class_names=NAMES,
+        templates="simple",
+        encoder=encoder,
+        prompts={"n_ctx": 4, "ctx_init": PHRASE},
+        prompt_names={"red": "purple box"},
+    )
+    model.ensure_class_embeddings()
+    t0 = encoder.encode_texts(
+        ["a photo of a purple box.", "a photo of a purple box.", "a photo of a dining table."]
+    )
+    torch.testing.assert_close(model.head.class_embeds, t0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        model.head.prompts(encoder)[0], _ref(encoder, PHRASE, ["purple box", *NAMES[1:]])
+    )
+    assert model.hparams["prompt_names"] == {
+        "red": "purple box"
+    }  # saved: checkpoints rebuild the same prompts
+    with pytest.raises(
+        ValueError, match=r"model prompt_names: the prompt text of \['red'\] must be a non-empty"
+    ):
+        DbtrLitModule(
+            clip={"name_or_path": "x"}, class_names=NAMES, encoder=encoder, prompt_names={"red": " "}
+        )
+
+
 def test_class_specific_contexts_give_each_class_its_own_prompt(encoder):
     contexts = ["a photo of a", "a red photo of", "of a blue photo"]
     assert {_n_tokens(encoder, c) for c in contexts} == {4}

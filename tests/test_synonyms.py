@@ -134,3 +134,66 @@ def test_coco_vocabulary_on_hand_labelled_captions(text, expected):
 
     coco = builtin_vocabulary("coco2014")
     assert [coco.class_names[i] for i in coco.match(text)] == sorted(expected, key=coco.class_names.index)
+
+
+# --------------------------------------------------------------- TaI-DPT's own lists (data.corpus.vocabulary)
+@pytest.mark.parametrize("dataset", ["voc2007", "coco2014", "nuswide"])
+def test_taidpt_lists_have_dbtrs_label_space_and_every_synonym_labels_its_class_alone(dataset):
+    from dbtr.text.synonyms import builtin_vocabulary
+
+    ours, theirs = builtin_vocabulary(dataset), builtin_vocabulary(f"taidpt_{dataset}")
+    assert theirs.class_names == ours.class_names  # same label columns as the dataset readers
+    for ci, (cls, syns) in enumerate(theirs.synonyms.items()):
+        for syn in syns:  # no synonym is swallowed by another class's longer phrase or shared inflection
+            assert theirs.match(f"there is a {syn} here") == [ci], (cls, syn)
+
+
+def test_taidpt_class_names_are_its_own():
+    """TaI-DPT's class names (datasets/data_helpers.py: voc_object_categories, the first synonym of each COCO
+    and NUS-WIDE list) are the vocabularies' first synonyms: what data.corpus.prompt_names=vocabulary
+    prompts."""
+    from dbtr.text.synonyms import builtin_vocabulary
+
+    voc, coco, nus = (builtin_vocabulary(f"taidpt_{n}") for n in ("voc2007", "coco2014", "nuswide"))
+    assert voc.prompt_names == voc.class_names  # the devkit names as they are: "diningtable", "tvmonitor"
+    assert voc.prompt_names[10] == "diningtable" and voc.prompt_names[13] == "motorbike"
+    differ = {c: p for c, p in zip(coco.class_names, coco.prompt_names) if c != p}
+    assert differ == {"motorcycle": "motor bike", "airplane": "aeroplane"}
+    assert nus.prompt_names == nus.class_names and nus.prompt_names[4] == "birds"
+    assert (len(voc.synonyms["bus"]), len(coco.synonyms["hair drier"]), len(nus.synonyms["earthquake"])) == (
+        9,
+        7,
+        4,
+    )
+
+
+@pytest.mark.parametrize(
+    "dataset, text, expected",
+    [
+        # phrases of TaI-DPT's own lists, each labelled by hand from them
+        ("voc2007", "a double decker drives past a man on a motor bike", ["bus", "motorbike", "person"]),
+        ("voc2007", "two puppies sleep on the couch next to the telly", ["dog", "sofa", "tvmonitor"]),
+        ("voc2007", "a bonsai on the dinner table", ["diningtable", "pottedplant"]),
+        ("voc2007", "a woman sits on a bench near the railroad", ["chair", "person", "train"]),
+        ("voc2007", "an air plane and a dinghy", ["aeroplane", "boat"]),
+        ("coco2014", "a teddy bear next to a bear", ["bear", "teddy bear"]),
+        ("coco2014", "a hot dog and a knapsack on the dining table", ["backpack", "hot dog", "dining table"]),
+        (
+            "coco2014",
+            "a man holds a tennis racket and a tennis ball",
+            ["person", "sports ball", "tennis racket"],
+        ),
+        ("coco2014", "a woman uses a blow dryer by the icebox", ["person", "hair drier", "refrigerator"]),
+        ("coco2014", "she uses a blow dryer", ["hair drier"]),  # "she" is no synonym of person in its list
+        ("coco2014", "a motorcycle parked by a fire tap", ["motorcycle", "fire hydrant"]),
+        ("nuswide", "swimmers in the sea under the clouds", ["clouds", "ocean", "swimmers"]),
+        ("nuswide", "a broken building after the earthquake", ["earthquake"]),
+        ("nuswide", "the bride and groom by the lake at night", ["lake", "nighttime", "wedding"]),
+        ("nuswide", "troops march down the street", ["military", "street"]),
+    ],
+)
+def test_taidpt_lists_on_hand_labelled_phrases(dataset, text, expected):
+    from dbtr.text.synonyms import builtin_vocabulary
+
+    vocab = builtin_vocabulary(f"taidpt_{dataset}")
+    assert [vocab.class_names[i] for i in vocab.match(text)] == sorted(expected, key=vocab.class_names.index)

@@ -70,8 +70,12 @@ def train(cfg: DictConfig, identity: dict[str, Any] | None = None) -> tuple[dict
     prepare_data_once(datamodule, trainer)  # generated datasets (the toy world) are built on first use
     timings["prepare_data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    subsets = {"class_subsets": datamodule.class_subsets} if datamodule.class_subsets else {}
-    model = instantiate(cfg.model, class_names=datamodule.class_names, **subsets)
+    # what the data says of its classes beyond their names: subsets (seen / unseen) and, with
+    # data.corpus.prompt_names=vocabulary, the text each class is prompted with
+    extra = {"class_subsets": datamodule.class_subsets} if datamodule.class_subsets else {}
+    if datamodule.prompt_names:
+        extra["prompt_names"] = datamodule.prompt_names
+    model = instantiate(cfg.model, class_names=datamodule.class_names, **extra)
     datamodule.attach_encoder(model.encoder)
     identity = {"choices": {}, "overrides": [], **(identity or run_identity())}
     model.run_info = {"task_name": cfg.task_name, "seed": cfg.seed, **identity}  # saved in every checkpoint

@@ -1,7 +1,8 @@
 """Caption sources for text-only training assembled into a labelled corpus (docs/method.md §5.1, §5.2).
 
 Sources yield ``(where, text)`` pairs, ``where`` being "file:line" (or file#index) for error messages:
-- ``coco_captions``: ``captions_train2017.json`` layout (``{"annotations": [{"caption": ...}, ...]}``);
+- ``coco_captions``: ``captions_train2017.json`` layout (``{"annotations": [{"caption": ...}, ...]}``),
+  optionally only the annotation ids listed in an ``ids`` file (TaI-DPT's sampled captions);
 - ``narratives``: OpenImages localized narratives JSON lines (``{"caption": ...}`` per line);
 - ``text_lines``: one caption per line;
 - ``class_sentences``: generated one-label sentences per class (TaI-DPT: "a photo of a {}." x N plus the
@@ -15,6 +16,7 @@ returns the records with a report of what was read, kept and dropped.
 from __future__ import annotations
 
 import os
+import pickle
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +27,15 @@ import numpy as np
 from dbtr.data.labels import signed_row
 from dbtr.text.synonyms import SynonymVocabulary
 from dbtr.text.templates import IMAGENET_TEMPLATES
-from dbtr.utils.errors import ConfigError
+from dbtr.utils.errors import ConfigError, choice_error
 from dbtr.utils.files import DataFormatError, iter_jsonl, iter_lines, load_json
 
 Caption = tuple[str, str]  # (where, text)
 
 
-def coco_captions(path: str | os.PathLike) -> Iterator[Caption]:
+def coco_captions(path: str | os.PathLike, ids: str | os.PathLike | None = None) -> Iterator[Caption]:
+    """Every caption of a COCO captions file, in file order; with ``ids`` (a file of annotation ids, see
+    :func:`load_caption_ids`) only those, in the ids file's order, each exactly once."""
     data = load_json(path, "a COCO captions file such as annotations/captions_train2017.json")
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
@@ -41,7 +45,65 @@ def coco_captions(path: str | os.PathLike) -> Iterator[Caption]:
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
             raise DataFormatError(f"{path}: annotations[{i}] has no string 'caption'")
-        yield f"{path}#annotations[{i}]", ann["caption"]
+    if ids is None:
+        for i, ann in enumerate(anns):
+            yield f"{path}#annotations[{i}]", ann["caption"]
+        return
+    wanted = load_caption_ids(ids)
+    by_id = {ann.get("id"): i for i, ann in enumerate(anns)}
+    absent = [a for a in wanted if a not in by_id]
+    if absent:
+        raise DataFormatError(
+            f"{ids}: {len(absent)} of its {len(wanted)} caption ids are not annotation ids of {path} "
+            f"(first: {absent[:5]}); the list must come from the same captions file (TaI-DPT's list is for "
+            "captions_train2017.json)"
+        )
+    for a in wanted:
+        i = by_id[a]
+        yield f"{path}#annotations[{i}] (id {a})", anns[i]["caption"]
+
+
+class _NoObjects(pickle.Unpickler):
+    """Unpickles plain data only: any class or function reference is refused, so nothing in the file runs."""
+
+    def find_class(self, module: str, name: str):
+        raise DataFormatError(f"it references {module}.{name}; only a plain list of integers is accepted")
+
+
+def load_caption_ids(path: str | os.PathLike) -> list[int]:
+    """Caption annotation ids: a ``.pkl`` / ``.pickle`` holding a plain list of integers (TaI-DPT's
+    ``coco_caption_text_embed_sampled_idx.pkl``, read without running code from it), a ``.json`` list, or a
+    text file with one id per line. Duplicates are refused (a caption would count twice)."""
+    path = Path(path)
+    what = "a caption id list: .pkl (a pickled list of ints), .json (a list) or .txt (one id per line)"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"caption id list not found: {path} (expected {what}; TaI-DPT's sampled COCO captions are "
+            "coco_caption_text_embed_sampled_idx.pkl in the root of github.com/guozix/TaI-DPT)"
+        )
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        try:
+            with path.open("rb") as fh:
+                ids = _NoObjects(fh).load()
+        except DataFormatError as err:
+            raise DataFormatError(f"{path}: {err}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            raise DataFormatError(f"{path}: not a readable pickle ({err}); expected {what}") from None
+    elif path.suffix.lower() == ".json":
+        ids = load_json(path, what)
+    else:
+        ids = [line.strip() for _, line in iter_lines(path) if line.strip()]
+        try:
+            ids = [int(x) for x in ids]
+        except ValueError:
+            raise DataFormatError(f"{path}: every line must be one integer caption id") from None
+    if not isinstance(ids, (list, tuple)) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in ids
+    ):
+        raise DataFormatError(f"{path}: expected {what}, got {type(ids).__name__} with non-integer items")
+    if len(set(ids)) != len(ids):
+        raise DataFormatError(f"{path}: {len(ids) - len(set(ids))} caption ids are listed more than once")
+    return list(ids)
 
 
 def narratives(path: str | os.PathLike) -> Iterator[Caption]:
@@ -203,6 +265,24 @@ def resolve_vocabulary(vocabulary: str | os.PathLike) -> SynonymVocabulary:
     if str(vocabulary) in BUILTIN_VOCABULARIES:
         return builtin_vocabulary(str(vocabulary))
     return load_vocabulary(vocabulary)
+
+
+PROMPT_NAME_SOURCES = ("labels", "vocabulary")
+
+
+def corpus_prompt_names(spec: dict, class_names: Sequence[str]) -> dict[str, str] | None:
+    """``data.corpus.prompt_names``: ``labels`` (default: the model prompts each class by its label name) or
+    ``vocabulary`` (by the vocabulary's first synonym, the name its class sentences use; TaI-DPT prompts its
+    own class names, e.g. COCO's "motor bike", VOC's "diningtable"). Returns the mapping for the model, or
+    None."""
+    source = spec.get("prompt_names") or "labels"
+    if source not in PROMPT_NAME_SOURCES:
+        raise choice_error("data.corpus.prompt_names", source, PROMPT_NAME_SOURCES)
+    if source == "labels":
+        return None
+    vocab = resolve_vocabulary(spec["vocabulary"])
+    names = dict(zip(vocab.class_names, vocab.prompt_names))
+    return {c: names[c] for c in class_names if c in names}
 
 
 def load_corpus(

@@ -56,6 +56,8 @@ class TextToImageDataModule(L.LightningDataModule):
         (CLIP's; SigLIP's 0.5, 0.5).
     :param batch_size: captions per training step, over all devices; ``eval_batch_size``: images per step and
         device.
+    :param drop_last: leave out each epoch's last, incomplete caption batch (TaI-DPT's loader does, when
+        there is at least one full batch).
     :param on_bad_image: ``error`` stops at an undecodable image (naming it); ``skip`` drops it from
         evaluation, and it is counted and listed in ``image_report()`` (written to the run folder as
         ``data_report.json``).
@@ -88,6 +90,7 @@ class TextToImageDataModule(L.LightningDataModule):
         on_bad_image: str = "error",
         fast_decode: bool = False,
         size_thresholds: Sequence[float] = COCO_AREA_THRESHOLDS,
+        drop_last: bool = False,
     ):
         super().__init__()
         if classes is None:
@@ -101,6 +104,13 @@ class TextToImageDataModule(L.LightningDataModule):
         self.class_names = load_class_names(
             classes if isinstance(classes, (str, os.PathLike)) else list(classes)
         )
+        #: ``{class: prompt text}`` for the model (``data.corpus.prompt_names=vocabulary``), else None
+        self.prompt_names: dict[str, str] | None = None
+        if corpus is not None:
+            from dbtr.data.corpus import corpus_prompt_names
+
+            self.prompt_names = corpus_prompt_names(corpus, self.class_names)
+        self.drop_last = bool(drop_last)
         self.corpus, self.corpus_report = corpus, None
         self.train_captions = train_captions
         self.val_images, self.val_labels = val_images, val_labels
@@ -352,7 +362,9 @@ class TextToImageDataModule(L.LightningDataModule):
         dataset = CaptionDataset(self.captions, features)
         # Order from (seed, epoch), sliced per process: DDP steps see the single-process batches, resumes the
         # same order. The sampler yields each step's index tensor and the dataset gathers the batch in one go.
-        sampler = GlobalBatchSampler(len(dataset), self.global_batch_size, world, rank, seed=run_seed())
+        sampler = GlobalBatchSampler(
+            len(dataset), self.global_batch_size, world, rank, seed=run_seed(), drop_last=self.drop_last
+        )
         return DataLoader(
             dataset,
             batch_size=None,

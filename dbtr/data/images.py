@@ -32,6 +32,25 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # How files become RGB pixels (load_image): part of the image-feature cache key, so features cached before a
 # change are rebuilt. 2: EXIF orientation applied, high-bit-depth modes scaled (were clipped to white).
 DECODE_VERSION = 2
+# How the resize and crop are computed (resized_size, crop_origin), also part of the cache key.
+# 2: torchvision's arithmetic (long side truncated, crop offset rounded), was rounded / floored.
+GEOMETRY_VERSION = 2
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """``(w, h)`` after torchvision's ``Resize(size)`` (OpenAI CLIP's and TaI-DPT's test transform): the
+    short side becomes ``size``, the long one ``int(size * long / short)``, truncated (torchvision
+    ``functional.resize``; e.g. 500 x 375 -> 298 x 224, not 299)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def crop_origin(width: int, height: int, size: int) -> tuple[int, int]:
+    """``(left, top)`` of torchvision's ``CenterCrop(size)`` on a ``width`` x ``height`` image:
+    ``int(round((side - size) / 2))``, Python's round (half to even: a slack of 75 starts at 38, of 73 at
+    36)."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
 class ImageDecodeError(UserError, OSError):
@@ -143,7 +162,9 @@ def read_image_jsonl(
 
 
 class ClipImageTransform:
-    """CLIP test preprocessing: bicubic resize of the short side, centre crop, CLIP mean/std (no torchvision).
+    """CLIP test preprocessing as OpenAI's ``clip.load`` transform and TaI-DPT's (Dassl's ``resize``,
+    ``center_crop``, ``normalize``) compute it with torchvision, here without torchvision: bicubic resize of
+    the short side (:func:`resized_size`), centre crop (:func:`crop_origin`), CLIP mean/std.
 
     ``draft=True`` lets libjpeg decode large JPEGs at a reduced scale (still at least ``size`` on the short
     side) before the bicubic resize: several times faster on photos, but not bit-identical to the full decode,
@@ -164,17 +185,16 @@ class ClipImageTransform:
     def identity(self) -> str:
         return (
             f"size={self.size}|mean={self.mean.flatten().tolist()}|std={self.std.flatten().tolist()}"
-            f"|draft={self.draft}|decode={DECODE_VERSION}"
+            f"|draft={self.draft}|decode={DECODE_VERSION}|geometry={GEOMETRY_VERSION}"
         )
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The RGB ``size`` x ``size`` view the model sees (heatmaps are drawn over it, patch for patch)."""
         image = to_rgb(image)
-        w, h = image.size
-        scale = self.size / min(w, h)
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        nw, nh = resized_size(*image.size, self.size)
+        if (nw, nh) != image.size:  # torchvision leaves an image whose short side is already `size` as it is
+            image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = crop_origin(nw, nh, self.size)
         return image.crop((left, top, left + self.size, top + self.size))
 
     def __call__(self, image: Image.Image) -> Tensor:

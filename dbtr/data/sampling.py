@@ -27,7 +27,8 @@ class GlobalBatchSampler(DistributedSampler):
     none is distributed) and calls ``set_epoch`` before every epoch, including the first one after a resume.
     Every process yields ``ceil(num_items / global_batch_size)`` batches of ``global_batch_size / W`` (the
     last may be smaller); a last global batch with fewer items than processes is padded from the epoch's start
-    so every process takes the same number of steps.
+    so every process takes the same number of steps. ``drop_last`` leaves the last incomplete global batch
+    out instead, as torch's ``DataLoader(drop_last=True)`` does in TaI-DPT, if there is a full batch at all.
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class GlobalBatchSampler(DistributedSampler):
         rank: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        drop_last: bool = False,
     ):
         if num_items <= 0:
             raise ValueError("there are no training captions to sample from")
@@ -48,6 +50,8 @@ class GlobalBatchSampler(DistributedSampler):
             )
         super().__init__(range(num_items), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.num_items, self.global_batch_size = num_items, global_batch_size
+        # TaI-DPT (Dassl) drops the last batch only when there is a full one: drop_last=len(data) >= batch
+        self.drop_last = bool(drop_last) and num_items >= global_batch_size
 
     def batches(self) -> list[Tensor]:
         """This process's index tensor of every step of the current epoch."""
@@ -57,7 +61,7 @@ class GlobalBatchSampler(DistributedSampler):
         else:
             order = torch.arange(self.num_items)
         mine = []
-        for start in range(0, self.num_items, self.global_batch_size):
+        for start in range(0, len(self) * self.global_batch_size, self.global_batch_size):
             batch = order[start : start + self.global_batch_size]
             if len(batch) < self.num_replicas:
                 batch = torch.cat(
@@ -72,4 +76,6 @@ class GlobalBatchSampler(DistributedSampler):
         yield from self.batches()
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_items // self.global_batch_size
         return -(-self.num_items // self.global_batch_size)

@@ -10,7 +10,7 @@ head uses ``T_g`` / ``T_l`` in place of ``T0`` in its global / local branch (``D
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ class PromptLearner(nn.Module):
     :param ctx_init: ``None`` = random ``N(0, ctx_std^2)`` (TaI-DPT); or a text whose token embeddings start
         both contexts (CoOp's ``"a photo of a"``; its token count must equal ``n_ctx``).
     :param class_specific: one context per class (CoOp's CSC) instead of one shared "generic" context.
+    :param prompt_names: ``{class: text}`` written in place of the class name (TaI-DPT's own class names).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class PromptLearner(nn.Module):
         ctx_init: str | None = None,
         ctx_std: float = 0.02,
         class_specific: bool = False,
+        prompt_names: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if n_ctx < 1:
@@ -48,7 +50,7 @@ class PromptLearner(nn.Module):
         rows = []
         self.lead = _leading_specials(tok, tok("a")["input_ids"])  # 1: [SOS] comes first; 0: none
         for name in class_names:
-            ids = tok(f"{prompt_name(name)}.")["input_ids"]  # [SOS] name . [EOS]
+            ids = tok(f"{prompt_name(name, prompt_names)}.")["input_ids"]  # [SOS] name . [EOS]
             # the context slots hold the first id as placeholders (never read; SOS, or SigLIP's first name
             # token: any id but EOS, which marks CLIP's EOT)
             row = ids[: self.lead] + ids[:1] * n_ctx + ids[self.lead :]

@@ -33,7 +33,7 @@ from dbtr.system.checkpoint import (
     load_head_init,
 )
 from dbtr.system.optim import OPTIMIZER_DEFAULTS, SCHEDULER_DEFAULTS, build_optimizer
-from dbtr.text.names import validate_class_names
+from dbtr.text.names import validate_class_names, validate_prompt_names
 from dbtr.utils.errors import ConfigError
 from dbtr.utils.seeding import derive_seed, run_seed
 from dbtr.zeroshot.classifier import build_class_embeddings
@@ -109,6 +109,9 @@ class DbtrLitModule(L.LightningModule):
     :param prompts: ``{"n_ctx", "ctx_init", "ctx_std", "class_specific"}`` of a :class:`PromptLearner`
         (TaI-DPT): learned prompts then give the branches' class embeddings instead of T0; None = no prompt
         learning.
+    :param prompt_names: ``{class: text}``: the text a class is prompted with in T0 and in the learned
+        prompts, in place of its label name (``data.corpus.prompt_names=vocabulary`` passes the vocabulary's
+        first synonyms: TaI-DPT's class names); classes not listed keep their label name.
     :param encoder: an already built :class:`ClipEncoder` (tests, notebooks); not saved in the checkpoint.
     :param head_type: ``dual`` (:class:`DualBranchHead`) or ``tagclip`` (:class:`TagClipHead`, training-free;
         ``head`` then holds its arguments and ``logit_scale: null`` means CLIP's learned one).
@@ -135,9 +138,11 @@ class DbtrLitModule(L.LightningModule):
         prompts: dict[str, Any] | None = None,
         head_type: str = "dual",
         dense: str | None = None,
+        prompt_names: dict[str, str] | None = None,
     ):
         super().__init__()
         class_names = validate_class_names(class_names, source="model class_names")
+        prompt_names = validate_prompt_names(prompt_names, source="model prompt_names")
         self.save_hyperparameters(ignore=["encoder"], logger=False)
         clip = dict(clip)
         if clip.get("dtype", "float32") not in _DTYPES:
@@ -157,6 +162,7 @@ class DbtrLitModule(L.LightningModule):
             )
         self.encoder = encoder
         self.class_names = list(class_names)
+        self.prompt_names = prompt_names
         if head_type == "tagclip":
             if prompts is not None:
                 raise ConfigError(
@@ -167,7 +173,11 @@ class DbtrLitModule(L.LightningModule):
                 kwargs["logit_scale"] = encoder.learned_logit_scale
             self.head = TagClipHead(class_names, encoder.embed_dim, **kwargs)
         else:
-            prompt_learner = None if prompts is None else PromptLearner(encoder, class_names, **prompts)
+            prompt_learner = (
+                None
+                if prompts is None
+                else PromptLearner(encoder, class_names, prompt_names=prompt_names, **prompts)
+            )
             self.head = DualBranchHead(
                 len(class_names), encoder.embed_dim, prompts=prompt_learner, **(head or {})
             )
@@ -243,7 +253,7 @@ class DbtrLitModule(L.LightningModule):
         if not bool(self.head.class_embeds_ready):
             # TagCLIP's head also softmaxes against its background words (embedded after the classes)
             names = [*self.class_names, *getattr(self.head, "background_names", ())]
-            t0 = build_class_embeddings(self.encoder, names, self.templates)
+            t0 = build_class_embeddings(self.encoder, names, self.templates, prompt_names=self.prompt_names)
             self.head.set_class_embeddings(t0.to(self.head.class_embeds.device))
 
     def setup(self, stage: str) -> None:

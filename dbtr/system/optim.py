@@ -15,7 +15,8 @@ from dbtr.utils.errors import ConfigError
 log = logging.getLogger("dbtr")
 
 OPTIMIZER_DEFAULTS = {"name": "adam", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9}
-SCHEDULER_DEFAULTS = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5}
+SCHEDULER_DEFAULTS = {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-5, "interval": "step"}
+SCHEDULER_INTERVALS = ("step", "epoch")
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
@@ -36,6 +37,17 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
     return warmup
 
 
+def dassl_cosine_factor(epoch: int, max_epochs: int, warmup_epochs: int, warmup_ratio: float) -> float:
+    """Dassl's schedule as TaI-DPT ran it (``scheduler.interval: epoch``): the lr of ``epoch`` over the base
+    lr. ``warmup_ratio`` (= WARMUP_CONS_LR / LR) for the first ``warmup_epochs``, then
+    ``CosineAnnealingLR(T_max=MAX_EPOCH)`` started after the warm-up and stepped once per epoch,
+    ``(1 + cos(pi (epoch - warmup) / max_epochs)) / 2``. The period is all ``max_epochs``, so the last epoch
+    still runs at 2.4 % of the lr (20 epochs, 1 warm-up), where the per-step schedule reaches 0."""
+    if epoch < warmup_epochs:
+        return warmup_ratio
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / max(1, max_epochs)))
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter],
     cfg: dict[str, Any] | None = None,
@@ -43,8 +55,9 @@ def build_optimizer(
     total_steps: int | None = None,
     steps_per_epoch: int | None = None,
 ):
-    """What ``configure_optimizers`` returns: the optimizer alone (constant lr) or with a per-step
-    schedule."""
+    """What ``configure_optimizers`` returns: the optimizer alone (constant lr) or with a schedule, stepped
+    per optimizer step (``interval: step``: constant warm-up, then a cosine reaching 0 at the last step) or
+    per epoch (``interval: epoch``: :func:`dassl_cosine_factor`)."""
     params = list(params)
     if not params:
         raise RuntimeError(
@@ -69,11 +82,36 @@ def build_optimizer(
         raise ConfigError(f"model.scheduler.name must be cosine or constant, got {sched['name']!r}")
     if cfg["lr"] <= 0:
         raise ConfigError(f"model.optimizer.lr must be > 0, got {cfg['lr']}")
+    if sched.get("interval", "step") not in SCHEDULER_INTERVALS:
+        raise ConfigError(
+            f"model.scheduler.interval must be one of {', '.join(SCHEDULER_INTERVALS)}, got "
+            f"{sched.get('interval')!r}"
+        )
     if total_steps is None or steps_per_epoch is None:
         raise ValueError("a cosine schedule needs total_steps and steps_per_epoch")
+    ratio = sched["warmup_lr"] / cfg["lr"]
+    if sched.get("interval") == "epoch":
+        epochs = max(1, round(int(total_steps) / max(1, int(steps_per_epoch))))
+        warm = int(sched["warmup_epochs"])
+        if warm != sched["warmup_epochs"] or warm < 0:
+            raise ConfigError(
+                "model.scheduler.interval=epoch steps once per epoch: warmup_epochs must be a whole number "
+                f">= 0, got {sched['warmup_epochs']}"
+            )
+        if warm and warm >= epochs:
+            log.warning(
+                "model.scheduler.warmup_epochs=%d covers the whole run (%d epochs): warm-up shortened to %d",
+                warm,
+                epochs,
+                epochs // 2,
+            )
+            warm = epochs // 2
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda epoch: dassl_cosine_factor(epoch, epochs, warm, ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
     total = max(1, int(total_steps))
     warmup = warmup_steps(sched["warmup_epochs"], max(1, int(steps_per_epoch)), total)
-    ratio = sched["warmup_lr"] / cfg["lr"]
 
     def factor(step: int) -> float:
         if step < warmup:  # Dassl's constant warm-up

@@ -149,10 +149,11 @@ def crop_boxes(
     """Labels-file boxes (``{"label", "box": [x0, y0, x1, y1]}`` in original pixels) in the ``size`` x
     ``size`` view of :meth:`dbtr.data.images.ClipImageTransform.crop` (short side resized to ``size``, centre
     crop), per class index; boxes of classes outside ``class_names`` or entirely cropped away are dropped."""
+    from dbtr.data.images import crop_origin, resized_size
+
     w, h = original_size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))  # as ClipImageTransform.crop
-    sx, sy, left, top = nw / w, nh / h, (nw - size) // 2, (nh - size) // 2
+    nw, nh = resized_size(w, h, size)  # as ClipImageTransform.crop
+    (left, top), sx, sy = crop_origin(nw, nh, size), nw / w, nh / h
     index, out = {n: i for i, n in enumerate(class_names)}, {}
     for b in boxes:
         if b.get("label") not in index:

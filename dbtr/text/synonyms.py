@@ -148,18 +148,33 @@ def load_vocabulary(path: str | os.PathLike) -> SynonymVocabulary:
 
 
 VOCABULARY_DIR = Path(__file__).resolve().parent / "vocabularies"
-BUILTIN_VOCABULARIES = ("voc2007", "coco2014", "nuswide")
+# name -> file under VOCABULARY_DIR. The dbtr lists were written for dbtr from each dataset's class
+# definitions. The taidpt_* lists are TaI-DPT's own (guozix/TaI-DPT, datasets/data_helpers.py at commit
+# 1333ecaa32bfffb4f2eb916f5532afb88ac457fe, last changed in 90a7524: voc_classname_synonyms l.104-125,
+# coco_classname_synonyms l.168-249, nuswide_classname_synonyms l.256-338), in their order, keyed by dbtr's
+# label names. Their first synonym is TaI-DPT's class name (its *_object_categories): for VOC the devkit name,
+# put first where TaI-DPT's list starts otherwise ("diningtable" before "table"); TaI-DPT registers the
+# space-free form of every compound anyway, so this changes no match. docs/taidpt_recipe.md has the details.
+BUILTIN_FILES = {
+    "voc2007": "voc2007.json",
+    "coco2014": "coco2014.json",
+    "nuswide": "nuswide.json",
+    "taidpt_voc2007": "taidpt/voc2007.json",
+    "taidpt_coco2014": "taidpt/coco2014.json",
+    "taidpt_nuswide": "taidpt/nuswide.json",
+}
+BUILTIN_VOCABULARIES = tuple(BUILTIN_FILES)
 
 
 def builtin_vocabulary(name: str) -> SynonymVocabulary:
-    """The shipped vocabularies (written for dbtr from each dataset's class definitions; class order = the
-    dataset's standard label order). VOC's "diningtable", "tvmonitor", "pottedplant" prompt as "dining table",
-    "tv monitor", "potted plant"."""
-    if name not in BUILTIN_VOCABULARIES:
+    """A shipped vocabulary (class order = the dataset's standard label order). In dbtr's own lists VOC's
+    "diningtable", "tvmonitor", "pottedplant" prompt as "dining table", "tv monitor", "potted plant"."""
+    if name not in BUILTIN_FILES:
         raise ConfigError(
-            f"unknown vocabulary {name!r}; built in: {BUILTIN_VOCABULARIES} (or pass a JSON file)"
+            f"unknown vocabulary {name!r}; built in: {', '.join(BUILTIN_VOCABULARIES)} (or pass the path "
+            "of a JSON file {class: [synonyms]})"
         )
-    return load_vocabulary(VOCABULARY_DIR / f"{name}.json")
+    return load_vocabulary(VOCABULARY_DIR / BUILTIN_FILES[name])
 
 
 def vocabulary_from_names(class_names: Sequence[str]) -> SynonymVocabulary:
