@@ -223,6 +223,7 @@ def test_model_sparc_through_dbtr_train_matches_an_independent_recomputation(dem
     assert got["test/mAP_base"] == got["test/mAP_global"]  # a global-only model: base = its global branch
 
 
+@pytest.mark.slow  # 34 s: trains a model, then two dbtr-eval runs
 def test_sparc_on_other_models_posthoc(demo_dir, tmp_path):
     """SPARC as a flag on another training-free model, and on a trained checkpoint through dbtr-eval."""
     common = ["data=tiny", "clip=tiny", f"paths.tiny_dir={demo_dir}", "logger=none", "callbacks=none"]
