@@ -109,14 +109,6 @@ class SiglipClipEncoder(ClipEncoder):
         return int(self.model.config.vision_config.image_size)
 
     @property
-    def text_width(self) -> int:
-        return int(self.model.config.text_config.hidden_size)
-
-    @property
-    def dense_stride(self) -> int:
-        return int(self.model.config.vision_config.patch_size)
-
-    @property
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
