@@ -335,8 +335,28 @@ def test_full_method_trains_on_siglip_and_dbtr_eval_reproduces_it(data_dir, tmp_
     assert got["test"]["test/mAP"] == pytest.approx(trained["test"]["test/mAP"], abs=1e-9)
 
 
+# TagCLIP needs a CLIP ViT's last block (its self-only attention): on SigLIP it is one clear refusal
+VIT_CLIP_ONLY = ("tagclip",)
+
+
+def test_tagclip_on_siglip_is_one_clear_refusal(data_dir, tmp_path):
+    from test_bad_inputs import clean_failure
+
+    proc = run_cli(
+        "dbtr-train",
+        "experiment=tiny_full",
+        "model=tagclip",
+        "clip=tiny_siglip",
+        f"paths.tiny_dir={data_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    clean_failure(proc, "clip.dense=tagclip is not available for a SigLIP model", "maskclip")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [m for m in MODELS if m != "dbtr"])
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "dbtr" and m not in VIT_CLIP_ONLY])
 def test_every_other_model_config_trains_and_tests_on_siglip(model, data_dir, tmp_path, enc):
     metrics = _train(data_dir, tmp_path / model, model)
     if metrics["checkpoint"] is not None:  # a trained head (training-free baselines skip fitting)
