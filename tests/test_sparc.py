@@ -300,3 +300,17 @@ def test_row_collector_rows_align_with_the_scores():
     s, _ = scores.compute()
     np.testing.assert_array_equal(rows.compute()[:, 0].numpy(), 10 * s[:, 0].numpy())
     assert rows.compute().shape == (4, 5)
+
+
+def test_compound_prompts_write_classes_as_the_model_prompts_them():
+    """With a model's prompt names (TaI-DPT's vocabulary), SPARC's compounds and string matching use the same
+    class texts as T0, not the label names."""
+    from dbtr.zeroshot.sparc import build_compound_prompts, match_classes
+
+    names = ["diningtable", "dog"]
+    plain = build_compound_prompts(names, "all_pairs")
+    own = build_compound_prompts(names, "all_pairs", prompt_names={"diningtable": "diningtable"})
+    assert "dining table" in plain.texts[0] and "diningtable" not in plain.texts[0]
+    assert "diningtable" in own.texts[0] and "dining table" not in own.texts[0]
+    assert match_classes("a diningtable and a dog", names, {"diningtable": "diningtable"}) == [0, 1]
+    assert match_classes("a diningtable and a dog", names) == [1]

@@ -214,7 +214,7 @@ class DbtrLitModule(L.LightningModule):
             {f"{stage}_{b}": ScoreCollector() for stage in ("val", "test") for b in (*BRANCHES, "text")}
         )
         settings = sparc_settings(self.eval_cfg.get("sparc"))
-        self.sparc = None if settings is None else SparcScorer(settings, self.class_names)
+        self.sparc = None if settings is None else SparcScorer(settings, self.class_names, self.prompt_names)
         if self.sparc is not None:  # SPARC needs the evaluated images' global embeddings
             self.collectors.update({f"{stage}_embeds": RowCollector() for stage in ("val", "test")})
         self.run_info: dict[

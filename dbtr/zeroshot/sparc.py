@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,11 +126,13 @@ def _surface_forms(name: str) -> list[str]:
     return sorted({name, singular, name + "s", name + "es", plural})
 
 
-def match_classes(prompt: str, class_names: Sequence[str]) -> list[int]:
+def match_classes(
+    prompt: str, class_names: Sequence[str], prompt_names: Mapping[str, str] | None = None
+) -> list[int]:
     """The classes a free-text compound prompt names (SPARC's string matching): whole words, letters only,
     longest class name first, each matched span blanked out so that a shorter name inside it ("dog" in
     "hot dog") does not match again. Returns class indices, longest name first."""
-    names = [_words(prompt_name(n)) for n in class_names]
+    names = [_words(prompt_name(n, prompt_names)) for n in class_names]
     text = " " + _words(prompt) + " "
     found = []
     for c in sorted(range(len(names)), key=lambda i: len(names[i]), reverse=True):
@@ -159,12 +161,14 @@ def build_compound_prompts(
     pair_threshold: float = 0.05,
     triplet_threshold: float = 0.025,
     extra: Sequence[str] = (),
+    prompt_names: Mapping[str, str] | None = None,
 ) -> CompoundPrompts:
     """Generated pairs/triplets (``cooccurrence`` from ``labels``, or ``all_pairs``, or ``none``) followed by
-    the ``extra`` sentences (e.g. an LLM's), which are assigned to classes by :func:`match_classes`."""
+    the ``extra`` sentences (e.g. an LLM's), which are assigned to classes by :func:`match_classes`. Classes
+    are written as the model prompts them (``prompt_names``, e.g. TaI-DPT's names)."""
     if source not in COMPOUND_SOURCES:
         raise choice_error(f"{_KEY}.compounds", source, COMPOUND_SOURCES)
-    shown = [prompt_name(n) for n in class_names]
+    shown = [prompt_name(n, prompt_names) for n in class_names]
     combos: list[tuple[int, ...]] = []
     if source == "cooccurrence":
         if labels is None:
@@ -182,7 +186,7 @@ def build_compound_prompts(
     for sentence in dict.fromkeys(s.strip() for s in extra if s.strip()):
         if sentence in texts:
             continue
-        named = match_classes(sentence, class_names)
+        named = match_classes(sentence, class_names, prompt_names)
         if not named:  # it would score no class
             unmatched += 1
             continue
@@ -301,8 +305,14 @@ class SparcScorer:
     called for ``compounds=cooccurrence`` (dbtr counts co-occurrence in text, never in training images).
     """
 
-    def __init__(self, settings: dict[str, Any], class_names: Sequence[str]):
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        class_names: Sequence[str],
+        prompt_names: Mapping[str, str] | None = None,
+    ):
         self.settings, self.class_names = settings, list(class_names)
+        self.prompt_names = prompt_names  # the model's class texts: SPARC scores the same names as T0
         self.extra = read_prompt_list(settings["prompts"])  # a missing file fails at start-up
         self.prompts: CompoundPrompts | None = None
         self.simple_embeds: Tensor | None = None
@@ -330,7 +340,13 @@ class SparcScorer:
         s = self.settings
         labels = np.asarray(caption_labels()) == 1 if s["compounds"] == "cooccurrence" else None
         self.prompts = build_compound_prompts(
-            self.class_names, s["compounds"], labels, s["pair_threshold"], s["triplet_threshold"], self.extra
+            self.class_names,
+            s["compounds"],
+            labels,
+            s["pair_threshold"],
+            s["triplet_threshold"],
+            self.extra,
+            self.prompt_names,
         )
         few = [n for n, m in zip(self.class_names, self.prompts.members) if len(m) < 4]
         log.info(
@@ -341,7 +357,9 @@ class SparcScorer:
             ", ".join(few[:10]),
         )
         # encoded once per run; the bare names and compounds carry no template, as SPARC's
-        self.simple_embeds = encoder.encode_texts([prompt_name(n) for n in self.class_names]).float()
+        self.simple_embeds = encoder.encode_texts(
+            [prompt_name(n, self.prompt_names) for n in self.class_names]
+        ).float()
         self.compound_embeds = encoder.encode_texts(self.prompts.texts).float()
 
     @torch.no_grad()
