@@ -348,3 +348,18 @@ def test_train_cli_runs_tagclip_training_free_with_and_without_cached_features(d
     assert runs["pixels"]["config"]["model"]["dense"] == "tagclip"
     assert runs["memory"]["test"]["test/per_class_AP"] == pytest.approx(test["test/per_class_AP"], abs=1e-6)
     assert (tmp_path / "pixels" / "plots" / "heatmaps.png").is_file()
+
+
+def test_background_rule_on_whole_label_spaces_and_plural_class_names():
+    """All 80 COCO names give TagCLIP's COCO list exactly; NUS-WIDE's plural class names (clouds, buildings,
+    rocks) remove their singular background words, which would otherwise compete with them in every patch; a
+    model's prompt names are what is compared."""
+    import json
+    from pathlib import Path
+
+    vocab = Path(__file__).resolve().parents[1] / "dbtr" / "text" / "vocabularies" / "taidpt"
+    coco = list(json.loads((vocab / "coco2014.json").read_text()))
+    assert len(coco) == 80 and background_words(coco, VOC_BACKGROUND) == COCO_BACKGROUND
+    kept = background_words(["clouds", "buildings", "rocks", "dog"], VOC_BACKGROUND)
+    assert not {"cloud", "building", "rock"} & set(kept) and "sky" in kept
+    assert "sky" not in background_words(["heaven"], VOC_BACKGROUND, prompt_names={"heaven": "blue sky"})

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,11 +150,20 @@ def fuse_global(
     return torch.where(candidate, (1.0 - weight) * local + weight * global_probs, local)
 
 
-def background_words(class_names: Sequence[str], background: Sequence[str]) -> list[str]:
-    """``background`` without the words that are, or occur in, a class name (TagCLIP's COCO list is its VOC
-    list without ``keyboard`` and ``sign``: COCO has *keyboard* and *stop sign*)."""
-    taken = {word for name in class_names for word in prompt_name(name).lower().split()}
-    taken |= {prompt_name(name).lower() for name in class_names}
+def background_words(
+    class_names: Sequence[str], background: Sequence[str], prompt_names: Mapping[str, str] | None = None
+) -> list[str]:
+    """``background`` without the words that are, or occur in, a class name as the model prompts it, in
+    singular or plural (TagCLIP's COCO list is its VOC list without ``keyboard`` and ``sign``: COCO has
+    *keyboard* and *stop sign*; NUS-WIDE's *clouds* removes ``cloud``, which would compete with its own
+    class in every patch)."""
+    from dbtr.zeroshot.sparc import surface_forms
+
+    taken: set[str] = set()
+    for name in class_names:
+        text = prompt_name(name, prompt_names).lower()
+        for word in (text, *text.split()):
+            taken.update(surface_forms(word))
     kept, seen = [], set()
     for word in background:
         word = str(word).strip()
@@ -183,6 +192,7 @@ class TagClipHead(nn.Module):
     :param dmar: refine the patch probabilities with the affinity (needs ``clip.dense=tagclip``'s affinity).
     :param global_weight: w of the fusion with the whole image's global probabilities (0 = local only).
     :param candidate_threshold: the relative threshold selecting the classes that are fused.
+    :param prompt_names: the model's class texts (the lit module's ``prompt_names``), for the background rule.
     """
 
     consumes_affinity = True  # the lit module passes the encoder's DMAR affinity to forward
@@ -197,6 +207,7 @@ class TagClipHead(nn.Module):
         dmar: bool = True,
         global_weight: float = 0.5,
         candidate_threshold: float = CANDIDATE_THRESHOLD,
+        prompt_names: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if not 0.0 <= global_weight <= 1.0:
@@ -206,7 +217,7 @@ class TagClipHead(nn.Module):
         if not logit_scale or logit_scale <= 0:
             raise ConfigError(f"model.head.logit_scale must be a positive number, got {logit_scale}")
         self.num_classes, self.embed_dim = len(class_names), int(embed_dim)
-        self.background_names = background_words(class_names, background)
+        self.background_names = background_words(class_names, background, prompt_names)
         self.logit_scale, self.dmar = float(logit_scale), bool(dmar)
         self.global_weight, self.candidate_threshold = float(global_weight), float(candidate_threshold)
         self.prompts = None  # no learned prompts (the lit module refuses them for this head)

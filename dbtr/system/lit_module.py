@@ -171,7 +171,7 @@ class DbtrLitModule(L.LightningModule):
             kwargs = dict(head or {})
             if kwargs.get("logit_scale") is None:
                 kwargs["logit_scale"] = encoder.learned_logit_scale
-            self.head = TagClipHead(class_names, encoder.embed_dim, **kwargs)
+            self.head = TagClipHead(class_names, encoder.embed_dim, prompt_names=prompt_names, **kwargs)
         else:
             prompt_learner = (
                 None

@@ -117,7 +117,7 @@ def _words(text: str) -> str:
     return " ".join(re.sub(r"[^a-z]+", " ", text.lower()).split())
 
 
-def _surface_forms(name: str) -> list[str]:
+def surface_forms(name: str) -> list[str]:
     """The name, singular and plural forms SPARC's matcher looks for."""
     plural = name
     for a, b in _IRREGULAR:
@@ -137,7 +137,7 @@ def match_classes(
     found = []
     for c in sorted(range(len(names)), key=lambda i: len(names[i]), reverse=True):
         hit = False
-        for form in _surface_forms(names[c]):
+        for form in surface_forms(names[c]):
             if form and f" {form} " in text:
                 hit = True
                 text = text.replace(f" {form} ", " ! ")
