@@ -401,6 +401,10 @@ def load_checkpoint(
         **(hp.get("evaluation") or {}),
         **{k: v for k, v in (evaluation or {}).items() if v is not None},
     }
+    given_sparc = (evaluation or {}).get("sparc")
+    if isinstance(given_sparc, dict):  # key by key: {enabled: true} keeps the stored compounds and thresholds
+        stored = (hp.get("evaluation") or {}).get("sparc") or {}
+        eval_cfg["sparc"] = {**stored, **{k: v for k, v in given_sparc.items() if v is not None}}
     eval_cfg["top_k"] = sorted({min(int(k), len(names)) for k in eval_cfg.get("top_k", [3])})
     new = [n for n in names if n not in trained]
     rule = new_class_rule(hp)
