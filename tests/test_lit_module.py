@@ -161,6 +161,14 @@ def test_warmup_then_cosine_schedule(demo_dir, encoder):
         optimizer={"lr": 1e-2},
         scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4},
     )
+    lrs = _fit_learning_rates(model, dm, encoder, epochs=3)
+    assert lrs[:3] == pytest.approx([1e-4] * 3)  # constant warm-up for one epoch
+    assert lrs[3] == pytest.approx(1e-2)  # cosine starts at the base rate
+    assert lrs[3] > lrs[4] > lrs[5] > lrs[-1] > 0
+
+
+def _fit_learning_rates(model, dm, encoder, epochs: int) -> list[float]:
+    """The learning rate at the start of every training batch of a ``epochs``-epoch fit."""
     dm.attach_encoder(encoder)
     lrs = []
 
@@ -169,7 +177,7 @@ def test_warmup_then_cosine_schedule(demo_dir, encoder):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     trainer = L.Trainer(
-        max_epochs=3,
+        max_epochs=epochs,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -177,9 +185,7 @@ def test_warmup_then_cosine_schedule(demo_dir, encoder):
         callbacks=[Record()],
     )
     trainer.fit(model, datamodule=dm)
-    assert lrs[:3] == pytest.approx([1e-4] * 3)  # constant warm-up for one epoch
-    assert lrs[3] == pytest.approx(1e-2)  # cosine starts at the base rate
-    assert lrs[3] > lrs[4] > lrs[5] > lrs[-1] > 0
+    return lrs
 
 
 def _dassl_lrs(lr: float, cons_lr: float, warmup: int, max_epoch: int, epochs: int) -> list[float]:
@@ -220,22 +226,7 @@ def test_per_epoch_schedule_is_dassls(demo_dir, encoder):
         optimizer={"name": "sgd", "lr": 1e-2},
         scheduler={"warmup_epochs": 1, "warmup_lr": 1e-4, "interval": "epoch"},
     )
-    dm.attach_encoder(encoder)
-    lrs = []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, *args):
-            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    trainer = L.Trainer(
-        max_epochs=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[Record()],
-    )
-    trainer.fit(model, datamodule=dm)
+    lrs = _fit_learning_rates(model, dm, encoder, epochs=4)
     per_epoch = [lrs[3 * e : 3 * e + 3] for e in range(4)]
     assert all(len(set(steps)) == 1 for steps in per_epoch)  # set once per epoch
     assert [steps[0] for steps in per_epoch] == pytest.approx(_dassl_lrs(1e-2, 1e-4, 1, 4, 4), rel=1e-9)

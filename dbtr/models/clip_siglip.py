@@ -105,10 +105,6 @@ class SiglipClipEncoder(ClipEncoder):
         return int(self.model.config.vision_config.hidden_size)
 
     @property
-    def image_size(self) -> int:
-        return int(self.model.config.vision_config.image_size)
-
-    @property
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 

@@ -60,6 +60,19 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
+def _apply_overrides(overrides: dict, text: dict, vision: dict) -> dict:
+    """Write ``text_*`` / ``vision_*`` keys into the tower dicts; return the other (top-level) keys."""
+    rest = {}
+    for key, value in overrides.items():
+        if key.startswith("text_"):
+            text[key[5:]] = value
+        elif key.startswith("vision_"):
+            vision[key[7:]] = value
+        else:
+            rest[key] = value
+    return rest
+
+
 def tiny_clip_config(vocab_size: int, **overrides):
     """A small ``CLIPConfig``; ``text_*``/``vision_*``/top-level keys in ``overrides`` replace the
     defaults."""
@@ -84,14 +97,7 @@ def tiny_clip_config(vocab_size: int, **overrides):
         num_hidden_layers=2,
         num_attention_heads=4,
     )
-    top = dict(projection_dim=32)
-    for key, value in overrides.items():
-        if key.startswith("text_"):
-            text[key[5:]] = value
-        elif key.startswith("vision_"):
-            vision[key[7:]] = value
-        else:
-            top[key] = value
+    top = dict(projection_dim=32, **_apply_overrides(overrides, text, vision))
     return CLIPConfig(text_config=text, vision_config=vision, **top)
 
 
@@ -185,13 +191,9 @@ def tiny_siglip_config(vocab_size: int, **overrides):
         num_hidden_layers=2,
         num_attention_heads=4,
     )
-    for key, value in overrides.items():
-        if key.startswith("text_"):
-            text[key[5:]] = value
-        elif key.startswith("vision_"):
-            vision[key[7:]] = value
-        else:
-            raise TypeError(f"unknown SigLIP config override {key!r} (use text_* or vision_*)")
+    rest = _apply_overrides(overrides, text, vision)
+    if rest:
+        raise TypeError(f"unknown SigLIP config override {next(iter(rest))!r} (use text_* or vision_*)")
     return SiglipConfig(text_config=text, vision_config=vision)
 
 
