@@ -97,7 +97,7 @@ def tiny_clip_config(vocab_size: int, **overrides):
         num_hidden_layers=2,
         num_attention_heads=4,
     )
-    top = dict(projection_dim=32, **_apply_overrides(overrides, text, vision))
+    top = {"projection_dim": 32, **_apply_overrides(overrides, text, vision)}  # overrides win
     return CLIPConfig(text_config=text, vision_config=vision, **top)
 
 
